@@ -1,0 +1,654 @@
+"""Model bundles, the engine interface and the engine registry.
+
+A bundle is a directory holding ``bundle.json`` and one ONNX file. Everything the
+pipeline needs to feed the model (input size, channels, resize) and to read its
+outputs (names, shapes, dtypes, plane classes, which output picks the best frame)
+comes from the manifest, so no stage hard-codes model details.
+
+Engines are looked up by key in :data:`ENGINE_MODULES` and imported lazily: a
+backend whose module or library is missing (TensorRT, torch) only makes that key
+unavailable, and importing this module never pulls in a backend.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import json
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+MANIFEST_NAME = "bundle.json"
+BUNDLE_FORMAT = "sweepstream-bundle"
+BUNDLE_FORMAT_VERSION = 1
+
+OUTPUT_KINDS = ("quality", "mask", "planes")
+FLOAT_DTYPES = ("float16", "float32", "float64")
+RESIZE_MODES = ("bicubic", "bilinear", "area", "nearest")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+_HASH_CHUNK = 1 << 20
+
+
+class BundleError(ValueError):
+    """A bundle directory is missing, malformed, or does not match its model."""
+
+    @classmethod
+    def at(cls, bundle_path: str | os.PathLike[str], problem: str) -> BundleError:
+        """Build the one-line message "bundle <path>: <problem>" used for every bundle failure."""
+        return cls(f"bundle {bundle_path}: {problem}")
+
+
+class EngineError(ValueError):
+    """An engine cannot be selected or used as asked (unavailable backend, bad batch, bad options)."""
+
+
+# --------------------------------------------------------------------------- bundle specs
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How frames must be prepared before they reach the engine."""
+
+    name: str
+    size: int
+    channels: int
+    dtype: str
+    layout: str
+    pad_to_square: bool
+    resize: str
+    normalization: str
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """Shape of one frame without the batch dimension."""
+        if self.channels == 1:
+            return (self.size, self.size)
+        return (self.size, self.size, self.channels)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One named model output; ``shape`` excludes the batch dimension."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    classes: tuple[str, ...] | None
+    description: str
+
+
+@dataclass(frozen=True)
+class BestFrameSpec:
+    """Which output ranks frames when the pipeline picks the best one of a sweep."""
+
+    output: str
+    class_name: str | None
+    class_index: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.class_name is None) != (self.class_index is None):
+            raise ValueError("BestFrameSpec needs class_index exactly when class_name is set")
+
+    def score(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Return one float64 score per batch item: the quality value, or the chosen class's probability."""
+        values = np.asarray(outputs[self.output])
+        if self.class_index is None:
+            return values.reshape(values.shape[0]).astype(np.float64)
+        return values[:, self.class_index].astype(np.float64)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle; ``manifest`` is the parsed bundle.json kept for provenance."""
+
+    path: Path
+    name: str
+    version: str
+    manifest: dict[str, Any]
+    input: InputSpec
+    outputs: dict[str, OutputSpec]
+    best_frame: BestFrameSpec
+    model_path: Path
+    sha256: str
+    min_batch: int
+    max_batch: int
+
+    @property
+    def precision(self) -> str:
+        """Numeric precision the model was exported in (``model.precision``, default fp32)."""
+        return self.manifest["model"].get("precision", "fp32")
+
+
+# --------------------------------------------------------------------------- manifest parsing
+
+_MISSING = object()
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", list: "a list", dict: "an object"}
+
+
+class _Section:
+    """Typed reads from one JSON object of bundle.json; remembers which keys were read.
+
+    Tracking reads lets :meth:`finish` reject unknown keys, so a typo such as
+    ``"pad_to_sqaure"`` fails loudly instead of silently falling back to a default.
+    """
+
+    def __init__(self, bundle_path: Path, obj: Any, prefix: str) -> None:
+        self.bundle_path = bundle_path
+        self.prefix = prefix
+        if not isinstance(obj, dict):
+            raise self.error(f"{prefix.rstrip('.') or 'top level'} must be an object")
+        self.obj = obj
+        self.seen: set[str] = set()
+
+    def error(self, problem: str) -> BundleError:
+        return BundleError.at(self.bundle_path, f"{MANIFEST_NAME}: {problem}")
+
+    def key(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def get(self, key: str, kind: type, default: Any = _MISSING, nullable: bool = False) -> Any:
+        self.seen.add(key)
+        if key not in self.obj:
+            if default is _MISSING:
+                raise self.error(f"missing key '{self.key(key)}'")
+            return default
+        value = self.obj[key]
+        if value is None and nullable:
+            return None
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            expected = _TYPE_NAMES[kind] + (" or null" if nullable else "")
+            raise self.error(f"'{self.key(key)}' must be {expected}, got {json.dumps(value)}")
+        return value
+
+    def get_choice(self, key: str, choices: tuple[Any, ...], kind: type = str) -> Any:
+        value = self.get(key, kind)
+        if value not in choices:
+            allowed = ", ".join(map(json.dumps, choices))
+            raise self.error(f"'{self.key(key)}' must be one of {allowed}, got {json.dumps(value)}")
+        return value
+
+    def get_int(self, key: str, minimum: int) -> int:
+        value = self.get(key, int)
+        if value < minimum:
+            raise self.error(f"'{self.key(key)}' must be >= {minimum}, got {value}")
+        return value
+
+    def get_text(self, key: str, default: Any = _MISSING) -> str:
+        value = self.get(key, str, default)
+        if value is not None and not value.strip():
+            raise self.error(f"'{self.key(key)}' must not be empty")
+        return value
+
+    def section(self, key: str) -> _Section:
+        return _Section(self.bundle_path, self.get(key, dict), f"{self.key(key)}.")
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.obj) - self.seen)
+        if unknown:
+            raise self.error(f"unknown key '{self.key(unknown[0])}'")
+
+
+def _parse_input(top: _Section) -> InputSpec:
+    sec = top.section("input")
+    spec = InputSpec(
+        name=sec.get_text("name"),
+        size=sec.get_int("size", 1),
+        channels=sec.get_choice("channels", (1, 3), int),
+        dtype=sec.get_choice("dtype", ("uint8",)),
+        layout=sec.get_choice("layout", ("NHW", "NHWC")),
+        pad_to_square=sec.get("pad_to_square", bool),
+        resize=sec.get_choice("resize", RESIZE_MODES),
+        normalization=sec.get_choice("normalization", ("in_graph",)),
+    )
+    sec.finish()
+    expected_layout = "NHW" if spec.channels == 1 else "NHWC"
+    if spec.layout != expected_layout:
+        raise sec.error(f"'input.layout' must be \"{expected_layout}\" for {spec.channels} channel(s)")
+    return spec
+
+
+def _parse_output(top: _Section, name: str, obj: Any) -> OutputSpec:
+    sec = _Section(top.bundle_path, obj, f"outputs.{name}.")
+    kind = sec.get_choice("kind", OUTPUT_KINDS)
+    shape_list = sec.get("shape", list)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape_list):
+        raise sec.error(f"'{sec.key('shape')}' must be a list of positive integers, got {shape_list}")
+    shape = tuple(shape_list)
+    dtype = sec.get_choice("dtype", ("uint8",) if kind == "mask" else FLOAT_DTYPES)
+    classes = None
+    if kind == "planes":
+        class_list = sec.get("classes", list)
+        if not all(isinstance(c, str) and c for c in class_list) or len(set(class_list)) != len(class_list):
+            raise sec.error(f"'{sec.key('classes')}' must be unique non-empty strings, got {class_list}")
+        classes = tuple(class_list)
+    description = sec.get("description", str, "")
+    sec.finish()
+
+    expected_rank = {"quality": 0, "mask": 2, "planes": 1}[kind]
+    if len(shape) != expected_rank:
+        raise sec.error(f"'{sec.key('shape')}' must have {expected_rank} dimension(s) for kind '{kind}'")
+    if classes is not None and (len(classes) < 2 or shape != (len(classes),)):
+        raise sec.error(f"'{sec.key('shape')}' must be [{len(classes)}] to match at least 2 classes")
+    return OutputSpec(name, kind, shape, dtype, classes, description)
+
+
+def _parse_best_frame(top: _Section, outputs: dict[str, OutputSpec]) -> BestFrameSpec:
+    sec = top.section("best_frame")
+    output_name = sec.get_text("output")
+    class_name = sec.get_text("class", None)
+    sec.finish()
+    out = outputs.get(output_name)
+    if out is None:
+        raise BundleError.at(top.bundle_path, f"best_frame.output '{output_name}' is not an output")
+    if out.kind == "quality":
+        if class_name is not None:
+            problem = f"best_frame.class is not allowed for quality output '{out.name}'"
+            raise BundleError.at(top.bundle_path, problem)
+        return BestFrameSpec(output_name, None)
+    if out.kind == "planes":
+        assert out.classes is not None
+        if class_name is None:
+            problem = f"best_frame.class is required for planes output '{out.name}'"
+            raise BundleError.at(top.bundle_path, problem)
+        if class_name not in out.classes:
+            raise BundleError.at(
+                top.bundle_path, f"best_frame.class '{class_name}' is not one of {', '.join(out.classes)}"
+            )
+        return BestFrameSpec(output_name, class_name, out.classes.index(class_name))
+    problem = f"best_frame.output '{output_name}' has kind '{out.kind}'; use a quality or planes output"
+    raise BundleError.at(top.bundle_path, problem)
+
+
+def _parse_manifest(bundle_path: Path, manifest: Any) -> tuple[Bundle, str]:
+    """Validate a manifest without touching the model file; returns the bundle and the model's file name."""
+    top = _Section(bundle_path, manifest, "")
+    top.get_choice("format", (BUNDLE_FORMAT,))
+    top.get_choice("format_version", (BUNDLE_FORMAT_VERSION,), int)
+    name = top.get_text("name")
+    if not _NAME_RE.fullmatch(name):
+        raise top.error(f"'name' must use only letters, digits, '.', '_' and '-', got {json.dumps(name)}")
+    version = top.get_text("version")
+    top.get_text("description")
+    top.get_text("license")
+
+    source = top.section("source")
+    source.get_text("built_by")
+    checkpoint_sha = source.get("checkpoint_sha256", str, None, nullable=True)
+    if checkpoint_sha is not None and not _SHA256_RE.fullmatch(checkpoint_sha):
+        raise source.error("'source.checkpoint_sha256' must be 64 lowercase hex digits or null")
+    source.finish()
+
+    model = top.section("model")
+    onnx_name = model.get_text("onnx")
+    if Path(onnx_name).name != onnx_name:
+        raise model.error(f"'model.onnx' must be a file name inside the bundle, got {json.dumps(onnx_name)}")
+    sha256 = model.get_text("sha256")
+    if not _SHA256_RE.fullmatch(sha256):
+        raise model.error("'model.sha256' must be 64 lowercase hex digits")
+    if "precision" in model.obj:
+        model.get_choice("precision", PRECISIONS)
+    model.finish()
+
+    input_spec = _parse_input(top)
+
+    batch = top.section("batch")
+    min_batch = batch.get_int("min", 1)
+    max_batch = batch.get_int("max", min_batch)
+    batch.finish()
+
+    outputs_obj = top.get("outputs", dict)
+    if not outputs_obj:
+        raise top.error("'outputs' must name at least one output")
+    outputs = {name: _parse_output(top, name, obj) for name, obj in outputs_obj.items()}
+    best_frame = _parse_best_frame(top, outputs)
+
+    if "pixel_spacing" in top.obj:
+        spacing = top.section("pixel_spacing")
+        spacing.get_choice("source", ("input",))
+        spacing.finish()
+    top.finish()
+
+    bundle = Bundle(
+        path=bundle_path,
+        name=name,
+        version=version,
+        manifest=manifest,
+        input=input_spec,
+        outputs=outputs,
+        best_frame=best_frame,
+        model_path=bundle_path / onnx_name,
+        sha256=sha256,
+        min_batch=min_batch,
+        max_batch=max_batch,
+    )
+    return bundle, onnx_name
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks so multi-GB models do not need to fit in memory twice."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- model signature checks
+
+TensorSig = tuple[str, tuple[int | None, ...] | None]
+"""(numpy dtype name, dims) of a model tensor as a backend reports it; None marks an unknown dim or rank."""
+
+
+def check_model_io(
+    bundle: Bundle, inputs: Mapping[str, TensorSig], outputs: Mapping[str, TensorSig], source: str
+) -> None:
+    """Check that a model's inputs and outputs (as ``source`` reports them) fit the manifest.
+
+    Shared by :func:`load_bundle` (reading the ONNX graph) and by engines (reading their
+    session), so every backend rejects a mismatched model with the same wording.
+    """
+    spec = bundle.input
+
+    def fail(problem: str) -> BundleError:
+        return BundleError.at(bundle.path, f"{source}: {problem}")
+
+    def check_dims(what: str, dims: tuple[int | None, ...] | None, expected: tuple[int, ...]) -> None:
+        if dims is None:
+            return
+        if len(dims) != 1 + len(expected):
+            want = 1 + len(expected)
+            raise fail(f"{what} has rank {len(dims)}, manifest implies {want} (batch + {expected})")
+        batch_dim = dims[0]
+        if batch_dim is not None and not bundle.min_batch == bundle.max_batch == batch_dim:
+            batch_range = f"{bundle.min_batch}..{bundle.max_batch}"
+            raise fail(f"{what} has fixed batch {batch_dim} but manifest batch is {batch_range}")
+        for axis, (got, want) in enumerate(zip(dims[1:], expected, strict=True), start=1):
+            if got is not None and got != want:
+                raise fail(f"{what} dim {axis} is {got}, manifest says {want}")
+
+    if spec.name not in inputs:
+        names = ", ".join(inputs)
+        raise fail(f"input '{spec.name}' from the manifest is not a model input (model inputs: {names})")
+    extra = sorted(set(inputs) - {spec.name})
+    if extra:
+        raise fail(f"model needs inputs the engine cannot feed: {', '.join(extra)}")
+    in_dtype, in_dims = inputs[spec.name]
+    if in_dtype != spec.dtype:
+        raise fail(f"input '{spec.name}' is {in_dtype}, manifest says {spec.dtype}")
+    check_dims(f"input '{spec.name}'", in_dims, spec.frame_shape)
+
+    for out in bundle.outputs.values():
+        if out.name not in outputs:
+            raise fail(f"output '{out.name}' is missing (model outputs: {', '.join(outputs)})")
+        dtype, dims = outputs[out.name]
+        if not np.can_cast(np.dtype(dtype), np.dtype(out.dtype), casting="same_kind"):
+            raise fail(f"output '{out.name}' is {dtype}, which cannot be cast to manifest dtype {out.dtype}")
+        check_dims(f"output '{out.name}'", dims, out.shape)
+
+
+def _onnx_io(bundle: Bundle) -> tuple[dict[str, TensorSig], dict[str, TensorSig]]:
+    import onnx  # deferred: only bundle loading needs it, engines import their own runtime
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(bundle.model_path), load_external_data=False)
+    except DecodeError as exc:
+        problem = f"{bundle.model_path.name} is not a valid ONNX model ({exc})"
+        raise BundleError.at(bundle.path, problem) from exc
+
+    def sig(value: Any) -> TensorSig:
+        tensor_type = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+        if not tensor_type.HasField("shape"):
+            return dtype, None
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        return dtype, dims
+
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = {v.name: sig(v) for v in model.graph.input if v.name not in initializers}
+    outputs = {v.name: sig(v) for v in model.graph.output}
+    return inputs, outputs
+
+
+# --------------------------------------------------------------------------- load / write
+
+
+def _read_manifest(bundle_path: Path) -> Any:
+    if not bundle_path.is_dir():
+        raise BundleError.at(bundle_path, "not a directory")
+    manifest_path = bundle_path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise BundleError.at(bundle_path, f"{MANIFEST_NAME} not found")
+    try:
+        return json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BundleError.at(bundle_path, f"{MANIFEST_NAME}: invalid JSON ({exc})") from exc
+
+
+def _validate(bundle_path: Path, manifest: Any) -> Bundle:
+    bundle, onnx_name = _parse_manifest(bundle_path, manifest)
+    if not bundle.model_path.is_file():
+        raise BundleError.at(bundle_path, f"{onnx_name} not found")
+    actual = file_sha256(bundle.model_path)
+    if actual != bundle.sha256:
+        problem = f"{onnx_name} sha256 mismatch (manifest {bundle.sha256[:12]}.., file {actual[:12]}..)"
+        raise BundleError.at(bundle_path, problem)
+    inputs, outputs = _onnx_io(bundle)
+    check_model_io(bundle, inputs, outputs, onnx_name)
+    return bundle
+
+
+def load_bundle(path: str | os.PathLike[str]) -> Bundle:
+    """Load and fully validate a bundle directory.
+
+    The model file is hashed on every load: it is cheap next to building a session and
+    it catches a half-copied or edited bundle before a model silently scores frames.
+    """
+    bundle_path = Path(path).resolve()
+    return _validate(bundle_path, _read_manifest(bundle_path))
+
+
+def write_manifest(bundle_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Bundle:
+    """Write bundle.json for the model already in ``bundle_dir`` and return the loaded bundle.
+
+    ``model.sha256`` is filled in from the model file. The manifest is validated before
+    anything is written and the bundle is re-loaded afterwards, so no tool can leave an
+    invalid bundle behind. The caller's mapping is not modified.
+    """
+    bundle_path = Path(bundle_dir).resolve()
+    data = copy.deepcopy(dict(manifest))
+    model = data.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("onnx"), str):
+        raise BundleError.at(bundle_path, f"{MANIFEST_NAME}: missing key 'model.onnx'")
+    model_file = bundle_path / model["onnx"]
+    if not model_file.is_file():
+        raise BundleError.at(bundle_path, f"{model['onnx']} not found")
+    model["sha256"] = file_sha256(model_file)
+    _validate(bundle_path, data)
+
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    tmp = bundle_path / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, bundle_path / MANIFEST_NAME)
+    return load_bundle(bundle_path)
+
+
+# --------------------------------------------------------------------------- engines
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Backend-neutral engine settings; ``threads`` 0 keeps the backend default."""
+
+    threads: int = 0
+    device: str = "auto"
+    max_batch: int = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise EngineError(f"threads must be an integer >= 0, got {self.threads!r}")
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise EngineError(f"max_batch must be an integer >= 1, got {self.max_batch!r}")
+        if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
+            raise EngineError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+
+class Engine(ABC):
+    """Runs batches of prepared uint8 frames through one bundle's model.
+
+    Construction is cheap (the registry builds engines to compare them); :meth:`load`
+    does the heavy set-up. ``infer`` never splits batches: callers keep ``N <= max_batch``.
+    """
+
+    type_key: ClassVar[str]
+
+    def __init__(self, bundle: Bundle, options: EngineOptions) -> None:
+        if options.max_batch < bundle.min_batch:
+            raise EngineError(
+                f"max_batch {options.max_batch} is below bundle {bundle.name}'s minimum batch "
+                f"{bundle.min_batch}"
+            )
+        self.bundle = bundle
+        self.options = options
+
+    @property
+    def max_batch(self) -> int:
+        """Largest batch ``infer`` accepts: the option, capped by what the bundle supports."""
+        return min(self.options.max_batch, self.bundle.max_batch)
+
+    @classmethod
+    @abstractmethod
+    def available(cls) -> tuple[bool, str]:
+        """Whether this backend can run here, and why (or why not). Must not raise."""
+
+    @abstractmethod
+    def load(self) -> None:
+        """Create the session and warm it up."""
+
+    @abstractmethod
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one batch; returns every bundle output with a leading batch dim and the manifest dtype."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Backend, device, precision, max_batch and bundle name, for logs and run records."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the session; the engine must be loaded again before further use."""
+
+    def check_batch(self, batch: Any) -> None:
+        """Raise EngineError unless ``batch`` is uint8 frames of the bundle's shape, N within batch limits."""
+        if not isinstance(batch, np.ndarray):
+            raise EngineError(f"batch must be a numpy array, got {type(batch).__name__}")
+        if batch.dtype != np.uint8:
+            raise EngineError(f"batch dtype is {batch.dtype}, bundle {self.bundle.name} needs uint8")
+        frame_shape = self.bundle.input.frame_shape
+        if batch.ndim != 1 + len(frame_shape) or batch.shape[1:] != frame_shape:
+            expected = ", ".join(["N", *map(str, frame_shape)])
+            raise EngineError(
+                f"batch shape {tuple(batch.shape)} does not match bundle {self.bundle.name} "
+                f"input ({expected})"
+            )
+        n = batch.shape[0]
+        low = self.bundle.min_batch
+        if not low <= n <= self.max_batch:
+            raise EngineError(
+                f"batch of {n} frames is outside the engine's batch range {low}..{self.max_batch}"
+            )
+
+    def warm_up(self) -> None:
+        """Run zero batches at size min and max so first real frames do not pay allocation costs.
+
+        Also checks the output shapes the backend actually produces against the manifest,
+        which catches models whose symbolic output dims resolve differently.
+        """
+        for n in sorted({self.bundle.min_batch, self.max_batch}):
+            outputs = self.infer(np.zeros((n, *self.bundle.input.frame_shape), dtype=np.uint8))
+            for spec in self.bundle.outputs.values():
+                got = outputs[spec.name].shape
+                if got != (n, *spec.shape):
+                    raise BundleError.at(
+                        self.bundle.path,
+                        f"{self.type_key} engine: output '{spec.name}' has shape {got} for a batch of {n}, "
+                        f"manifest says {(n, *spec.shape)}",
+                    )
+
+
+# --------------------------------------------------------------------------- registry
+
+ENGINE_MODULES: dict[str, str] = {
+    "ort": "engines.onnxruntime",
+    "trt": "engines.tensorrt",
+    "torch": "engines.torch",
+    "null": "engines.null",
+}
+"""Engine key -> module defining ``ENGINE_CLASS``. Adding a backend is one module plus one line here."""
+
+AUTO_ORDER = ("trt", "torch", "ort")
+"""Preference of ``select_engine("auto")``: fastest first. torch's ``available()`` is False without CUDA."""
+
+_GPU_ONLY_IN_AUTO = ("trt", "torch")
+_OWN_PACKAGES = ("engines", "pipeline")
+
+
+def _probe(kind: str) -> tuple[type[Engine] | None, str]:
+    """Import the engine module for ``kind``; return (class or None, reason)."""
+    module_name = ENGINE_MODULES[kind]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None, f"{module_name} is not present"
+        if exc.name and exc.name.split(".")[0] not in _OWN_PACKAGES:
+            return None, f"{exc.name.split('.')[0]} is not installed"
+        raise
+    cls = module.ENGINE_CLASS
+    if not (isinstance(cls, type) and issubclass(cls, Engine) and cls.type_key == kind):
+        raise TypeError(f"{module_name}.ENGINE_CLASS must be an Engine subclass with type_key '{kind}'")
+    ok, reason = cls.available()
+    return (cls if ok else None), reason
+
+
+def engine_class(kind: str) -> type[Engine]:
+    """Return the engine class for ``kind`` or raise EngineError saying why it cannot run here."""
+    if kind not in ENGINE_MODULES:
+        raise EngineError(f"unknown engine '{kind}' (choose from {', '.join(ENGINE_MODULES)})")
+    cls, reason = _probe(kind)
+    if cls is None:
+        raise EngineError(f"engine '{kind}' is not available: {reason}")
+    return cls
+
+
+def select_engine(kind: str, bundle: Bundle, options: EngineOptions) -> tuple[Engine, str]:
+    """Build (not load) the engine for ``kind``; "auto" takes the first usable of :data:`AUTO_ORDER`.
+
+    Returns the engine and a one-line reason for logs, e.g.
+    ``"auto: chose ort (trt: tensorrt is not installed; torch: engines.torch is not present)"``.
+    """
+    if kind != "auto":
+        return engine_class(kind)(bundle, options), f"{kind}: requested"
+    skipped: list[str] = []
+    for candidate in AUTO_ORDER:
+        if options.device == "cpu" and candidate in _GPU_ONLY_IN_AUTO:
+            skipped.append(f"{candidate}: device is cpu")
+            continue
+        cls, reason = _probe(candidate)
+        if cls is not None:
+            detail = f" ({'; '.join(skipped)})" if skipped else ""
+            return cls(bundle, options), f"auto: chose {candidate}{detail}"
+        skipped.append(f"{candidate}: {reason}")
+    raise EngineError(f"no engine available: {'; '.join(skipped)}")

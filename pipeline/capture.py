@@ -1,0 +1,112 @@
+"""Capture: source -> shared-memory ring, plus one small header per frame downstream."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from .ring import FrameRing
+from .sources import Source, SourceFrame, open_source
+from .stage import Stage
+from .wire import Message
+
+log = logging.getLogger("sweepstream")
+
+
+class Pacer:
+    """Releases recorded frames at their presentation times. When it falls behind (slow decode) it does not
+    burst to catch up: a late frame re-anchors the schedule, as a live source would behave."""
+
+    def __init__(self, fps: float) -> None:
+        self.period = 1.0 / fps
+        self._due: float | None = None
+        self._last_pts: float | None = None
+
+    def wait(self, pts: float | None) -> None:
+        now = time.monotonic()
+        if self._due is None:
+            self._due = now
+        else:
+            step = self.period
+            if pts is not None and self._last_pts is not None and 0 < pts - self._last_pts < 1.0:
+                step = pts - self._last_pts
+            self._due += step
+            if self._due > now:
+                time.sleep(self._due - now)
+            elif now - self._due > self.period:
+                self._due = now
+        self._last_pts = pts
+
+
+class CaptureStage(Stage):
+    name = "capture"
+    stamp_out = "cap_out"
+
+    def start(self) -> None:
+        cfg = self.config.source
+        self.source: Source = open_source(cfg.uri, cfg.pixel_format)
+        self.ring = FrameRing.attach(self.endpoints.ring)
+        self.out = self.socket(zmq.PUSH, self.endpoints.frames, bind=True)
+        self.pacer = None if (cfg.flood or self.source.live) else Pacer(self.source.fps)
+        self._next_id = 0
+        self._running = False
+
+    def go(self) -> None:
+        self._running = True
+        self._started = time.monotonic()
+        self.poll_ms = 0  # produce continuously; control is still polled between frames
+
+    def step(self, ready: bool) -> None:
+        if not self._running:
+            return
+        if self._limit_reached():
+            self.drain()
+            return
+        frame = self.source.read()
+        if frame is None and self.config.source.loop:
+            self.source.rewind()
+            frame = self.source.read()
+        if frame is None:
+            self.drain()
+            return
+        if self.pacer is not None:
+            self.pacer.wait(frame.pts)
+        self._publish(frame, time.monotonic_ns())
+
+    def _limit_reached(self) -> bool:
+        cfg = self.config.source
+        return (cfg.max_frames is not None and self.counters["read"] >= cfg.max_frames) or (
+            cfg.duration is not None and time.monotonic() - self._started >= cfg.duration)
+
+    def _publish(self, frame: SourceFrame, t_capture: int) -> None:
+        frame_id, self._next_id = self._next_id, self._next_id + 1
+        self.counters["read"] += 1
+        if self._lossless:
+            self._wait_for_free_slot()
+        slot, seq = self.ring.write(frame.image, frame_id)
+        header = {"id": frame_id, "slot": slot, "seq": seq, "shape": list(frame.image.shape),
+                  "src": {"index": frame.index, "pts": frame.pts, **frame.meta}, "t": {"cap": t_capture}}
+        self.push(self.out, Message("frame", header))
+
+    def _wait_for_free_slot(self) -> None:
+        """Lossless runs must not overwrite a frame preprocess has not taken yet. ZeroMQ's high-water mark
+        cannot guarantee that: small headers also queue in kernel socket buffers."""
+        deadline = time.monotonic() + self.config.run.stall_timeout
+        while self.ring.backlog >= self.ring.slots and time.monotonic() < deadline:
+            time.sleep(0.0002)
+
+    def drain(self) -> None:
+        if not self.finished:
+            self.send_eos(self.out)
+            log.info("capture: end of stream after %d frames", self.counters["read"])
+
+    def describe(self) -> dict:
+        return {"source": self.source.describe()}
+
+    def stop(self) -> None:
+        if getattr(self, "source", None) is not None:
+            self.source.close()
+        if getattr(self, "ring", None) is not None:
+            self.ring.close()

@@ -1,0 +1,234 @@
+"""Typed run configuration: defaults < TOML file (--config) < command-line overrides.
+
+Every option lives in one dataclass field whose metadata carries its help text and bounds, so validation,
+`--help` and the written `config.toml` of a run all come from the same place. Unknown keys and out-of-range
+values are errors raised before any process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "reference"
+DEFAULT_SOURCE = "synthetic://1920x1080?frames=300"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the config."""
+
+
+def option(default: Any, help: str, *, min: float | None = None, max: float | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "min": min, "max": max})
+
+
+@dataclass
+class SourceConfig:
+    uri: str = option(DEFAULT_SOURCE, "video file, stream URL (rtsp://, udp://, http://), /dev/videoN, "
+                      "or synthetic://WxH[?fps=F&frames=N&channels=C] (in-memory test pattern)")
+    flood: bool = option(False, "read as fast as possible instead of at the source's native frame rate")
+    loop: bool = option(False, "restart the source at its end")
+    max_frames: int | None = option(None, "stop after this many frames", min=1)
+    duration: float | None = option(None, "stop after this many seconds", min=0.001)
+    pixel_format: Literal["gray", "bgr24"] = option(
+        "gray", "pixel format decoded into the frame ring (gray moves 3x fewer bytes)")
+
+
+@dataclass
+class RingConfig:
+    slots: int = option(8, "full-resolution frame slots in shared memory (bounds memory use)",
+                        min=2, max=1024)
+    slot_mb: float = option(8.0, "capacity of one slot in MiB (a 1080p BGR frame needs 5.9)",
+                            min=0.01, max=512)
+
+
+@dataclass
+class TransportConfig:
+    hwm: int = option(2, "ZeroMQ high-water mark on every data socket (messages)", min=1, max=1000)
+    policy: Literal["latest", "lossless"] = option(
+        "latest", "latest: a stage that is behind drops older frames (counted); "
+        "lossless: stages block instead (evaluation, no drops)")
+
+
+@dataclass
+class PreprocessConfig:
+    roi: tuple[int, int, int, int] | None = option(
+        None, "crop x,y,width,height applied to the full frame before pad-to-square and resize")
+    interpolation: Literal["area", "cubic", "linear"] = option(
+        "area", "resize filter from full resolution to the model input size")
+
+
+@dataclass
+class InferConfig:
+    bundle: str = option(str(DEFAULT_BUNDLE), "model bundle directory (bundle.json + model files)")
+    engine: Literal["auto", "ort", "trt", "torch", "null"] = option(
+        "auto", "inference backend; auto tries TensorRT, then torch-CUDA, then ONNX Runtime")
+    max_batch: int = option(8, "largest batch taken from what is waiting (never waits to fill one)",
+                            min=1, max=32)
+    threads: int = option(0, "intra-op threads for the engine (0 = backend default)", min=0, max=256)
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "device for backends that have a choice")
+
+
+@dataclass
+class PostprocessConfig:
+    events: str = option("tcp://127.0.0.1:5556", "ZeroMQ PUB endpoint for events (topic = event type)")
+    frame_events: bool = option(True, "publish and journal one `frame` event per scored frame")
+
+
+@dataclass
+class RunConfig:
+    out: str | None = option(None, "run folder for events.jsonl and summary.json (default runs/<time>-<id>)")
+    status_interval: float = option(1.0, "seconds between live status lines", min=0.1, max=3600)
+    quiet: bool = option(False, "no live status line")
+    stop_timeout: float = option(2.0, "seconds the stages get to drain and exit on shutdown", min=0.1, max=60)
+    start_timeout: float = option(120.0, "seconds a stage may take to start (engine load, warm-up)",
+                                  min=1, max=3600)
+    stall_timeout: float = option(10.0, "a started stage silent this long is declared stuck", min=1, max=3600)
+    summary_skip: int = option(10, "frames skipped at each end of the run in the latency summary",
+                               min=0, max=100000)
+
+
+@dataclass
+class Config:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    ring: RingConfig = field(default_factory=RingConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _coerce(where: str, value: Any, hint: Any, meta: dataclasses.Field) -> Any:
+    """Check one value against its annotation and bounds; return it in the field's type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(where, value, inner[0], meta)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",")]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} comma-separated values, got {value!r}")
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_coerce(f"{where}[{i}]", v, a, meta) for i, (v, a) in pairs)
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        try:
+            number = hint(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or (
+                hint is int and isinstance(number, float) and not number.is_integer()):
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+        number = hint(number)
+        low, high = meta.metadata.get("min"), meta.metadata.get("max")
+        if low is not None and number < low:
+            raise ConfigError(f"{where}: {number} is below the minimum {low}")
+        if high is not None and number > high:
+            raise ConfigError(f"{where}: {number} is above the maximum {high}")
+        return number
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
+        return value
+    # Reaching here is a bug in this file (a field type without a rule), not bad user input.
+    raise TypeError(f"unsupported config annotation {hint!r} at {where}")
+
+
+def _apply(section: Any, section_name: str, values: dict[str, Any], origin: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{origin}: unknown option {section_name}.{key} "
+                              f"(known: {', '.join(sorted(fields))})")
+        where = f"{origin}: {section_name}.{key}"
+        setattr(section, key, _coerce(where, value, hints[key], fields[key]))
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build a validated Config from defaults, an optional TOML file and `section.key` overrides."""
+    config = Config()
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config {path}: file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path}: invalid TOML: {exc}") from None
+        for name, values in data.items():
+            if name not in SECTIONS or not isinstance(values, dict):
+                raise ConfigError(f"config {path}: unknown section [{name}] (known: {', '.join(SECTIONS)})")
+            _apply(getattr(config, name), name, values, f"config {path}")
+    for dotted, value in (overrides or {}).items():
+        name, _, key = dotted.partition(".")
+        if name not in SECTIONS or not key:
+            known = ", ".join(SECTIONS)
+            raise ConfigError(f"override {dotted}: expected section.key, section one of {known}")
+        _apply(getattr(config, name), name, {key: value}, "command line")
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: Config) -> None:
+    from .sources import SourceError, check_uri
+
+    try:
+        check_uri(config.source.uri)
+    except SourceError as exc:
+        raise ConfigError(f"source.uri: {exc}") from None
+    bundle = Path(config.infer.bundle)
+    if not (bundle / "bundle.json").is_file():
+        raise ConfigError(f"infer.bundle: {bundle} has no bundle.json")
+
+
+def describe_options() -> str:
+    """All options with defaults and help, for the end of `--help`."""
+    lines = ["configuration options (TOML section.key; override any with --set section.key=value):"]
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            bounds = ""
+            if f.metadata.get("min") is not None or f.metadata.get("max") is not None:
+                bounds = f" [{f.metadata.get('min')}..{f.metadata.get('max')}]"
+            lines.append(f"  {name}.{f.name} = {default!r}{bounds}\n      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config, written into the run folder so a run can be repeated exactly."""
+    plain = {name: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None}
+             for name, values in config.as_dict().items()}
+    return tomli_w.dumps(plain)

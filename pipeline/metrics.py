@@ -1,0 +1,136 @@
+"""Latency histograms and frame accounting: pure logic shared by the supervisor and the benchmark."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+
+import numpy as np
+
+# Timestamps every frame header carries (monotonic ns), in data-path order. "cap" is when the frame became
+# available from the source; the others are when each stage took the frame in and handed it on.
+STAMPS = ("cap", "cap_out", "pre_in", "pre_out", "inf_in", "inf_out", "post_in", "post_out")
+
+# Latency segments reported per frame: each stage's own time, each transport hop, and end to end.
+SEGMENTS: dict[str, tuple[str, str]] = {
+    "end_to_end": ("cap", "post_out"),
+    "capture": ("cap", "cap_out"),
+    "capture>preprocess": ("cap_out", "pre_in"),
+    "preprocess": ("pre_in", "pre_out"),
+    "preprocess>infer": ("pre_out", "inf_in"),
+    "infer": ("inf_in", "inf_out"),
+    "infer>postprocess": ("inf_out", "post_in"),
+    "postprocess": ("post_in", "post_out"),
+}
+PERCENTILES = (50, 90, 95, 99)
+
+
+def segment_row(stamps: Mapping[str, int]) -> list[float]:
+    """One frame's latencies in ms, in SEGMENTS order."""
+    return [(stamps[end] - stamps[start]) / 1e6 for start, end in SEGMENTS.values()]
+
+
+class LatencyHistogram:
+    """Log-spaced buckets (1% wide, 1 us to 1000 s): bounded memory for runs of any length."""
+
+    MIN_MS = 1e-3
+    MAX_MS = 1e6
+    GROWTH = 1.01
+
+    def __init__(self) -> None:
+        self._log_growth = math.log(self.GROWTH)
+        buckets = math.ceil(math.log(self.MAX_MS / self.MIN_MS) / self._log_growth) + 1
+        self.counts = np.zeros(buckets, dtype=np.int64)
+        self.count = 0
+        self.total = 0.0
+        self.max = 0.0
+
+    def add(self, values_ms: np.ndarray) -> None:
+        values = np.asarray(values_ms, dtype=np.float64).ravel()
+        if values.size == 0:
+            return
+        clipped = np.clip(values, self.MIN_MS, self.MAX_MS)
+        index = np.floor(np.log(clipped / self.MIN_MS) / self._log_growth).astype(np.int64)
+        np.add.at(self.counts, np.minimum(index, self.counts.size - 1), 1)
+        self.count += values.size
+        self.total += float(values.sum())
+        self.max = max(self.max, float(values.max()))
+
+    def percentile(self, q: float) -> float:
+        """Value at percentile q (bucket centre, never above the exact maximum); NaN when empty."""
+        if self.count == 0:
+            return math.nan
+        rank = max(1, math.ceil(q / 100 * self.count))
+        bucket = int(np.searchsorted(np.cumsum(self.counts), rank))
+        centre = self.MIN_MS * self.GROWTH ** (bucket + 0.5)
+        return min(centre, self.max)
+
+    def summary(self) -> dict[str, float]:
+        out: dict[str, float] = {"count": self.count}
+        if self.count:
+            out["mean"] = round(self.total / self.count, 4)
+            out.update({f"p{q}": round(self.percentile(q), 4) for q in PERCENTILES})
+            out["max"] = round(self.max, 4)
+        return out
+
+
+class LatencyBook:
+    """Histograms for every segment over the run, skipping the first and last `skip` frames (warm-up and
+    shutdown are not the steady state), plus a window that the live status line reads and resets."""
+
+    def __init__(self, skip: int = 10) -> None:
+        self.skip = skip
+        self.seen = 0
+        self._held: deque[np.ndarray] = deque()
+        self.run = {name: LatencyHistogram() for name in SEGMENTS}
+        self.window = LatencyHistogram()
+
+    def add_rows(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(SEGMENTS))
+        if rows.size == 0:
+            return
+        self.window.add(rows[:, 0])
+        first = max(0, self.skip - self.seen)
+        self.seen += len(rows)
+        for row in rows[first:]:
+            self._held.append(row)
+        released = len(self._held) - self.skip
+        if released > 0:
+            block = np.stack([self._held.popleft() for _ in range(released)])
+            for column, hist in enumerate(self.run.values()):
+                hist.add(block[:, column])
+
+    def take_window(self) -> LatencyHistogram:
+        window, self.window = self.window, LatencyHistogram()
+        return window
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {name: hist.summary() for name, hist in self.run.items()}
+
+
+# Per-stage counters each stage reports, and where in the data path a frame can be lost.
+BOUNDARIES: dict[str, tuple[tuple[str, str], ...]] = {
+    "capture>preprocess": (("capture", "drop_send_full"), ("preprocess", "drop_stale"),
+                           ("preprocess", "drop_overwritten")),
+    "preprocess>infer": (("preprocess", "drop_send_full"), ("infer", "drop_stale")),
+    "infer>postprocess": (("infer", "drop_send_full"),),
+}
+
+
+def frame_accounting(counters: Mapping[str, Mapping[str, int]]) -> dict:
+    """Per-boundary counts from the stages' counters; `balanced` says read == scored + dropped."""
+    def get(stage: str, key: str) -> int:
+        return int(counters.get(stage, {}).get(key, 0))
+
+    boundaries = {}
+    for name, places in BOUNDARIES.items():
+        sender = name.split(">")[0]
+        drops = {f"{stage}.{key}": get(stage, key) for stage, key in places}
+        boundaries[name] = {"sent": get(sender, "sent"), "dropped": sum(drops.values()), "drops": drops}
+    read = get("capture", "read")
+    scored = get("postprocess", "scored")
+    dropped = sum(b["dropped"] for b in boundaries.values()) + get("infer", "rejected") \
+        + get("postprocess", "rejected") + get("preprocess", "rejected")
+    return {"read": read, "scored": scored, "dropped": dropped, "balanced": read == scored + dropped,
+            "boundaries": boundaries}

@@ -1,0 +1,26 @@
+"""Frame sources, chosen by the form of the URI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Source, SourceError, SourceFrame
+from .synthetic import SyntheticSource, parse_synthetic
+from .video import LIVE_SCHEMES, VideoSource
+
+__all__ = ["Source", "SourceError", "SourceFrame", "open_source", "check_uri"]
+
+
+def check_uri(uri: str) -> None:
+    """Fail early, before any process starts, on a source that cannot exist."""
+    if uri.startswith("synthetic:"):
+        parse_synthetic(uri)
+    elif not uri.startswith(LIVE_SCHEMES) and not Path(uri).is_file():
+        raise SourceError(f"source {uri}: no such file")
+
+
+def open_source(uri: str, pixel_format: str) -> Source:
+    cls = SyntheticSource if uri.startswith("synthetic:") else VideoSource
+    source = cls(uri, pixel_format)
+    source.open()
+    return source

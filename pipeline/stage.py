@@ -1,0 +1,239 @@
+"""One stage = one OS process. The runner here gives every stage the same life: start (heavy set-up), a loop
+that polls its input and the supervisor's control socket, reports from the loop itself (so a report proves
+the loop is alive), and stop. Backpressure is declared once, in `take` and `push`."""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import zmq
+
+from . import wire
+from .config import Config
+from .wire import Message
+
+log = logging.getLogger("sweepstream")
+
+REPORT_INTERVAL_S = 0.25
+MAX_TAKE = 1024  # messages read in one go at most, so a flooded input cannot starve the control socket
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where everything of one run lives; built by the supervisor, handed to every stage."""
+
+    control: str  # supervisor ROUTER; each stage is a DEALER named after itself
+    frames: str  # capture -> preprocess (headers; pixels are in the ring)
+    inputs: str  # preprocess -> infer (model input tensors)
+    results: str  # infer -> postprocess (head outputs)
+    ring: str  # shared-memory name of the frame ring
+    out: str  # run folder
+    run_id: str
+
+
+class Stage:
+    """Base of the four stages. Subclasses declare `name`, open sockets in `start`, handle input in `step`."""
+
+    name: ClassVar[str]
+    poll_ms: ClassVar[int] = 100  # how long the runner waits for input or control before calling step()
+    stamp_in: ClassVar[str] = ""  # header timestamp set when a frame is taken in (metrics.STAMPS)
+    stamp_out: ClassVar[str] = ""  # ... and when it is handed on
+
+    def __init__(self, config: Config, endpoints: Endpoints, context: zmq.Context) -> None:
+        self.config = config
+        self.endpoints = endpoints
+        self.context = context
+        self.counters: Counter[str] = Counter()
+        self.finished = False
+        self.inputs: list[zmq.Socket] = []
+        self._sockets: list[zmq.Socket] = []
+        self._lossless = config.transport.policy == "lossless"
+
+    # -- life cycle, overridden by stages --------------------------------------------------------------
+    def start(self) -> None:
+        """Open sockets and resources; may take long (engine load). Called once before the loop."""
+
+    def go(self) -> None:
+        """The whole pipeline is ready: sources may begin producing."""
+
+    def step(self, ready: bool) -> None:
+        raise NotImplementedError
+
+    def drain(self) -> None:
+        """Shutdown asked: stop taking new work, pass the end of stream on."""
+
+    def stop(self) -> None:
+        """Release everything opened in start; must tolerate a start that failed half-way."""
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def report_arrays(self) -> tuple[np.ndarray, ...]:
+        """Per-frame data for the supervisor since the last report (postprocess: latency rows)."""
+        return ()
+
+    # -- sockets and backpressure ----------------------------------------------------------------------
+    def socket(self, kind: int, endpoint: str, *, bind: bool) -> zmq.Socket:
+        sock = self.context.socket(kind)
+        hwm = self.config.transport.hwm
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.LINGER, int(self.config.run.stop_timeout * 1000))
+        sock.bind(endpoint) if bind else sock.connect(endpoint)
+        self._sockets.append(sock)
+        if kind == zmq.PULL:
+            self.inputs.append(sock)
+        return sock
+
+    def take(self, sock: zmq.Socket, keep: int) -> tuple[list[Message], bool]:
+        """What is waiting on `sock`: at most `keep` frames, and whether the end of stream came.
+
+        latest policy: everything waiting is read and only the newest `keep` frames are kept; the older ones
+        are counted as `drop_stale`. lossless policy: at most `keep` are read; the rest wait in the queue.
+        """
+        frames: list[Message] = []
+        end = False
+        limit = keep if self._lossless else MAX_TAKE
+        while len(frames) < limit and not end:
+            try:
+                msg = wire.recv(sock)
+            except wire.WireError as exc:
+                self.counters["rejected"] += 1
+                log.warning("%s: rejected a malformed message: %s", self.name, exc)
+                continue
+            if msg is None:
+                break
+            if msg.kind == "eos":
+                end = True
+            elif not isinstance(msg.header.get("t"), dict):
+                self.counters["rejected"] += 1
+                log.warning("%s: rejected a %r message without timestamps", self.name, msg.kind)
+            else:
+                msg.header["t"][self.stamp_in] = time.monotonic_ns()
+                frames.append(msg)
+        self.counters["received"] += len(frames)
+        stale = max(0, len(frames) - keep)
+        self.counters["drop_stale"] += stale
+        return frames[stale:], end
+
+    def push(self, sock: zmq.Socket, msg: Message) -> bool:
+        """Send one frame downstream: never blocks under the latest policy (a full queue is a counted drop);
+        under lossless it waits, up to the stall timeout."""
+        msg.header["t"][self.stamp_out] = time.monotonic_ns()
+        if self._lossless:
+            deadline = time.monotonic() + self.config.run.stall_timeout
+            while not wire.send(sock, msg, block=True):
+                if time.monotonic() > deadline:
+                    break
+            else:
+                self.counters["sent"] += 1
+                return True
+        elif wire.send(sock, msg):
+            self.counters["sent"] += 1
+            return True
+        self.counters["drop_send_full"] += 1
+        return False
+
+    def send_eos(self, sock: zmq.Socket) -> None:
+        """The end of stream must not be dropped: it is what lets the next stage finish cleanly."""
+        sock.setsockopt(zmq.SNDTIMEO, int(self.config.run.stop_timeout * 1000))
+        if not wire.send(sock, Message("eos", {}), block=True):
+            log.warning("%s: could not pass the end of stream on", self.name)
+        self.finished = True
+
+    def close_sockets(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+
+
+def _configure_child(name: str) -> None:
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(f"sweepstream: {name}")
+    except ImportError:
+        pass
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` dumps a stuck stage's stack
+    # Ctrl-C reaches the whole process group; only the supervisor acts on it, then tells the stages.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name:>11} %(levelname)s %(message)s")
+
+
+def run_stage(stage_cls: type[Stage], config: Config, endpoints: Endpoints) -> None:
+    """Process entry point (spawned by the supervisor)."""
+    _configure_child(stage_cls.name)
+    parent = os.getppid()
+    context = zmq.Context()
+    control = context.socket(zmq.DEALER)
+    control.setsockopt(zmq.ROUTING_ID, stage_cls.name.encode())
+    control.setsockopt(zmq.LINGER, int(config.run.stop_timeout * 1000))
+    control.connect(endpoints.control)
+    stage = stage_cls(config, endpoints, context)
+    code = 0
+    try:
+        wire.send(control, Message("hello", {"pid": os.getpid()}), block=True)
+        stage.start()
+        wire.send(control, Message("ready", {"describe": stage.describe()}), block=True)
+        _loop(stage, control, parent)
+    except Exception as exc:  # the stage's last word: reported to the supervisor, which stops the run
+        code = 1
+        detail = traceback.format_exc()
+        log.error("%s failed:\n%s", stage.name, detail)
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        wire.send(control, Message("error", {"message": message}), block=True)
+    finally:
+        stage.stop()
+        stage.close_sockets()
+        control.close()
+        context.term()
+    if code:
+        raise SystemExit(code)
+
+
+def _loop(stage: Stage, control: zmq.Socket, parent: int) -> None:
+    """Runs until the supervisor says exit. A finished stage reports `done` and keeps its sockets open:
+    closing them early could discard frames still on their way to the next stage."""
+    poller = zmq.Poller()
+    poller.register(control, zmq.POLLIN)
+    for sock in stage.inputs:
+        poller.register(sock, zmq.POLLIN)
+    last_report = 0.0
+    done_sent = False
+    while True:
+        events = dict(poller.poll(stage.poll_ms if not stage.finished else 100))
+        if control in events:
+            command = wire.recv(control)
+            kind = command.kind if command is not None else None
+            if kind == "exit":
+                return
+            if kind == "go":
+                stage.go()
+            elif kind == "drain":
+                stage.drain()
+        if not stage.finished:
+            stage.step(any(sock in events for sock in stage.inputs))
+        now = time.monotonic()
+        if stage.finished and not done_sent:
+            done_sent = True
+            _report(stage, control, "done")
+        elif now - last_report >= REPORT_INTERVAL_S:
+            last_report = now
+            if os.getppid() != parent:
+                raise RuntimeError("the supervisor is gone")
+            _report(stage, control, "report")
+
+
+def _report(stage: Stage, control: zmq.Socket, kind: str) -> None:
+    wire.send(control, Message(kind, {"counters": dict(stage.counters)}, stage.report_arrays()), block=True)

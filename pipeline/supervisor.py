@@ -1,0 +1,292 @@
+"""The supervisor: owns the run (folder, private socket directory, frame ring), spawns the four stages,
+hears their reports, prints the live status, and takes everything down cleanly on any exit path."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from . import wire
+from .capture import CaptureStage
+from .config import Config, to_toml
+from .infer import InferStage
+from .metrics import BOUNDARIES, LatencyBook, frame_accounting
+from .postprocess import PostprocessStage
+from .preprocess import PreprocessStage
+from .ring import FrameRing
+from .stage import Endpoints, Stage, run_stage
+from .wire import Message
+
+log = logging.getLogger("sweepstream")
+
+PIPELINE: tuple[type[Stage], ...] = (CaptureStage, PreprocessStage, InferStage, PostprocessStage)
+
+
+@dataclass
+class StageHandle:
+    cls: type[Stage]
+    process: multiprocessing.process.BaseProcess
+    state: str = "spawned"  # spawned -> ready -> done, or failed
+    last_seen: float = field(default_factory=time.monotonic)
+    counters: dict[str, int] = field(default_factory=dict)
+    describe: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.cls.name
+
+
+class StageFailure(RuntimeError):
+    """A stage died, reported an error, hung, or never started; the message names it."""
+
+
+class Supervisor:
+    def __init__(self, config: Config, stages: tuple[type[Stage], ...] = PIPELINE) -> None:
+        self.config = config
+        self.stage_classes = stages
+        self.run_id = uuid.uuid4().hex[:12]
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        self.out = Path(config.run.out or Path("runs") / f"{stamp}-{self.run_id}")
+        self.book = LatencyBook(skip=config.run.summary_skip)
+        self.handles: dict[str, StageHandle] = {}
+        self.stop_signal: str | None = None
+        self.force_stop = False
+        self.error: str | None = None
+        self.summary: dict[str, Any] = {}
+
+    # -- the run -----------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run to the end of the source, a signal, or a failure. Returns the process exit code."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.toml").write_text(to_toml(self.config))
+        socket_dir = Path(tempfile.mkdtemp(prefix="sweepstream-"))
+        ring_bytes = int(self.config.ring.slot_mb * 2**20)
+        ring = FrameRing.create(self.config.ring.slots, ring_bytes)
+        context = zmq.Context()
+        self.control = context.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        endpoints = Endpoints(
+            control=f"ipc://{socket_dir}/control", frames=f"ipc://{socket_dir}/frames",
+            inputs=f"ipc://{socket_dir}/inputs", results=f"ipc://{socket_dir}/results",
+            ring=ring.name, out=str(self.out), run_id=self.run_id)
+        self.control.bind(endpoints.control)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.t_start = time.monotonic()
+        self.t_go = self.t_end = None
+        try:
+            spawn = multiprocessing.get_context("spawn")
+            for cls in self.stage_classes:
+                process = spawn.Process(target=run_stage, args=(cls, self.config, endpoints),
+                                        name=f"sweepstream-{cls.name}", daemon=True)
+                process.start()
+                self.handles[cls.name] = StageHandle(cls, process)
+            self._supervise()
+        except StageFailure as exc:
+            self.error = str(exc)
+        finally:
+            self.t_end = self.t_end or time.monotonic()
+            self._take_down()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.control.close()
+            context.term()
+            ring.close()
+            ring.unlink()
+            shutil.rmtree(socket_dir, ignore_errors=True)
+        self._write_summary()
+        if self.error:
+            print(f"sweepstream: {self.error}", file=sys.stderr)
+            return 1
+        return 0
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self.stop_signal is not None:  # a second Ctrl-C: stop waiting for the drain
+            self.force_stop = True
+        self.stop_signal = signal.Signals(signum).name
+
+    def _supervise(self) -> None:
+        cfg = self.config.run
+        draining_since: float | None = None
+        next_status = time.monotonic() + cfg.status_interval
+        self._last_status = (time.monotonic(), 0, 0)
+        while not all(h.state == "done" for h in self.handles.values()):
+            if self.control.poll(50):
+                self._receive()
+            now = time.monotonic()
+            self._check_health(now)
+            if self.t_go is None and all(h.state in ("ready", "done") for h in self.handles.values()):
+                self.t_go = now
+                self._command(self.stage_classes[0].name, "go")
+            if self.stop_signal and draining_since is None:
+                log.info("%s: draining the pipeline", self.stop_signal)
+                draining_since = now
+                self._command(self.stage_classes[0].name, "drain")
+            if self.force_stop:
+                log.warning("second %s: stopping without draining", self.stop_signal)
+                break
+            if draining_since is not None and now - draining_since > cfg.stop_timeout:
+                stuck = [h.name for h in self.handles.values() if h.state != "done"]
+                log.warning("stages did not drain within %.1f s: %s", cfg.stop_timeout, ", ".join(stuck))
+                break
+            if not cfg.quiet and now >= next_status:
+                next_status = now + cfg.status_interval
+                self._print_status(now)
+        self.t_end = time.monotonic()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                parts = self.control.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            name = parts[0].bytes.decode(errors="replace")
+            handle = self.handles.get(name)
+            try:
+                msg = wire.decode(parts[1:])
+            except wire.WireError as exc:
+                log.warning("control: rejected a message from %r: %s", name, exc)
+                continue
+            if handle is None:
+                log.warning("control: message from unknown peer %r", name)
+                continue
+            self._handle(handle, msg)
+
+    def _handle(self, handle: StageHandle, msg: Message) -> None:
+        handle.last_seen = time.monotonic()
+        if msg.kind == "ready":
+            handle.state = "ready"
+            handle.describe = msg.header.get("describe", {})
+        elif msg.kind in ("report", "done"):
+            handle.counters = msg.header.get("counters", {})
+            for rows in msg.arrays:
+                self.book.add_rows(rows)
+            if msg.kind == "done":
+                handle.state = "done"
+        elif msg.kind == "error":
+            handle.state = "failed"
+            raise StageFailure(f"stage '{handle.name}' failed: {msg.header.get('message', 'unknown error')}")
+
+    def _check_health(self, now: float) -> None:
+        cfg = self.config.run
+        for handle in self.handles.values():
+            code = handle.process.exitcode
+            if code is not None and handle.state != "done":
+                if self.control.poll(0):  # its last words may still be in flight
+                    self._receive()
+                    continue
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                raise StageFailure(f"stage '{handle.name}' {how}")
+            limit = cfg.start_timeout if handle.state == "spawned" else cfg.stall_timeout
+            if handle.state in ("spawned", "ready") and now - handle.last_seen > limit:
+                what = "did not start" if handle.state == "spawned" else "stalled (no report)"
+                raise StageFailure(f"stage '{handle.name}' {what} within {limit:.0f} s")
+
+    def _command(self, name: str, kind: str) -> None:
+        try:
+            self.control.send_multipart([name.encode(), *wire.encode(Message(kind, {}))], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the stage is gone or not yet connected; its exit is handled elsewhere
+            log.debug("control: %s to %s not delivered: %s", kind, name, exc)
+
+    def _take_down(self) -> None:
+        """Every stage ends: asked first, then terminated, then killed. Nothing outlives the supervisor."""
+        for handle in self.handles.values():
+            if handle.process.is_alive():
+                self._command(handle.name, "exit")
+        deadline = time.monotonic() + self.config.run.stop_timeout
+        for handle in self.handles.values():
+            handle.process.join(max(0.0, deadline - time.monotonic()))
+        for handle in self.handles.values():
+            if handle.process.is_alive():
+                log.warning("stage '%s' did not exit; terminating it", handle.name)
+                handle.process.terminate()
+                handle.process.join(1.0)
+            if handle.process.is_alive():
+                handle.process.kill()
+                handle.process.join()
+        if self._status_open:
+            print(file=sys.stderr)
+
+    # -- status and summary ------------------------------------------------------------------------------
+    _status_open = False
+
+    def _counters(self) -> dict[str, dict[str, int]]:
+        return {name: handle.counters for name, handle in self.handles.items()}
+
+    def _print_status(self, now: float) -> None:
+        counters = self._counters()
+        read = counters.get("capture", {}).get("read", 0)
+        scored = counters.get("postprocess", {}).get("scored", 0)
+        then, read_then, scored_then = self._last_status
+        self._last_status = (now, read, scored)
+        span = max(now - then, 1e-9)
+        window = self.book.take_window()
+        drops = frame_accounting(counters)["boundaries"]
+        drop_text = " ".join(f"{name} {drops[name]['dropped']}" for name in BOUNDARIES)
+        line = (f"[{now - self.t_start:7.1f}s] in {(read - read_then) / span:6.1f} fps  "
+                f"out {(scored - scored_then) / span:6.1f} fps  e2e p50 {window.percentile(50):6.1f} ms  "
+                f"p99 {window.percentile(99):6.1f} ms  drops {drop_text}")
+        if sys.stderr.isatty():
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+            self._status_open = True
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def _write_summary(self) -> None:
+        accounting = frame_accounting(self._counters())
+        active = (self.t_end - self.t_go) if self.t_go is not None else 0.0
+        outcome = "failed" if self.error else ("interrupted" if self.stop_signal else "completed")
+        self.summary = {
+            "run_id": self.run_id,
+            "outcome": outcome,
+            "error": self.error,
+            "signal": self.stop_signal,
+            "duration_s": round(active, 3),
+            "throughput_fps": round(accounting["scored"] / active, 2) if active > 0 else 0.0,
+            "frames": accounting,
+            "latency_ms": self.book.summary(),
+            "latency_skip_frames": self.book.skip,
+            "stages": {name: {"counters": h.counters, **h.describe} for name, h in self.handles.items()},
+            "config": self.config.as_dict(),
+        }
+        (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2, default=_json_default))
+        if not self.config.run.quiet:
+            print(format_summary(self.summary, self.out), file=sys.stderr)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def format_summary(summary: dict, out: Path) -> str:
+    frames = summary["frames"]
+    lines = [f"run {summary['run_id']} {summary['outcome']}: {frames['read']} frames read, "
+             f"{frames['scored']} scored, {frames['dropped']} dropped, "
+             f"{summary['throughput_fps']} fps over {summary['duration_s']} s"]
+    lines.append(f"  {'latency ms':<20}" + "".join(f"{k:>9}" for k in ("p50", "p90", "p95", "p99", "max")))
+    for name, stats in summary["latency_ms"].items():
+        if stats.get("count"):
+            values = "".join(f"{stats[k]:>9.2f}" for k in ("p50", "p90", "p95", "p99", "max"))
+            lines.append(f"  {name:<20}{values}")
+    for name, boundary in frames["boundaries"].items():
+        lines.append(f"  {name:<20} sent {boundary['sent']}, dropped {boundary['dropped']}")
+    lines.append(f"  written to {out}/summary.json and {out}/events.jsonl")
+    return "\n".join(lines)

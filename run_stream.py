@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""sweepstream: score a live blind-sweep ultrasound video with a FetalCLIP bundle and emit events.
+
+Starts a supervisor that runs capture, preprocess, infer and postprocess as separate processes connected
+by ZeroMQ. Events go to a PUB socket and to <out>/events.jsonl; latency figures to <out>/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pipeline.config import ConfigError, describe_options, load_config  # noqa: E402
+
+# Flags that are shortcuts for config keys (the same key may also be set with --set or in --config).
+SHORTCUTS = {
+    "source": "source.uri", "flood": "source.flood", "loop": "source.loop", "max_frames": "source.max_frames",
+    "duration": "source.duration", "bundle": "infer.bundle", "engine": "infer.engine", "out": "run.out",
+    "events": "postprocess.events", "quiet": "run.quiet",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_stream.py", description=__doc__, epilog=describe_options(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", metavar="PATH_OR_URL", help="video file, stream URL, /dev/videoN or "
+                        "synthetic://WxH?fps=F&frames=N (default: a 1080p test pattern, 300 frames)")
+    parser.add_argument("--bundle", metavar="DIR", help="model bundle directory (default: bundles/reference)")
+    parser.add_argument("--engine", choices=["auto", "ort", "trt", "torch", "null"],
+                        help="inference backend (default auto: TensorRT, then torch-CUDA, then ONNX Runtime)")
+    parser.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>-<id>)")
+    parser.add_argument("--events", metavar="ENDPOINT", help="ZeroMQ PUB endpoint (default tcp://127.0.0.1:5556)")
+    parser.add_argument("--flood", action="store_true", default=None,
+                        help="read the source as fast as possible")
+    parser.add_argument("--loop", action="store_true", default=None, help="restart the source at its end")
+    parser.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    parser.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    parser.add_argument("--quiet", action="store_true", default=None, help="no live status line")
+    parser.add_argument("--config", metavar="FILE", help="TOML file with [source], [infer], ... sections")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any config option (repeatable)")
+    parser.add_argument("--validate-config", action="store_true",
+                        help="check the configuration, print it resolved, and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    given = {flag: getattr(args, flag) for flag in SHORTCUTS}
+    overrides = {SHORTCUTS[flag]: value for flag, value in given.items() if value is not None}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"sweepstream: error: --set {item}: expected SECTION.KEY=VALUE", file=sys.stderr)
+            return 2
+        overrides[key.strip()] = value.strip()
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"sweepstream: error: {exc}", file=sys.stderr)
+        return 2
+    if args.validate_config:
+        from pipeline.config import to_toml
+
+        print(to_toml(config), end="")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s  supervisor %(levelname)s %(message)s")
+    from pipeline.supervisor import Supervisor
+
+    return Supervisor(config).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The whole pipeline as users run it: run_stream.py as a real command, four real processes, real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import (
+    REPO,
+    alive,
+    all_gone,
+    children_of,
+    read_journal,
+    run_pipeline,
+    run_stream_cmd,
+    shm_segments,
+    socket_dirs,
+    stage_pids,
+)
+
+from engines.reference import make_reference_bundle
+from pipeline.events import COMMON_FIELDS, SCHEMA_VERSION
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_mp4_runs_through_all_four_processes(mp4_60: Path, tmp_path: Path) -> None:
+    shm_before, dirs_before = shm_segments(), socket_dirs()
+    out = tmp_path / "run"
+    result = run_pipeline("--source", str(mp4_60), "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    summary = _summary(out)
+    frames = summary["frames"]
+    assert summary["outcome"] == "completed"
+    assert frames["read"] == 60
+    assert frames["balanced"] and frames["scored"] + frames["dropped"] == frames["read"]
+    events = read_journal(out)
+    assert len(events) == frames["scored"] > 0
+    for event in events:
+        assert set(COMMON_FIELDS) <= set(event)
+        assert event["schema"] == SCHEMA_VERSION and event["type"] == "frame"
+        assert event["run_id"] == summary["run_id"]
+        assert 0 <= event["score"] <= 1 and event["latency_ms"] > 0
+    ids = [e["frame_id"] for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    for name in ("end_to_end", "capture", "preprocess", "infer", "postprocess"):
+        stats = summary["latency_ms"][name]
+        assert stats["count"] == frames["scored"] - 20  # first and last 10 skipped
+        assert 0 < stats["p50"] <= stats["p90"] <= stats["p95"] <= stats["p99"] <= stats["max"]
+    # Paced at 30 fps, so the run takes about two seconds, not the instant a flood would.
+    assert 1.5 < summary["duration_s"] < 10
+    assert shm_segments() == shm_before and socket_dirs() == dirs_before
+
+
+def test_flood_reads_faster_than_native_rate(mp4_60: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run_pipeline("--source", str(mp4_60), "--out", str(out), "--quiet", "--flood",
+                          "--set", "transport.policy=lossless")
+    assert result.returncode == 0, result.stderr
+    summary = _summary(out)
+    assert summary["frames"]["scored"] == 60 and summary["frames"]["dropped"] == 0
+    assert summary["duration_s"] < 1.9  # 60 frames at the native 30 fps would take 2 s
+
+
+def test_max_frames_and_loop(mp4_60: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run_pipeline("--source", str(mp4_60), "--out", str(out), "--quiet", "--flood", "--loop",
+                          "--max-frames", "150", "--set", "transport.policy=lossless")
+    assert result.returncode == 0, result.stderr
+    events = read_journal(out)
+    assert len(events) == 150
+    assert [e["source_index"] for e in events][58:62] == [58, 59, 0, 1]
+
+
+def test_sigint_stops_cleanly_within_two_seconds(tmp_path: Path) -> None:
+    shm_before, dirs_before = shm_segments(), socket_dirs()
+    out = tmp_path / "run"
+    process = subprocess.Popen(run_stream_cmd("--source", "synthetic://640x480?fps=60", "--out", str(out)),
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = out / "events.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (journal.exists() and journal.stat().st_size > 2000):
+        time.sleep(0.1)
+    stages = stage_pids(process.pid)
+    assert set(stages) == {"capture", "preprocess", "infer", "postprocess"}
+    helpers = children_of(process.pid)
+    process.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    _, stderr = process.communicate(timeout=10)
+    elapsed = time.monotonic() - t0
+    assert process.returncode == 0, stderr
+    assert elapsed < 2.0, f"took {elapsed:.2f} s to stop"
+    assert not any(alive(pid) for pid in stages.values())
+    assert all_gone(helpers)
+    summary = _summary(out)
+    assert summary["outcome"] == "interrupted" and summary["signal"] == "SIGINT"
+    assert summary["frames"]["balanced"]
+    assert len(read_journal(out)) == summary["frames"]["scored"]  # every scored frame was flushed
+    assert shm_segments() == shm_before and socket_dirs() == dirs_before
+
+
+def test_killed_stage_takes_the_run_down_with_one_clear_error(tmp_path: Path) -> None:
+    shm_before = shm_segments()
+    out = tmp_path / "run"
+    process = subprocess.Popen(run_stream_cmd("--source", "synthetic://320x240?fps=30", "--out", str(out),
+                                              "--quiet"),
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = out / "events.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (journal.exists() and journal.stat().st_size > 0):
+        time.sleep(0.1)
+    stages = stage_pids(process.pid)
+    helpers = children_of(process.pid)
+    os.kill(stages["infer"], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=15)
+    assert process.returncode == 1
+    assert "stage 'infer' was killed by signal 9" in stderr.strip().splitlines()[-1]
+    assert all_gone(helpers)
+    assert _summary(out)["outcome"] == "failed"
+    assert shm_segments() == shm_before
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--source", "/nonexistent/sweep.mp4"], "source /nonexistent/sweep.mp4: no such file"),
+    (["--set", "ring.slots=1"], "ring.slots: 1 is below the minimum 2"),
+    (["--set", "infer.max_batch=big"], "infer.max_batch: expected a number"),
+    (["--bundle", "/nonexistent"], "infer.bundle: /nonexistent has no bundle.json"),
+    (["--set", "sorce.uri=x"], "override sorce.uri"),
+])
+def test_bad_configuration_is_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
+    result = run_pipeline(*args, "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_corrupt_video_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+    result = run_pipeline("--source", str(bad), "--out", str(tmp_path / "run"), "--quiet")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "stage 'capture' failed" in last and str(bad) in last
+
+
+def test_overload_keeps_latency_bounded_and_counts_drops(tmp_path: Path) -> None:
+    """An engine slower than the source: newest frame wins, latency stays about one inference plus one
+    frame period instead of growing with the queue, and every lost frame is counted."""
+    bundle = make_reference_bundle(tmp_path / "slow", work=80)
+    out = tmp_path / "run"
+    result = run_pipeline("--source", "synthetic://640x480?fps=100", "--bundle", str(bundle),
+                          "--duration", "4", "--out", str(out), "--quiet", "--set", "infer.max_batch=1",
+                          "--set", "infer.threads=1")
+    assert result.returncode == 0, result.stderr
+    summary = _summary(out)
+    frames = summary["frames"]
+    assert frames["balanced"]
+    infer_p50 = summary["latency_ms"]["infer"]["p50"]
+    assert frames["dropped"] > 0 and frames["scored"] < frames["read"]
+    latencies = np.array([e["latency_ms"] for e in read_journal(out)])
+    assert infer_p50 > 12, "the slow bundle should cost more than a frame period (10 ms)"
+    bound = 4 * infer_p50 + 10 + 50  # inference in progress + the one waiting + a frame period + slack
+    assert summary["latency_ms"]["end_to_end"]["p99"] < bound
+    third = len(latencies) // 3
+    assert np.median(latencies[-third:]) < 1.5 * np.median(latencies[:third]) + 5  # not growing
