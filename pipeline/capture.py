@@ -14,6 +14,11 @@ from .wire import Message
 
 log = logging.getLogger("sweepstream")
 
+# Longest wait for preprocess to free a ring slot before overwriting it anyway (then counted as a drop);
+# short enough that the capture loop keeps reporting to the supervisor.
+SLOT_WAIT_S = 1.0
+FLOOD_IN_FLIGHT = 4  # frames a flooded source may be ahead of preprocess (all of them get processed)
+
 
 class Pacer:
     """Releases recorded frames at their presentation times. When it falls behind (slow decode) it does not
@@ -52,6 +57,7 @@ class CaptureStage(Stage):
         self.pacer = None if (cfg.flood or self.source.live) else Pacer(self.source.fps)
         self._next_id = 0
         self._running = False
+        self._in_flight: dict[int, int] = {}  # ring slot -> id of the frame sent from it
 
     def go(self) -> None:
         self._running = True
@@ -64,6 +70,8 @@ class CaptureStage(Stage):
         if self._limit_reached():
             self.drain()
             return
+        if self._lossless or self.config.source.flood:
+            self._wait_for_reader()  # before reading, so a flooded frame's latency starts when it is read
         frame = self.source.read()
         if frame is None and self.config.source.loop:
             self.source.rewind()
@@ -83,18 +91,26 @@ class CaptureStage(Stage):
     def _publish(self, frame: SourceFrame, t_capture: int) -> None:
         frame_id, self._next_id = self._next_id, self._next_id + 1
         self.counters["read"] += 1
-        if self._lossless:
-            self._wait_for_free_slot()
         slot, seq = self.ring.write(frame.image, frame_id)
         header = {"id": frame_id, "slot": slot, "seq": seq, "shape": list(frame.image.shape),
                   "src": {"index": frame.index, "pts": frame.pts, **frame.meta}, "t": {"cap": t_capture}}
-        self.push(self.out, Message("frame", header))
+        if self.push(self.out, Message("frame", header), wait=self.config.source.flood):
+            self._in_flight[slot] = frame_id
+        else:
+            self._in_flight.pop(slot, None)
 
-    def _wait_for_free_slot(self) -> None:
-        """Lossless runs must not overwrite a frame preprocess has not taken yet. ZeroMQ's high-water mark
-        cannot guarantee that: small headers also queue in kernel socket buffers."""
-        deadline = time.monotonic() + self.config.run.stall_timeout
-        while self.ring.backlog >= self.ring.slots and time.monotonic() < deadline:
+    def _wait_for_reader(self) -> None:
+        """Lossless runs must not overwrite a frame preprocess has not finished (ZeroMQ's high-water mark
+        cannot promise that: small headers also queue in kernel socket buffers). A flooded recording has no
+        camera to keep up with, so it also keeps at most FLOOD_IN_FLIGHT frames ahead of preprocess: as fast
+        as the pipeline goes, without producing frames only to drop them."""
+        pending = self._in_flight.get(self.ring.next_slot)
+        ahead = FLOOD_IN_FLIGHT if self.config.source.flood else self.ring.slots
+        deadline = time.monotonic() + SLOT_WAIT_S
+        while time.monotonic() < deadline:
+            consumed = self.ring.consumed_before
+            if (pending is None or pending < consumed) and self._next_id - consumed < ahead:
+                return
             time.sleep(0.0002)
 
     def drain(self) -> None:

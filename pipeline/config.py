@@ -39,7 +39,8 @@ def option(default: Any, help: str, *, min: float | None = None, max: float | No
 class SourceConfig:
     uri: str = option(DEFAULT_SOURCE, "video file, stream URL (rtsp://, udp://, http://), /dev/videoN, "
                       "or synthetic://WxH[?fps=F&frames=N&channels=C] (in-memory test pattern)")
-    flood: bool = option(False, "read as fast as possible instead of at the source's native frame rate")
+    flood: bool = option(False, "read as fast as the pipeline takes frames instead of at the source's "
+                         "native rate (capture waits for preprocess; later boundaries follow the policy)")
     loop: bool = option(False, "restart the source at its end")
     max_frames: int | None = option(None, "stop after this many frames", min=1)
     duration: float | None = option(None, "stop after this many seconds", min=0.001)

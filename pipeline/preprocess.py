@@ -8,6 +8,7 @@ import zmq
 
 from engines.base import InputSpec, load_bundle
 
+from .capture import FLOOD_IN_FLIGHT
 from .ring import FrameRing
 from .stage import Stage
 from .wire import Message
@@ -21,7 +22,8 @@ def letterbox(frame: np.ndarray, size: int, channels: int, *, pad_to_square: boo
     """Model input of `size` x `size` (x channels) and the geometry that maps it back to the frame.
 
     Padding to square is done by resizing the content into its place on a zero canvas, which equals
-    padding first and resizing after, without ever building the padded full-resolution image.
+    padding first and resizing after, without ever building the padded full-resolution image. A model
+    pixel (u, v) comes from frame pixel (roi_x + (u - offset_x) / scale_x, roi_y + (v - offset_y) / scale_y).
     """
     x0, y0 = 0, 0
     if roi is not None:
@@ -31,23 +33,38 @@ def letterbox(frame: np.ndarray, size: int, channels: int, *, pad_to_square: boo
     if height == 0 or width == 0:
         raise ValueError(f"empty frame after ROI {roi}")
     if pad_to_square:
-        scale = size / max(height, width)
-        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        fit = size / max(height, width)
+        new_w, new_h = max(1, round(width * fit)), max(1, round(height * fit))
     else:
-        scale = None
         new_w, new_h = size, size
+    if frame.ndim == 3 and channels == 1:
+        frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)  # before resizing: a third of the pixels to filter
+    factor = min(width // new_w, height // new_h)
+    if factor >= 2:
+        frame, (x0, y0, width, height) = _shrink_whole(frame, factor, (x0, y0, width, height))
     resized = cv2.resize(frame, (new_w, new_h), interpolation=INTERPOLATION[interpolation])
-    if resized.ndim == 3 and channels == 1:
-        resized = cv2.cvtColor(resized, cv2.COLOR_BGR2GRAY)
-    elif resized.ndim == 2 and channels == 3:
+    if resized.ndim == 2 and channels == 3:
         resized = cv2.cvtColor(resized, cv2.COLOR_GRAY2BGR)
     shape = (size, size) if channels == 1 else (size, size, channels)
     out = np.zeros(shape, dtype=np.uint8)
     off_x, off_y = (size - new_w) // 2, (size - new_h) // 2
     out[off_y:off_y + new_h, off_x:off_x + new_w] = resized
     geometry = {"roi": [x0, y0, width, height], "offset": [off_x, off_y], "content": [new_w, new_h],
-                "scale": [new_w / width, new_h / height] if scale is None else [scale, scale]}
+                "scale": [new_w / width, new_h / height]}
     return out, geometry
+
+
+def _shrink_whole(frame: np.ndarray, factor: int, box: tuple[int, int, int, int]
+                  ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Box-filter by a whole factor first: OpenCV's area filter is several times faster for an exact
+    integer ratio, so the frame loses its last < `factor` rows and columns (split evenly between both
+    sides, reflected in the returned box) and the remaining < 2x step is cheap."""
+    x0, y0, width, height = box
+    used_w, used_h = width // factor * factor, height // factor * factor
+    cut_x, cut_y = (width - used_w) // 2, (height - used_h) // 2
+    frame = frame[cut_y:cut_y + used_h, cut_x:cut_x + used_w]
+    small = cv2.resize(frame, (used_w // factor, used_h // factor), interpolation=cv2.INTER_AREA)
+    return small, (x0 + cut_x, y0 + cut_y, used_w, used_h)
 
 
 class PreprocessStage(Stage):
@@ -64,10 +81,13 @@ class PreprocessStage(Stage):
     def step(self, ready: bool) -> None:
         if not ready:
             return
-        frames, end = self.take(self.frames, keep=1)
+        # A live source's older frames are stale once a newer one waits; a flooded one is held back by
+        # capture to FLOOD_IN_FLIGHT frames, all of which are wanted.
+        frames, end = self.take(self.frames, keep=FLOOD_IN_FLIGHT if self.config.source.flood else 1)
         for msg in frames:
             self._prepare(msg)
-        self.ring.mark_consumed(self.counters["received"])
+        if frames:
+            self.ring.mark_consumed(frames[-1].header["id"])
         if end:
             self.send_eos(self.out)
 

@@ -13,7 +13,7 @@ instructions between the accesses; there it is sound for detecting overwrites in
 
 Layout (little-endian):
     [0, 64)                 magic b"SWRING01", uint64 slot count, uint64 slot capacity in bytes,
-                            uint64 frames written (by the writer), uint64 frames consumed (by the reader)
+                            uint64 "consumed before": the reader is done with every frame id below it
     [64, 64 + 64 * slots)   per-slot metadata, one 64-byte line each (see _META)
     then                    slot data areas, each starting on a 64-byte boundary
 """
@@ -97,8 +97,7 @@ class FrameRing:
         # frombuffer holds a real buffer export (np.ndarray(buffer=...) does not), so closing while a view
         # is alive raises BufferError instead of unmapping memory from under it.
         whole = np.frombuffer(shm.buf, dtype=np.uint8)
-        self._written = whole[_HEADER.size:_HEADER.size + 8].view("<u8")
-        self._consumed = whole[_HEADER.size + 8:_HEADER.size + 16].view("<u8")
+        self._consumed = whole[_HEADER.size:_HEADER.size + 8].view("<u8")
         meta = whole[_ALIGN:data_offset].view(_META)
         self._seq = meta["seq"]
         self._frame_id = meta["frame_id"]
@@ -181,18 +180,23 @@ class FrameRing:
         self._shape[slot] = (*frame.shape, 0)[:3]
         self._nbytes[slot] = frame.nbytes
         self._seq[slot] = writing + 1
-        self._written[0] += 1
         self._next = (slot + 1) % self._slots
         return slot, writing + 1
 
     @property
-    def backlog(self) -> int:
-        """Frames written but not yet marked consumed: a lossless writer waits while this reaches `slots`."""
-        return int(self._written[0]) - int(self._consumed[0])
+    def next_slot(self) -> int:
+        """The slot the next `write` fills."""
+        return self._next
 
-    def mark_consumed(self, count: int) -> None:
-        """The (single) reader has finished with its first `count` frames, whatever became of them."""
-        self._consumed[0] = count
+    @property
+    def consumed_before(self) -> int:
+        """Every frame id below this one has been dealt with by the reader (used, skipped or dropped)."""
+        return int(self._consumed[0])
+
+    def mark_consumed(self, frame_id: int) -> None:
+        """Reader side: frames reach the reader in id order, so being done with `frame_id` means being done
+        with all before it. A writer that must not lose frames waits on this before reusing a slot."""
+        self._consumed[0] = frame_id + 1
 
     def valid(self, slot: int, seq: int) -> bool:
         """True while the slot still holds exactly the write identified by (slot, seq)."""
@@ -233,7 +237,7 @@ class FrameRing:
     def close(self) -> None:
         """Unmap the segment; idempotent. Views from `borrow` must already be gone."""
         self._seq = self._frame_id = self._ndim = self._dtype = self._shape = self._nbytes = None
-        self._written = self._consumed = None
+        self._consumed = None
         self._data = None
         try:
             self._shm.close()

@@ -125,11 +125,11 @@ class Stage:
         self.counters["drop_stale"] += stale
         return frames[stale:], end
 
-    def push(self, sock: zmq.Socket, msg: Message) -> bool:
+    def push(self, sock: zmq.Socket, msg: Message, *, wait: bool = False) -> bool:
         """Send one frame downstream: never blocks under the latest policy (a full queue is a counted drop);
-        under lossless it waits, up to the stall timeout."""
+        under lossless, or when the caller asks to `wait`, it waits up to the stall timeout."""
         msg.header["t"][self.stamp_out] = time.monotonic_ns()
-        if self._lossless:
+        if self._lossless or wait:
             deadline = time.monotonic() + self.config.run.stall_timeout
             while not wire.send(sock, msg, block=True):
                 if time.monotonic() > deadline:

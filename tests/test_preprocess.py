@@ -8,14 +8,17 @@ from pipeline.preprocess import letterbox
 
 
 def test_pad_square_equals_padding_then_resizing() -> None:
+    """Within a grey level of the slow reference on image content at the model's scale (the two-step
+    filter differs only in how it splits the 4.3x reduction)."""
     rng = np.random.default_rng(0)
-    frame = cv2.GaussianBlur(rng.integers(0, 256, (540, 960), dtype=np.uint8), (9, 9), 3)
+    frame = cv2.GaussianBlur(rng.integers(0, 256, (540, 960), dtype=np.uint8), (0, 0), 6)
     out, geometry = letterbox(frame, 224, 1, interpolation="area")
     padded = np.zeros((960, 960), dtype=np.uint8)
     padded[210:750] = frame
     reference = cv2.resize(padded, (224, 224), interpolation=cv2.INTER_AREA)
     assert out.shape == (224, 224) and out.dtype == np.uint8
-    assert np.abs(out.astype(int) - reference.astype(int))[8:-8].max() <= 2  # away from the pad edge
+    difference = np.abs(out.astype(int) - reference.astype(int))
+    assert difference.max() <= 1 and difference.mean() < 0.3
     assert geometry["content"] == [224, 126] and geometry["offset"] == [0, 49]
 
 
@@ -38,3 +41,16 @@ def test_three_channel_input_and_no_padding() -> None:
 def test_empty_roi_is_an_error() -> None:
     with pytest.raises(ValueError, match="empty frame"):
         letterbox(np.zeros((10, 10), np.uint8), 8, 1, roi=(20, 20, 5, 5))
+
+
+def test_whole_factor_shrink_keeps_the_geometry_exact() -> None:
+    """A frame whose size is not a multiple of the whole factor loses its edge pixels evenly, and the
+    geometry says so: mapping a model pixel back lands on the frame pixel it came from."""
+    frame = np.zeros((1080, 1925), np.uint8)
+    frame[500:540, 1000:1040] = 255
+    out, geometry = letterbox(frame, 224, 1)
+    assert geometry["roi"] == [2, 0, 1920, 1080] and geometry["content"] == [224, 126]
+    v, u = np.argwhere(out > 128).mean(axis=0)
+    x = geometry["roi"][0] + (u + 0.5 - geometry["offset"][0]) / geometry["scale"][0]
+    y = geometry["roi"][1] + (v + 0.5 - geometry["offset"][1]) / geometry["scale"][1]
+    assert abs(x - 1020) < 4 and abs(y - 520) < 4

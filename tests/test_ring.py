@@ -246,12 +246,13 @@ def test_killed_owner_segment_is_reclaimed() -> None:
     assert not (DEV_SHM / name).exists(), "resource tracker did not unlink the dead owner's segment"
 
 
-def test_backlog_counts_frames_not_yet_consumed() -> None:
+def test_reader_publishes_how_far_it_has_consumed() -> None:
     with FrameRing.create(slots=4, slot_bytes=64) as ring:
         reader = FrameRing.attach(ring.name)
+        assert ring.consumed_before == 0 and ring.next_slot == 0
         for i in range(3):
             ring.write(np.full((8, 8), i, np.uint8), i)
-        assert ring.backlog == reader.backlog == 3
-        reader.mark_consumed(2)
-        assert ring.backlog == 1
+        assert ring.next_slot == 3
+        reader.mark_consumed(1)
+        assert ring.consumed_before == reader.consumed_before == 2
         reader.close()

@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Measure what the multi-process pipeline costs over doing the same work in one loop.
+
+For each scenario (the in-memory 1080p test pattern, and any --source files; paced at the native rate and
+flooded) the full four-process pipeline runs, and in the same run an in-process loop does the same work on
+the same frames (source read, preprocess, engine, event to a journal). The difference is what transport
+(ring, ZeroMQ, process hops) adds. The default engine is `null` so inference cost does not hide it.
+Prints per-stage and end-to-end percentiles, throughput, drops and the pipeline/baseline ratios; writes
+JSON and a latency CDF PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engines.base import EngineOptions, load_bundle, select_engine  # noqa: E402
+from pipeline.capture import Pacer  # noqa: E402
+from pipeline.config import DEFAULT_BUNDLE, load_config  # noqa: E402
+from pipeline.events import Journal, make_event  # noqa: E402
+from pipeline.metrics import LatencyHistogram  # noqa: E402
+from pipeline.preprocess import letterbox  # noqa: E402
+from pipeline.sources import open_source  # noqa: E402
+from pipeline.supervisor import Supervisor  # noqa: E402
+
+TARGETS = {"overhead_p50_ms": 1.0, "overhead_p99_ms": 3.0, "flood_fps": 300.0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", action="append", default=[], metavar="FILE",
+                        help="also benchmark this video file (repeatable)")
+    parser.add_argument("--size", default="1920x1080", help="size of the in-memory test pattern (WxH)")
+    parser.add_argument("--pixel-format", choices=["bgr24", "gray"], default="bgr24",
+                        help="pixel format carried through the ring (bgr24: 5.9 MB per 1080p frame)")
+    parser.add_argument("--frames", type=int, default=600, help="frames per scenario")
+    parser.add_argument("--fps", type=float, default=30.0, help="rate of the paced test pattern")
+    parser.add_argument("--modes", default="paced,flood", help="comma-separated: paced, flood")
+    parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="model bundle directory")
+    parser.add_argument("--engine", default="null", choices=["null", "ort", "auto", "trt", "torch"],
+                        help="engine for both pipeline and baseline (null measures transport alone)")
+    parser.add_argument("--policy", choices=["latest", "lossless"], default="latest",
+                        help="pipeline backpressure policy")
+    parser.add_argument("--json", type=Path, default=Path("bench_latency.json"),
+                        help="where to write the figures")
+    parser.add_argument("--png", type=Path, help="latency CDF plot (default: next to --json)")
+    return parser.parse_args(argv)
+
+
+def scenarios(args: argparse.Namespace) -> list[dict]:
+    out = []
+    for mode in args.modes.split(","):
+        if mode not in ("paced", "flood"):
+            raise SystemExit(f"bench_latency: --modes: unknown mode {mode!r} (paced, flood)")
+        out.append({"name": f"pattern {args.size} {mode}", "mode": mode,
+                    "uri": f"synthetic://{args.size}?fps={args.fps:g}&frames={args.frames}"})
+        for path in args.source:
+            if not Path(path).is_file():
+                raise SystemExit(f"bench_latency: --source {path}: no such file")
+            out.append({"name": f"{Path(path).name} {mode}", "mode": mode, "uri": str(path)})
+    return out
+
+
+def run_pipeline(args: argparse.Namespace, scenario: dict, workdir: Path) -> tuple[dict, np.ndarray]:
+    out = workdir / scenario["name"].replace(" ", "_")
+    config = load_config(overrides={
+        "source.uri": scenario["uri"], "source.flood": scenario["mode"] == "flood",
+        "source.max_frames": args.frames, "source.pixel_format": args.pixel_format,
+        "infer.bundle": args.bundle, "infer.engine": args.engine, "transport.policy": args.policy,
+        "postprocess.events": "tcp://127.0.0.1:*", "run.out": str(out), "run.quiet": True})
+    if Supervisor(config).run() != 0:
+        raise SystemExit(f"bench_latency: pipeline run failed for {scenario['name']}; see {out}")
+    summary = json.loads((out / "summary.json").read_text())
+    latencies = [json.loads(line)["latency_ms"] for line in (out / "events.jsonl").read_text().splitlines()]
+    return summary, np.array(latencies)
+
+
+def run_baseline(args: argparse.Namespace, scenario: dict, workdir: Path) -> tuple[dict, np.ndarray]:
+    """The same work in one loop: no ring, no sockets, no process hops."""
+    bundle = load_bundle(args.bundle)
+    engine, _ = select_engine(args.engine, bundle, EngineOptions(max_batch=1))
+    engine.load()
+    source = open_source(scenario["uri"], args.pixel_format)
+    pacer = Pacer(source.fps) if scenario["mode"] == "paced" and not source.live else None
+    journal = Journal(workdir / "baseline.jsonl")
+    ring_slot = None
+    latencies = []
+    t_start = time.monotonic()
+    for frame_id in range(args.frames):
+        frame = source.read()
+        if frame is None:
+            break
+        if pacer is not None:
+            pacer.wait(frame.pts)
+        t_cap = time.monotonic_ns()
+        if ring_slot is None or ring_slot.shape != frame.image.shape:
+            ring_slot = np.empty_like(frame.image)
+        np.copyto(ring_slot, frame.image)  # the pipeline's one full-resolution copy
+        model_input, _ = letterbox(ring_slot, bundle.input.size, bundle.input.channels,
+                                   pad_to_square=bundle.input.pad_to_square)
+        outputs = engine.infer(model_input[None])
+        score = float(bundle.best_frame.score(outputs)[0])
+        event = make_event("frame", "baseline", frame_id=frame_id, t_capture_ns=t_cap, score=score,
+                           latency_ms=(time.monotonic_ns() - t_cap) / 1e6)
+        journal.write(json.dumps(event, separators=(",", ":")))
+        latencies.append((time.monotonic_ns() - t_cap) / 1e6)
+    elapsed = time.monotonic() - t_start
+    journal.close()
+    source.close()
+    engine.close()
+    figures = {"frames": len(latencies), "throughput_fps": round(len(latencies) / elapsed, 2)}
+    return figures, np.array(latencies)
+
+
+def stats(values: np.ndarray, skip: int = 10) -> dict:
+    hist = LatencyHistogram()
+    hist.add(values[skip:len(values) - skip] if len(values) > 2 * skip else values)
+    return hist.summary()
+
+
+def compare(scenario: dict, summary: dict, pipe_lat: np.ndarray, base: dict, base_lat: np.ndarray) -> dict:
+    pipe, baseline = stats(pipe_lat), stats(base_lat)
+    frames = summary["frames"]
+    result = {
+        "scenario": scenario["name"], "mode": scenario["mode"],
+        "pipeline": {"throughput_fps": summary["throughput_fps"], "read": frames["read"],
+                     "scored": frames["scored"], "dropped": frames["dropped"],
+                     "drops_per_boundary": {k: v["dropped"] for k, v in frames["boundaries"].items()},
+                     "latency_ms": summary["latency_ms"], "end_to_end_events_ms": pipe},
+        "baseline": {**base, "latency_ms": baseline},
+    }
+    if pipe.get("count") and baseline.get("count"):
+        result["overhead_ms"] = {q: round(pipe[q] - baseline[q], 3) for q in ("p50", "p99")}
+        result["ratio"] = {q: round(pipe[q] / baseline[q], 2) for q in ("p50", "p99")}
+        result["ratio"]["throughput"] = round(summary["throughput_fps"] / base["throughput_fps"], 2)
+    return result
+
+
+def print_result(result: dict) -> None:
+    pipe, base = result["pipeline"], result["baseline"]
+    print(f"\n== {result['scenario']}")
+    print(f"  {'latency ms':<20}" + "".join(f"{k:>9}" for k in ("p50", "p90", "p99", "max")))
+    for name, values in pipe["latency_ms"].items():
+        if values.get("count"):
+            print(f"  {name:<20}" + "".join(f"{values[k]:>9.3f}" for k in ("p50", "p90", "p99", "max")))
+    if base["latency_ms"].get("count"):
+        values = base["latency_ms"]
+        row = "".join(f"{values[k]:>9.3f}" for k in ("p50", "p90", "p99", "max"))
+        print(f"  {'baseline (1 loop)':<20}{row}")
+    print(f"  throughput: pipeline {pipe['throughput_fps']} fps, baseline {base['throughput_fps']} fps")
+    print(f"  frames: read {pipe['read']}, scored {pipe['scored']}, dropped {pipe['dropped']} "
+          f"{pipe['drops_per_boundary']}")
+    if "overhead_ms" in result:
+        print(f"  transport overhead: p50 {result['overhead_ms']['p50']:+.3f} ms, "
+              f"p99 {result['overhead_ms']['p99']:+.3f} ms; ratio pipeline/baseline "
+              f"p50 x{result['ratio']['p50']}, p99 x{result['ratio']['p99']}, "
+              f"throughput x{result['ratio']['throughput']}")
+
+
+def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for index, (name, (pipe, base)) in enumerate(curves.items()):
+        for values, style, label in ((pipe, "-", "pipeline"), (base, "--", "baseline")):
+            if len(values):
+                ordered = np.sort(values)
+                ax.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), style, color=f"C{index}",
+                        label=f"{name} {label}")
+    ax.set_xscale("log")
+    ax.set_xlabel("end-to-end latency (ms)")
+    ax.set_ylabel("fraction of frames")
+    ax.set_title("sweepstream latency CDF: four-process pipeline vs one loop")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    results, curves = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
+        todo = scenarios(args)
+        for scenario in tqdm(todo, desc="scenarios", unit="run"):
+            workdir = Path(tmp) / str(len(results))
+            workdir.mkdir()
+            summary, pipe_lat = run_pipeline(args, scenario, workdir)
+            base, base_lat = run_baseline(args, scenario, workdir)
+            results.append(compare(scenario, summary, pipe_lat, base, base_lat))
+            curves[scenario["name"]] = (pipe_lat, base_lat)
+    for result in results:
+        print_result(result)
+    report = {"targets": TARGETS, "engine": args.engine, "pixel_format": args.pixel_format,
+              "frames_per_scenario": args.frames, "results": results}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    png = args.png or args.json.with_suffix(".png")
+    plot(curves, png)
+    print(f"\nwrote {args.json} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
