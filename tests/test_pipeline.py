@@ -166,9 +166,13 @@ def test_overload_keeps_latency_bounded_and_counts_drops(tmp_path: Path) -> None
     assert frames["balanced"]
     infer_p50 = summary["latency_ms"]["infer"]["p50"]
     assert frames["dropped"] > 0 and frames["scored"] < frames["read"]
-    latencies = np.array([e["latency_ms"] for e in read_journal(out)])
+    events = read_journal(out)
+    latencies = np.array([e["latency_ms"] for e in events])
+    seconds = np.array([e["t_capture"] for e in events]) - events[0]["t_capture"]
     assert infer_p50 > 12, "the slow bundle should cost more than a frame period (10 ms)"
     bound = 4 * infer_p50 + 10 + 50  # inference in progress + the one waiting + a frame period + slack
     assert summary["latency_ms"]["end_to_end"]["p99"] < bound
-    third = len(latencies) // 3
-    assert np.median(latencies[-third:]) < 1.5 * np.median(latencies[:third]) + 5  # not growing
+    # A queue that grows would raise latency by hundreds of ms per second here; a bounded one oscillates
+    # (the source and the engine beat against each other) around a flat line.
+    slope_ms_per_s = np.polyfit(seconds, latencies, 1)[0]
+    assert abs(slope_ms_per_s) < 5, f"latency drifts {slope_ms_per_s:.1f} ms per second"
