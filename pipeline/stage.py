@@ -55,6 +55,7 @@ class Stage:
         self.counters: Counter[str] = Counter()
         self.finished = False
         self.inputs: list[zmq.Socket] = []
+        self.outputs: list[zmq.Socket] = []
         self._sockets: list[zmq.Socket] = []
         self._lossless = config.transport.policy == "lossless"
 
@@ -92,7 +93,21 @@ class Stage:
         self._sockets.append(sock)
         if kind == zmq.PULL:
             self.inputs.append(sock)
+        elif kind == zmq.PUSH:
+            self.outputs.append(sock)
         return sock
+
+    def wait_for_peers(self, timeout_s: float) -> None:
+        """Block until every output has its next stage connected. A PUSH socket with no peer is not
+        writable, and a connect made before the peer bound is only retried after ZeroMQ's reconnect
+        interval: without this the first frames of a run would be dropped at send."""
+        poller = zmq.Poller()
+        for sock in self.outputs:
+            poller.register(sock, zmq.POLLOUT)
+        deadline = time.monotonic() + timeout_s
+        while len(dict(poller.poll(50))) < len(self.outputs):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: next stage did not connect within {timeout_s:.0f} s")
 
     def take(self, sock: zmq.Socket, keep: int) -> tuple[list[Message], bool]:
         """What is waiting on `sock`: at most `keep` frames, and whether the end of stream came.
@@ -185,6 +200,7 @@ def run_stage(stage_cls: type[Stage], config: Config, endpoints: Endpoints) -> N
     try:
         wire.send(control, Message("hello", {"pid": os.getpid()}), block=True)
         stage.start()
+        stage.wait_for_peers(config.run.start_timeout)
         wire.send(control, Message("ready", {"describe": stage.describe()}), block=True)
         _loop(stage, control, parent)
     except Exception as exc:  # the stage's last word: reported to the supervisor, which stops the run
