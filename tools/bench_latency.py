@@ -170,6 +170,7 @@ def print_result(result: dict) -> None:
 
 def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -182,6 +183,7 @@ def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
                 ax.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), style, color=f"C{index}",
                         label=f"{name} {label}")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("end-to-end latency (ms)")
     ax.set_ylabel("fraction of frames")
     ax.set_title("sweepstream latency CDF: four-process pipeline vs one loop")
