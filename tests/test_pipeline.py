@@ -32,6 +32,18 @@ def _summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def _start_until_events(out: Path, *args: str, journal_bytes: int) -> subprocess.Popen:
+    """Start a run in the background and return once its journal holds at least `journal_bytes`."""
+    process = subprocess.Popen(run_stream_cmd(*args, "--out", str(out)), cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    journal = out / "events.jsonl"
+    deadline = time.monotonic() + 60
+    while not (journal.exists() and journal.stat().st_size >= journal_bytes):
+        assert time.monotonic() < deadline and process.poll() is None, "the run produced no events"
+        time.sleep(0.1)
+    return process
+
+
 def test_mp4_runs_through_all_four_processes(mp4_60: Path, tmp_path: Path) -> None:
     shm_before, dirs_before = shm_segments(), socket_dirs()
     out = tmp_path / "run"
@@ -84,12 +96,7 @@ def test_max_frames_and_loop(mp4_60: Path, tmp_path: Path) -> None:
 def test_sigint_stops_cleanly_within_two_seconds(tmp_path: Path) -> None:
     shm_before, dirs_before = shm_segments(), socket_dirs()
     out = tmp_path / "run"
-    process = subprocess.Popen(run_stream_cmd("--source", "synthetic://640x480?fps=60", "--out", str(out)),
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    journal = out / "events.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (journal.exists() and journal.stat().st_size > 2000):
-        time.sleep(0.1)
+    process = _start_until_events(out, "--source", "synthetic://640x480?fps=60", journal_bytes=2000)
     stages = stage_pids(process.pid)
     assert set(stages) == {"capture", "preprocess", "infer", "postprocess"}
     helpers = children_of(process.pid)
@@ -111,13 +118,7 @@ def test_sigint_stops_cleanly_within_two_seconds(tmp_path: Path) -> None:
 def test_killed_stage_takes_the_run_down_with_one_clear_error(tmp_path: Path) -> None:
     shm_before = shm_segments()
     out = tmp_path / "run"
-    process = subprocess.Popen(run_stream_cmd("--source", "synthetic://320x240?fps=30", "--out", str(out),
-                                              "--quiet"),
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    journal = out / "events.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (journal.exists() and journal.stat().st_size > 0):
-        time.sleep(0.1)
+    process = _start_until_events(out, "--source", "synthetic://320x240?fps=30", "--quiet", journal_bytes=1)
     stages = stage_pids(process.pid)
     helpers = children_of(process.pid)
     os.kill(stages["infer"], signal.SIGKILL)
