@@ -178,3 +178,20 @@ def test_overload_keeps_latency_bounded_and_counts_drops(tmp_path: Path) -> None
     # (the source and the engine beat against each other) around a flat line.
     slope_ms_per_s = np.polyfit(seconds, latencies, 1)[0]
     assert abs(slope_ms_per_s) < 5, f"latency drifts {slope_ms_per_s:.1f} ms per second"
+
+
+def test_killed_supervisor_leaves_no_orphans_or_shared_memory(tmp_path: Path) -> None:
+    """kill -9 of the supervisor: the stages notice their parent is gone and exit, and multiprocessing's
+    resource tracker unlinks the ring the supervisor created."""
+    shm_before = shm_segments()
+    process = _start_until_events(tmp_path / "run", "--source", "synthetic://320x240?fps=30", "--quiet",
+                                  journal_bytes=1)
+    stages = stage_pids(process.pid)
+    helpers = children_of(process.pid)
+    process.kill()
+    process.communicate(timeout=10)
+    assert all_gone(set(stages.values()) | helpers, within=5.0)
+    deadline = time.monotonic() + 5
+    while shm_segments() != shm_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert shm_segments() == shm_before
