@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline.config import ConfigError, describe_options, load_config  # noqa: E402
+from pipeline.config import ENGINE_CHOICES, ConfigError, describe_options, load_config  # noqa: E402
 
 # Flags that are shortcuts for config keys (the same key may also be set with --set or in --config).
 SHORTCUTS = {
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", metavar="PATH_OR_URL", help="video file, stream URL, /dev/videoN or "
                         "synthetic://WxH?fps=F&frames=N (default: a 1080p test pattern, 300 frames)")
     parser.add_argument("--bundle", metavar="DIR", help="model bundle directory (default: bundles/reference)")
-    parser.add_argument("--engine", choices=["auto", "ort", "trt", "torch", "null"],
+    parser.add_argument("--engine", choices=ENGINE_CHOICES,
                         help="inference backend (default auto: TensorRT, then torch-CUDA, then ONNX Runtime)")
     parser.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>-<id>)")
     parser.add_argument("--events", metavar="ENDPOINT", help="ZeroMQ PUB endpoint (default tcp://127.0.0.1:5556)")

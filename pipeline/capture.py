@@ -91,7 +91,11 @@ class CaptureStage(Stage):
     def _publish(self, frame: SourceFrame, t_capture: int) -> None:
         frame_id, self._next_id = self._next_id, self._next_id + 1
         self.counters["read"] += 1
-        slot, seq = self.ring.write(frame.image, frame_id)
+        try:
+            slot, seq = self.ring.write(frame.image, frame_id)
+        except ValueError as exc:
+            raise ValueError(f"source {self.source.uri}: frame {frame.index}: {exc} "
+                             f"(raise ring.slot_mb)") from None
         header = {"id": frame_id, "slot": slot, "seq": seq, "shape": list(frame.image.shape),
                   "src": {"index": frame.index, "pts": frame.pts, **frame.meta}, "t": {"cap": t_capture}}
         if self.push(self.out, Message("frame", header), wait=self.config.source.flood):
@@ -116,6 +120,7 @@ class CaptureStage(Stage):
     def drain(self) -> None:
         if not self.finished:
             self.send_eos(self.out)
+            self.finished = True
             log.info("capture: end of stream after %d frames", self.counters["read"])
 
     def describe(self) -> dict:

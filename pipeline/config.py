@@ -27,6 +27,9 @@ DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "reference"
 DEFAULT_SOURCE = "synthetic://1920x1080?frames=300"
 
 
+ENGINE_CHOICES = ("auto", "ort", "trt", "torch", "null")
+
+
 class ConfigError(ValueError):
     """A configuration problem, worded for the person who wrote the config."""
 
@@ -68,14 +71,14 @@ class TransportConfig:
 class PreprocessConfig:
     roi: tuple[int, int, int, int] | None = option(
         None, "crop x,y,width,height applied to the full frame before pad-to-square and resize")
-    interpolation: Literal["area", "cubic", "linear"] = option(
-        "area", "resize filter from full resolution to the model input size")
+    interpolation: Literal["area", "cubic", "linear", "nearest"] | None = option(
+        None, "final resize filter to the model input size (default: the bundle's input.resize)")
 
 
 @dataclass
 class InferConfig:
     bundle: str = option(str(DEFAULT_BUNDLE), "model bundle directory (bundle.json + model files)")
-    engine: Literal["auto", "ort", "trt", "torch", "null"] = option(
+    engine: Literal[ENGINE_CHOICES] = option(  # type: ignore[valid-type]
         "auto", "inference backend; auto tries TensorRT, then torch-CUDA, then ONNX Runtime")
     max_batch: int = option(8, "largest batch taken from what is waiting (never waits to fill one)",
                             min=1, max=32)
@@ -184,9 +187,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     config = Config()
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config {path}: file not found") from None
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"config {path}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config {path}: not a UTF-8 text file") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config {path}: invalid TOML: {exc}") from None
         for name, values in data.items():
@@ -204,12 +209,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def _check_consistency(config: Config) -> None:
-    from .sources import SourceError, check_uri
+    from .sources import LIVE_SCHEMES, SourceError, check_uri
 
     try:
         check_uri(config.source.uri)
     except SourceError as exc:
         raise ConfigError(f"source.uri: {exc}") from None
+    if config.source.loop and config.source.uri.startswith(LIVE_SCHEMES):
+        raise ConfigError(f"source.loop: {config.source.uri} is a live source and cannot loop")
+    roi = config.preprocess.roi
+    if roi is not None and (min(roi[:2]) < 0 or min(roi[2:]) < 1):
+        raise ConfigError(f"preprocess.roi: {list(roi)} needs x, y >= 0 and width, height >= 1")
     bundle = Path(config.infer.bundle)
     if not (bundle / "bundle.json").is_file():
         raise ConfigError(f"infer.bundle: {bundle} has no bundle.json")

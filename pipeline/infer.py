@@ -7,8 +7,9 @@ import logging
 import numpy as np
 import zmq
 
-from engines.base import Bundle, EngineOptions, load_bundle, select_engine
+from engines.base import EngineOptions, select_engine
 
+from . import wire
 from .stage import Stage
 from .wire import Message
 
@@ -16,44 +17,58 @@ log = logging.getLogger("sweepstream")
 
 
 class InferStage(Stage):
+    """Asks preprocess for up to a batch of frames whenever it is idle, runs them as one batch, and passes
+    one result per frame on. Several infer workers may share one preprocess (the scale-out path)."""
+
     name = "infer"
     stamp_in = "inf_in"
     stamp_out = "inf_out"
 
     def start(self) -> None:
         cfg = self.config.infer
-        self.bundle: Bundle = load_bundle(cfg.bundle)
         options = EngineOptions(threads=cfg.threads, device=cfg.device, max_batch=cfg.max_batch)
         self.engine, self.reason = select_engine(cfg.engine, self.bundle, options)
         self.engine.load()
         log.info("infer: %s", self.reason)
         self.output_names = list(self.bundle.outputs)
-        spec = self.bundle.input
-        self.input_shape = (spec.size, spec.size) + ((spec.channels,) if spec.channels > 1 else ())
-        self.inputs_sock = self.socket(zmq.PULL, self.endpoints.inputs, bind=False)
+        self.input_shape = self.bundle.input.frame_shape
+        self.work = self.socket(zmq.DEALER, self.endpoints.inputs, bind=False,
+                                hwm=max(self.config.transport.hwm, self.engine.max_batch + 1))
         self.out = self.socket(zmq.PUSH, self.endpoints.results, bind=False)
+        self._ask()
+
+    def _ask(self) -> None:
+        wire.send(self.work, Message("want", {"n": self.engine.max_batch}), block=True)
 
     def step(self, ready: bool) -> None:
         if not ready:
             return
-        frames, end = self.take(self.inputs_sock, keep=self.config.infer.max_batch)
-        frames = [msg for msg in frames if self._acceptable(msg)]
+        frames, end = self.take(self.work, keep=self.engine.max_batch)
+        frames = [msg for msg in frames if self._has_input(msg)]
         if frames:
-            outputs = self.engine.infer(np.stack([msg.arrays[0] for msg in frames]))
-            for i, msg in enumerate(frames):
-                msg.header["outputs"] = self.output_names
-                self.push(self.out, Message("result", msg.header,
-                                            tuple(outputs[name][i] for name in self.output_names)))
+            self._run(frames)
         if end:
             self.send_eos(self.out)
+            self.finished = True
+        elif frames:
+            self._ask()
 
-    def _acceptable(self, msg: Message) -> bool:
+    def _run(self, frames: list[Message]) -> None:
+        batch = np.stack([msg.arrays[0] for msg in frames])
+        short = self.bundle.min_batch - len(frames)
+        if short > 0:  # a bundle built for a fixed batch: pad with copies, use only the real rows
+            batch = np.concatenate([batch, np.repeat(batch[-1:], short, axis=0)])
+        outputs = self.engine.infer(batch)
+        for i, msg in enumerate(frames):
+            msg.header["outputs"] = self.output_names
+            self.push(self.out, Message("result", msg.header,
+                                        tuple(outputs[name][i] for name in self.output_names)))
+
+    def _has_input(self, msg: Message) -> bool:
         array = msg.arrays[0] if len(msg.arrays) == 1 else None
         if array is None or array.dtype != np.uint8 or array.shape != self.input_shape:
-            self.counters["rejected"] += 1
             got = "no tensor" if array is None else f"{array.dtype}{list(array.shape)}"
-            log.warning("infer: rejected frame %s: expected uint8%s, got %s",
-                        msg.header.get("id"), list(self.input_shape), got)
+            self.reject(f"frame {msg.header.get('id')}: expected uint8{list(self.input_shape)}, got {got}")
             return False
         return True
 

@@ -113,8 +113,9 @@ class LatencyBook:
 BOUNDARIES: dict[str, tuple[tuple[str, str], ...]] = {
     "capture>preprocess": (("capture", "drop_send_full"), ("preprocess", "drop_stale"),
                            ("preprocess", "drop_overwritten")),
-    "preprocess>infer": (("preprocess", "drop_send_full"), ("infer", "drop_stale")),
-    "infer>postprocess": (("infer", "drop_send_full"),),
+    "preprocess>infer": (("preprocess", "drop_held"), ("preprocess", "drop_send_full"),
+                         ("infer", "drop_stale")),
+    "infer>postprocess": (("infer", "drop_send_full"), ("postprocess", "drop_stale")),
 }
 
 

@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from engines.base import Bundle, load_bundle
-
 from .events import EventSink, make_event
 from .metrics import SEGMENTS, segment_row
 from .stage import MAX_TAKE, Stage
@@ -20,9 +18,19 @@ class PostprocessStage(Stage):
     name = "postprocess"
     stamp_in = "post_in"
     stamp_out = "post_out"
+    needs = ("outputs", "src")
+
+    def acceptable(self, msg: Message) -> bool:
+        if not super().acceptable(msg):
+            return False
+        if msg.header["outputs"] != self.output_names or len(msg.arrays) != len(self.output_names):
+            self.reject(f"frame {msg.header['id']}: outputs {msg.header['outputs']!r} with "
+                        f"{len(msg.arrays)} tensors, expected {self.output_names}")
+            return False
+        return True
 
     def start(self) -> None:
-        self.bundle: Bundle = load_bundle(self.config.infer.bundle)
+        self.output_names = list(self.bundle.outputs)
         self.results = self.socket(zmq.PULL, self.endpoints.results, bind=True)
         self.sink = EventSink(self.context, self.config.postprocess.events,
                               Path(self.endpoints.out) / "events.jsonl")
@@ -38,14 +46,14 @@ class PostprocessStage(Stage):
             self.finished = True
 
     def _score(self, msg: Message) -> None:
-        outputs = dict(zip(msg.header["outputs"], msg.arrays, strict=True))
+        outputs = dict(zip(self.output_names, msg.arrays, strict=True))
         header = msg.header
         score = float(self.bundle.best_frame.score({k: v[None] for k, v in outputs.items()})[0])
         if self.config.postprocess.frame_events:
             self.sink.emit(make_event(
                 "frame", self.endpoints.run_id, frame_id=header["id"], t_capture_ns=header["t"]["cap"],
                 latency_ms=(time.monotonic_ns() - header["t"]["cap"]) / 1e6, score=round(score, 6),
-                source_index=header["src"]["index"], heads=self._heads(outputs)))
+                source_index=header["src"].get("index"), heads=self._heads(outputs)))
         self.counters["scored"] += 1
         header["t"][self.stamp_out] = time.monotonic_ns()
         self._rows.append(segment_row(header["t"]))

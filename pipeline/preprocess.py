@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import deque
+
 import cv2
 import numpy as np
 import zmq
 
-from engines.base import InputSpec, load_bundle
-
+from . import wire
 from .capture import FLOOD_IN_FLIGHT
 from .ring import FrameRing
 from .stage import Stage
 from .wire import Message
 
-INTERPOLATION = {"area": cv2.INTER_AREA, "cubic": cv2.INTER_CUBIC, "linear": cv2.INTER_LINEAR}
+log = logging.getLogger("sweepstream")
+
+INTERPOLATION = {"area": cv2.INTER_AREA, "cubic": cv2.INTER_CUBIC, "linear": cv2.INTER_LINEAR,
+                 "nearest": cv2.INTER_NEAREST}
+# The manifest's `input.resize` in this module's terms (the final step after a whole-factor box filter).
+BUNDLE_RESIZE = {"bicubic": "cubic", "bilinear": "linear", "area": "area", "nearest": "nearest"}
 
 
 def letterbox(frame: np.ndarray, size: int, channels: int, *, pad_to_square: bool = True,
@@ -68,44 +76,97 @@ def _shrink_whole(frame: np.ndarray, factor: int, box: tuple[int, int, int, int]
 
 
 class PreprocessStage(Stage):
+    """Prepares every frame it takes and holds the newest `infer.max_batch` of them until an infer worker
+    asks for work. Infer pulls, so no prepared frame ever waits in a socket queue behind newer ones: under
+    overload latency stays about one inference plus one frame period, and N workers share the load."""
+
     name = "preprocess"
     stamp_in = "pre_in"
     stamp_out = "pre_out"
+    needs = ("slot", "seq")
 
     def start(self) -> None:
-        self.spec: InputSpec = load_bundle(self.config.infer.bundle).input
+        self.spec = self.bundle.input
+        cfg = self.config.preprocess
+        self.interpolation = cfg.interpolation or BUNDLE_RESIZE[self.spec.resize]
         self.ring = FrameRing.attach(self.endpoints.ring)
         self.frames = self.socket(zmq.PULL, self.endpoints.frames, bind=False)
-        self.out = self.socket(zmq.PUSH, self.endpoints.inputs, bind=True)
+        self.hold = self.config.infer.max_batch
+        # Workers ask for at most one batch, which bounds this queue; the mark only has to fit it.
+        self.workers = self.socket(zmq.ROUTER, self.endpoints.inputs, bind=True,
+                                   hwm=max(self.config.transport.hwm, self.hold + 1))
+        # A ROUTER silently drops what a full peer cannot take unless told otherwise.
+        self.workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.held: deque[Message] = deque()
+        self.wanted: dict[bytes, int] = {}  # worker -> frames it asked for
+        self.known: set[bytes] = set()
+        self.end_of_stream = False
 
     def step(self, ready: bool) -> None:
-        if not ready:
-            return
-        # A live source's older frames are stale once a newer one waits; a flooded one is held back by
-        # capture to FLOOD_IN_FLIGHT frames, all of which are wanted.
-        frames, end = self.take(self.frames, keep=FLOOD_IN_FLIGHT if self.config.source.flood else 1)
-        for msg in frames:
-            self._prepare(msg)
-        if frames:
-            self.ring.mark_consumed(frames[-1].header["id"])
-        if end:
-            self.send_eos(self.out)
+        self._hear_workers()
+        if not self.end_of_stream and (not self._lossless or len(self.held) < self.hold):
+            # A live source's older frames are stale once a newer one waits; a flooded one is held back by
+            # capture to FLOOD_IN_FLIGHT frames, all of which are wanted.
+            keep = FLOOD_IN_FLIGHT if self.config.source.flood else 1
+            frames, self.end_of_stream = self.take(self.frames, keep=min(keep, self.hold))
+            for msg in frames:
+                self._prepare(msg)
+            if frames:
+                self.ring.mark_consumed(frames[-1].header["id"])
+        self._dispatch()
+        if self.end_of_stream and not self.held:
+            for worker in self.known:
+                self.send_eos(self.workers, to=worker)
+            self.finished = True
+
+    def _hear_workers(self) -> None:
+        while True:
+            try:
+                routed = wire.recv_routed(self.workers)
+            except wire.WireError as exc:
+                self.reject(f"a malformed request: {exc}")
+                continue
+            if routed is None:
+                return
+            worker, msg = routed
+            count = msg.header.get("n")
+            if msg.kind != "want" or type(count) is not int or count < 1:
+                self.reject(f"a {msg.kind!r} request without a positive count")
+                continue
+            self.known.add(worker)
+            self.wanted[worker] = count
+
+    def _dispatch(self) -> None:
+        while self.held and self.wanted:
+            worker, count = self.wanted.popitem()
+            try:
+                for _ in range(min(count, len(self.held))):
+                    self.push(self.workers, self.held.popleft(), wait=True, to=worker, stamp=False)
+            except zmq.ZMQError as exc:  # the worker is gone (EHOSTUNREACH); its frame is lost with it
+                self.known.discard(worker)
+                self.counters["drop_send_full"] += 1
+                log.warning("preprocess: infer worker %r is gone: %s", worker, exc)
 
     def _prepare(self, msg: Message) -> None:
         slot, seq = msg.header["slot"], msg.header["seq"]
-        view = self.ring.borrow(slot, seq)
+        view = self.ring.borrow(slot, seq) if isinstance(slot, int) and 0 <= slot < self.ring.slots else None
         if view is not None:
-            cfg = self.config.preprocess
-            model_input, geometry = letterbox(view, self.spec.size, self.spec.channels,
-                                              pad_to_square=self.spec.pad_to_square, roi=cfg.roi,
-                                              interpolation=cfg.interpolation)
+            spec, roi = self.spec, self.config.preprocess.roi
+            model_input, geometry = letterbox(view, spec.size, spec.channels, roi=roi,
+                                              pad_to_square=spec.pad_to_square,
+                                              interpolation=self.interpolation)
             del view
             if self.ring.valid(slot, seq):
                 msg.header["geom"] = geometry
-                self.push(self.out, Message("input", msg.header, (model_input,)))
+                msg.header["t"][self.stamp_out] = time.monotonic_ns()  # waiting for a worker is transport
+                if len(self.held) == self.hold:
+                    self.held.popleft()
+                    self.counters["drop_held"] += 1
+                self.held.append(Message("input", msg.header, (model_input,)))
                 return
         self.counters["drop_overwritten"] += 1
 
     def stop(self) -> None:
         if getattr(self, "ring", None) is not None:
+            self.held.clear()
             self.ring.close()

@@ -1,5 +1,5 @@
 """One stage = one OS process. The runner here gives every stage the same life: start (heavy set-up), a loop
-that polls its input and the supervisor's control socket, reports from the loop itself (so a report proves
+that polls its inputs and the supervisor's control socket, reports from the loop itself (so a report proves
 the loop is alive), and stop. Backpressure is declared once, in `take` and `push`."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import shutil
 import signal
 import time
 import traceback
@@ -17,6 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 import zmq
 
+from engines.base import Bundle
+
 from . import wire
 from .config import Config
 from .wire import Message
@@ -25,6 +28,7 @@ log = logging.getLogger("sweepstream")
 
 REPORT_INTERVAL_S = 0.25
 MAX_TAKE = 1024  # messages read in one go at most, so a flooded input cannot starve the control socket
+SEND_RETRY_MS = 100  # a waiting send wakes this often to check its deadline
 
 
 @dataclass(frozen=True)
@@ -33,11 +37,17 @@ class Endpoints:
 
     control: str  # supervisor ROUTER; each stage is a DEALER named after itself
     frames: str  # capture -> preprocess (headers; pixels are in the ring)
-    inputs: str  # preprocess -> infer (model input tensors)
+    inputs: str  # preprocess ROUTER <- infer DEALERs asking for work (model input tensors)
     results: str  # infer -> postprocess (head outputs)
     ring: str  # shared-memory name of the frame ring
     out: str  # run folder
     run_id: str
+    supervisor_pid: int
+    socket_dir: str
+
+
+class SupervisorGone(RuntimeError):
+    """The supervisor died without telling us; nothing downstream can be trusted any more."""
 
 
 class Stage:
@@ -47,10 +57,12 @@ class Stage:
     poll_ms: ClassVar[int] = 100  # how long the runner waits for input or control before calling step()
     stamp_in: ClassVar[str] = ""  # header timestamp set when a frame is taken in (metrics.STAMPS)
     stamp_out: ClassVar[str] = ""  # ... and when it is handed on
+    needs: ClassVar[tuple[str, ...]] = ()  # header fields a frame must carry to be taken in
 
-    def __init__(self, config: Config, endpoints: Endpoints, context: zmq.Context) -> None:
+    def __init__(self, config: Config, endpoints: Endpoints, bundle: Bundle, context: zmq.Context) -> None:
         self.config = config
         self.endpoints = endpoints
+        self.bundle = bundle
         self.context = context
         self.counters: Counter[str] = Counter()
         self.finished = False
@@ -83,31 +95,27 @@ class Stage:
         return ()
 
     # -- sockets and backpressure ----------------------------------------------------------------------
-    def socket(self, kind: int, endpoint: str, *, bind: bool) -> zmq.Socket:
+    def socket(self, kind: int, endpoint: str, *, bind: bool, hwm: int | None = None) -> zmq.Socket:
+        """A data socket with the run's backpressure settings (`hwm` overrides the configured mark)."""
         sock = self.context.socket(kind)
-        hwm = self.config.transport.hwm
+        hwm = hwm or self.config.transport.hwm
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.SNDTIMEO, SEND_RETRY_MS)
         sock.setsockopt(zmq.LINGER, int(self.config.run.stop_timeout * 1000))
+        sock.setsockopt(zmq.RECONNECT_IVL, 10)  # a peer that binds late is found quickly (local sockets)
+        if kind == zmq.DEALER:
+            sock.setsockopt(zmq.ROUTING_ID, f"{self.name}-{os.getpid()}".encode())
+        if kind == zmq.PUSH and not bind:
+            # Otherwise frames queue on a connection not yet made, and overflow before it is.
+            sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.bind(endpoint) if bind else sock.connect(endpoint)
         self._sockets.append(sock)
-        if kind == zmq.PULL:
+        if kind in (zmq.PULL, zmq.ROUTER, zmq.DEALER):
             self.inputs.append(sock)
-        elif kind == zmq.PUSH:
+        if kind == zmq.PUSH:
             self.outputs.append(sock)
         return sock
-
-    def wait_for_peers(self, timeout_s: float) -> None:
-        """Block until every output has its next stage connected. A PUSH socket with no peer is not
-        writable, and a connect made before the peer bound is only retried after ZeroMQ's reconnect
-        interval: without this the first frames of a run would be dropped at send."""
-        poller = zmq.Poller()
-        for sock in self.outputs:
-            poller.register(sock, zmq.POLLOUT)
-        deadline = time.monotonic() + timeout_s
-        while len(dict(poller.poll(50))) < len(self.outputs):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name}: next stage did not connect within {timeout_s:.0f} s")
 
     def take(self, sock: zmq.Socket, keep: int) -> tuple[list[Message], bool]:
         """What is waiting on `sock`: at most `keep` frames, and whether the end of stream came.
@@ -122,17 +130,13 @@ class Stage:
             try:
                 msg = wire.recv(sock)
             except wire.WireError as exc:
-                self.counters["rejected"] += 1
-                log.warning("%s: rejected a malformed message: %s", self.name, exc)
+                self.reject(f"a malformed message: {exc}")
                 continue
             if msg is None:
                 break
             if msg.kind == "eos":
                 end = True
-            elif not isinstance(msg.header.get("t"), dict):
-                self.counters["rejected"] += 1
-                log.warning("%s: rejected a %r message without timestamps", self.name, msg.kind)
-            else:
+            elif self.acceptable(msg):
                 msg.header["t"][self.stamp_in] = time.monotonic_ns()
                 frames.append(msg)
         self.counters["received"] += len(frames)
@@ -140,30 +144,45 @@ class Stage:
         self.counters["drop_stale"] += stale
         return frames[stale:], end
 
-    def push(self, sock: zmq.Socket, msg: Message, *, wait: bool = False) -> bool:
+    def acceptable(self, msg: Message) -> bool:
+        """A decodable message can still lack what this stage needs; it is then a counted rejection."""
+        header = msg.header
+        missing = [key for key in ("id", "t", *self.needs) if key not in header]
+        if missing or not isinstance(header["t"], dict) or type(header["id"]) is not int:
+            self.reject(f"a {msg.kind!r} message without a valid {', '.join(missing) or 'id or t'}")
+            return False
+        return True
+
+    def reject(self, why: str) -> None:
+        self.counters["rejected"] += 1
+        if self.counters["rejected"] <= 10 or self.counters["rejected"] % 1000 == 0:
+            log.warning("%s: rejected %s (%d so far)", self.name, why, self.counters["rejected"])
+
+    def push(self, sock: zmq.Socket, msg: Message, *, wait: bool = False, to: bytes | None = None,
+             stamp: bool = True) -> bool:
         """Send one frame downstream: never blocks under the latest policy (a full queue is a counted drop);
         under lossless, or when the caller asks to `wait`, it waits up to the stall timeout."""
-        msg.header["t"][self.stamp_out] = time.monotonic_ns()
+        if stamp:
+            msg.header["t"][self.stamp_out] = time.monotonic_ns()
         if self._lossless or wait:
             deadline = time.monotonic() + self.config.run.stall_timeout
-            while not wire.send(sock, msg, block=True):
-                if time.monotonic() > deadline:
-                    break
-            else:
-                self.counters["sent"] += 1
-                return True
-        elif wire.send(sock, msg):
+            while time.monotonic() < deadline:
+                if wire.send(sock, msg, block=True, to=to):
+                    self.counters["sent"] += 1
+                    return True
+        elif wire.send(sock, msg, to=to):
             self.counters["sent"] += 1
             return True
         self.counters["drop_send_full"] += 1
         return False
 
-    def send_eos(self, sock: zmq.Socket) -> None:
+    def send_eos(self, sock: zmq.Socket, to: bytes | None = None) -> None:
         """The end of stream must not be dropped: it is what lets the next stage finish cleanly."""
-        sock.setsockopt(zmq.SNDTIMEO, int(self.config.run.stop_timeout * 1000))
-        if not wire.send(sock, Message("eos", {}), block=True):
-            log.warning("%s: could not pass the end of stream on", self.name)
-        self.finished = True
+        deadline = time.monotonic() + self.config.run.stop_timeout
+        while not wire.send(sock, Message("eos", {}), block=True, to=to):
+            if time.monotonic() > deadline:
+                log.warning("%s: could not pass the end of stream on", self.name)
+                break
 
     def close_sockets(self) -> None:
         for sock in self._sockets:
@@ -180,33 +199,36 @@ def _configure_child(name: str) -> None:
         pass
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` dumps a stuck stage's stack
-    # Ctrl-C reaches the whole process group; only the supervisor acts on it, then tells the stages.
+    # Ctrl-C and a SIGTERM to the process group reach every stage; only the supervisor acts on them, then
+    # drains and stops the stages in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name:>11} %(levelname)s %(message)s")
 
 
-def run_stage(stage_cls: type[Stage], config: Config, endpoints: Endpoints) -> None:
+def run_stage(stage_cls: type[Stage], config: Config, endpoints: Endpoints, bundle: Bundle) -> None:
     """Process entry point (spawned by the supervisor)."""
     _configure_child(stage_cls.name)
-    parent = os.getppid()
     context = zmq.Context()
     control = context.socket(zmq.DEALER)
     control.setsockopt(zmq.ROUTING_ID, stage_cls.name.encode())
     control.setsockopt(zmq.LINGER, int(config.run.stop_timeout * 1000))
     control.connect(endpoints.control)
-    stage = stage_cls(config, endpoints, context)
+    stage = stage_cls(config, endpoints, bundle, context)
     code = 0
     try:
+        _check_supervisor(endpoints)
         wire.send(control, Message("hello", {"pid": os.getpid()}), block=True)
         stage.start()
-        stage.wait_for_peers(config.run.start_timeout)
-        wire.send(control, Message("ready", {"describe": stage.describe()}), block=True)
-        _loop(stage, control, parent)
+        if _wait_for_peers(stage, control):
+            wire.send(control, Message("ready", {"describe": stage.describe()}), block=True)
+            _loop(stage, control)
+    except SupervisorGone:
+        shutil.rmtree(endpoints.socket_dir, ignore_errors=True)  # nobody else is left to remove it
+        code = 1
     except Exception as exc:  # the stage's last word: reported to the supervisor, which stops the run
         code = 1
-        detail = traceback.format_exc()
-        log.error("%s failed:\n%s", stage.name, detail)
+        log.error("%s failed:\n%s", stage.name, traceback.format_exc())
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
         wire.send(control, Message("error", {"message": message}), block=True)
     finally:
@@ -218,7 +240,36 @@ def run_stage(stage_cls: type[Stage], config: Config, endpoints: Endpoints) -> N
         raise SystemExit(code)
 
 
-def _loop(stage: Stage, control: zmq.Socket, parent: int) -> None:
+def _check_supervisor(endpoints: Endpoints) -> None:
+    if os.getppid() != endpoints.supervisor_pid:
+        raise SupervisorGone
+
+
+def _exit_requested(control: zmq.Socket) -> bool:
+    """Handle control messages that may arrive before the loop runs; True when told to exit."""
+    while (command := wire.recv(control)) is not None:
+        if command.kind == "exit":
+            return True
+    return False
+
+
+def _wait_for_peers(stage: Stage, control: zmq.Socket) -> bool:
+    """Wait until every output is connected to its next stage (a PUSH with no connection is not writable,
+    and frames sent before would be dropped), answering exit meanwhile. False when told to exit first."""
+    poller = zmq.Poller()
+    for sock in stage.outputs:
+        poller.register(sock, zmq.POLLOUT)
+    deadline = time.monotonic() + stage.config.run.start_timeout
+    while len(dict(poller.poll(50))) < len(stage.outputs):
+        _check_supervisor(stage.endpoints)
+        if _exit_requested(control):
+            return False
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"next stage did not connect within {stage.config.run.start_timeout:.0f} s")
+    return True
+
+
+def _loop(stage: Stage, control: zmq.Socket) -> None:
     """Runs until the supervisor says exit. A finished stage reports `done` and keeps its sockets open:
     closing them early could discard frames still on their way to the next stage."""
     poller = zmq.Poller()
@@ -246,8 +297,7 @@ def _loop(stage: Stage, control: zmq.Socket, parent: int) -> None:
             _report(stage, control, "done")
         elif now - last_report >= REPORT_INTERVAL_S:
             last_report = now
-            if os.getppid() != parent:
-                raise RuntimeError("the supervisor is gone")
+            _check_supervisor(stage.endpoints)
             _report(stage, control, "report")
 
 

@@ -3,9 +3,12 @@ hears their reports, prints the live status, and takes everything down cleanly o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import multiprocessing
+import os
 import shutil
 import signal
 import sys
@@ -20,9 +23,11 @@ from typing import Any
 import numpy as np
 import zmq
 
+from engines.base import Bundle, BundleError, EngineError, engine_class, load_bundle
+
 from . import wire
 from .capture import CaptureStage
-from .config import Config, to_toml
+from .config import Config, ConfigError, to_toml
 from .infer import InferStage
 from .metrics import BOUNDARIES, LatencyBook, frame_accounting
 from .postprocess import PostprocessStage
@@ -32,6 +37,8 @@ from .stage import Endpoints, Stage, run_stage
 from .wire import Message
 
 log = logging.getLogger("sweepstream")
+
+DRAIN_EXIT_RESERVE_S = 0.3  # of the stop budget, kept for the stages to exit after draining
 
 PIPELINE: tuple[type[Stage], ...] = (CaptureStage, PreprocessStage, InferStage, PostprocessStage)
 
@@ -65,58 +72,88 @@ class Supervisor:
         self.handles: dict[str, StageHandle] = {}
         self.stop_signal: str | None = None
         self.force_stop = False
+        self.shutdown_deadline = math.inf
         self.error: str | None = None
         self.summary: dict[str, Any] = {}
 
     # -- the run -----------------------------------------------------------------------------------------
     def run(self) -> int:
-        """Run to the end of the source, a signal, or a failure. Returns the process exit code."""
+        """Run to the end of the source, a signal, or a failure. Returns the process exit code: 0 for a run
+        that completed or was stopped by a signal, 1 when a stage failed, 2 for a bad configuration."""
+        try:
+            bundle = self._preflight()
+        except ConfigError as exc:
+            print(f"sweepstream: error: {exc}", file=sys.stderr)
+            return 2
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.toml").write_text(to_toml(self.config))
-        socket_dir = Path(tempfile.mkdtemp(prefix="sweepstream-"))
-        ring_bytes = int(self.config.ring.slot_mb * 2**20)
-        ring = FrameRing.create(self.config.ring.slots, ring_bytes)
-        context = zmq.Context()
-        self.control = context.socket(zmq.ROUTER)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        endpoints = Endpoints(
-            control=f"ipc://{socket_dir}/control", frames=f"ipc://{socket_dir}/frames",
-            inputs=f"ipc://{socket_dir}/inputs", results=f"ipc://{socket_dir}/results",
-            ring=ring.name, out=str(self.out), run_id=self.run_id)
-        self.control.bind(endpoints.control)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.t_start = time.monotonic()
         self.t_go = self.t_end = None
-        try:
-            spawn = multiprocessing.get_context("spawn")
-            for cls in self.stage_classes:
-                process = spawn.Process(target=run_stage, args=(cls, self.config, endpoints),
-                                        name=f"sweepstream-{cls.name}", daemon=True)
-                process.start()
-                self.handles[cls.name] = StageHandle(cls, process)
-            self._supervise()
-        except StageFailure as exc:
-            self.error = str(exc)
-        finally:
+        with contextlib.ExitStack() as cleanup:  # undone in reverse order, whatever happens
+            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+            cleanup.callback(_restore_signals, previous)
+            socket_dir = tempfile.mkdtemp(prefix="sweepstream-")
+            cleanup.callback(shutil.rmtree, socket_dir, ignore_errors=True)
+            ring = FrameRing.create(self.config.ring.slots, int(self.config.ring.slot_mb * 2**20))
+            cleanup.callback(ring.unlink)
+            cleanup.callback(ring.close)
+            context = zmq.Context()
+            cleanup.callback(context.term)
+            self.control = context.socket(zmq.ROUTER)
+            cleanup.callback(self.control.close)
+            self.control.setsockopt(zmq.LINGER, 0)
+            self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            endpoints = Endpoints(
+                control=f"ipc://{socket_dir}/control", frames=f"ipc://{socket_dir}/frames",
+                inputs=f"ipc://{socket_dir}/inputs", results=f"ipc://{socket_dir}/results",
+                ring=ring.name, out=str(self.out), run_id=self.run_id, supervisor_pid=os.getpid(),
+                socket_dir=socket_dir)
+            self.control.bind(endpoints.control)
+            cleanup.callback(self._take_down)
+            try:
+                self._spawn(endpoints, bundle)
+                for sig in previous:  # children started with these ignored; from here on they mean "stop"
+                    signal.signal(sig, self._on_signal)
+                self._supervise()
+            except StageFailure as exc:
+                self.error = str(exc)
             self.t_end = self.t_end or time.monotonic()
-            self._take_down()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.control.close()
-            context.term()
-            ring.close()
-            ring.unlink()
-            shutil.rmtree(socket_dir, ignore_errors=True)
         self._write_summary()
         if self.error:
             print(f"sweepstream: {self.error}", file=sys.stderr)
             return 1
         return 0
 
+    def _preflight(self) -> Bundle:
+        """Everything that can be checked before a process starts: the bundle (loaded and verified once,
+        then handed to every stage), the engine asked for, and a run folder that holds no earlier run."""
+        try:
+            bundle = load_bundle(self.config.infer.bundle)
+        except BundleError as exc:
+            raise ConfigError(f"infer.bundle: {exc}") from None
+        if self.config.infer.engine != "auto":
+            try:
+                engine_class(self.config.infer.engine)
+            except EngineError as exc:
+                raise ConfigError(f"infer.engine: {exc}") from None
+        if (self.out / "events.jsonl").exists():
+            raise ConfigError(f"run.out: {self.out} already holds a run (events.jsonl); "
+                              "choose another folder")
+        return bundle
+
+    def _spawn(self, endpoints: Endpoints, bundle: Bundle) -> None:
+        spawn = multiprocessing.get_context("spawn")
+        for cls in self.stage_classes:
+            process = spawn.Process(target=run_stage, args=(cls, self.config, endpoints, bundle),
+                                    name=f"sweepstream-{cls.name}", daemon=True)
+            process.start()
+            self.handles[cls.name] = StageHandle(cls, process)
+
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if self.stop_signal is not None:  # a second Ctrl-C: stop waiting for the drain
             self.force_stop = True
+        else:
+            self.shutdown_deadline = time.monotonic() + self.config.run.stop_timeout
         self.stop_signal = signal.Signals(signum).name
 
     def _supervise(self) -> None:
@@ -139,7 +176,7 @@ class Supervisor:
             if self.force_stop:
                 log.warning("second %s: stopping without draining", self.stop_signal)
                 break
-            if draining_since is not None and now - draining_since > cfg.stop_timeout:
+            if draining_since is not None and now > self.shutdown_deadline - DRAIN_EXIT_RESERVE_S:
                 stuck = [h.name for h in self.handles.values() if h.state != "done"]
                 log.warning("stages did not drain within %.1f s: %s", cfg.stop_timeout, ", ".join(stuck))
                 break
@@ -151,20 +188,17 @@ class Supervisor:
     def _receive(self) -> None:
         while True:
             try:
-                parts = self.control.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            name = parts[0].bytes.decode(errors="replace")
-            handle = self.handles.get(name)
-            try:
-                msg = wire.decode(parts[1:])
+                routed = wire.recv_routed(self.control)
             except wire.WireError as exc:
-                log.warning("control: rejected a message from %r: %s", name, exc)
+                log.warning("control: rejected a message: %s", exc)
                 continue
-            if handle is None:
+            if routed is None:
+                return
+            name = routed[0].decode(errors="replace")
+            if name not in self.handles:
                 log.warning("control: message from unknown peer %r", name)
                 continue
-            self._handle(handle, msg)
+            self._handle(self.handles[name], routed[1])
 
     def _handle(self, handle: StageHandle, msg: Message) -> None:
         handle.last_seen = time.monotonic()
@@ -198,24 +232,23 @@ class Supervisor:
 
     def _command(self, name: str, kind: str) -> None:
         try:
-            self.control.send_multipart([name.encode(), *wire.encode(Message(kind, {}))], flags=zmq.NOBLOCK)
+            wire.send(self.control, Message(kind, {}), to=name.encode())
         except zmq.ZMQError as exc:  # the stage is gone or not yet connected; its exit is handled elsewhere
             log.debug("control: %s to %s not delivered: %s", kind, name, exc)
 
     def _take_down(self) -> None:
-        """Every stage ends: asked first, then terminated, then killed. Nothing outlives the supervisor."""
+        """Every stage ends: asked first, killed at the shutdown deadline. Nothing outlives the supervisor.
+        (Stages ignore SIGTERM, so that a signal to the whole process group reaches only the supervisor.)"""
         for handle in self.handles.values():
             if handle.process.is_alive():
                 self._command(handle.name, "exit")
-        deadline = time.monotonic() + self.config.run.stop_timeout
+        deadline = min(self.shutdown_deadline, time.monotonic() + self.config.run.stop_timeout)
+        deadline = max(deadline, time.monotonic() + DRAIN_EXIT_RESERVE_S)
         for handle in self.handles.values():
             handle.process.join(max(0.0, deadline - time.monotonic()))
         for handle in self.handles.values():
             if handle.process.is_alive():
-                log.warning("stage '%s' did not exit; terminating it", handle.name)
-                handle.process.terminate()
-                handle.process.join(1.0)
-            if handle.process.is_alive():
+                log.warning("stage '%s' did not exit in time; killing it", handle.name)
                 handle.process.kill()
                 handle.process.join()
         if self._status_open:
@@ -266,6 +299,11 @@ class Supervisor:
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2, default=_json_default))
         if not self.config.run.quiet:
             print(format_summary(self.summary, self.out), file=sys.stderr)
+
+
+def _restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _json_default(value: Any) -> Any:

@@ -18,6 +18,7 @@ import zmq
 WIRE_VERSION = 1
 ZERO_COPY_MIN_BYTES = 65536
 MAX_NDIM = 6
+MAX_DIM = 2**31 - 1  # per dimension; numpy refuses larger ones even for empty arrays
 # The header part only carries small metadata; anything bigger is treated as garbage.
 MAX_HEADER_BYTES = 1 << 20
 
@@ -90,8 +91,8 @@ def _parse_desc(i: int, desc: Any) -> tuple[np.dtype, list[int], str]:
         raise WireError(f"buffer {i}: dtype {code!r} not allowed")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise WireError(f"buffer {i}: shape must be a list of at most {MAX_NDIM} dims")
-    if not all(type(n) is int and n >= 0 for n in shape):
-        raise WireError(f"buffer {i}: shape {shape!r} must hold non-negative ints")
+    if not all(type(n) is int and 0 <= n <= MAX_DIM for n in shape):
+        raise WireError(f"buffer {i}: shape {shape!r} must hold ints in [0, {MAX_DIM}]")
     return _ALLOWED_DTYPES[code], shape, _describe(code, shape)
 
 
@@ -137,9 +138,10 @@ def decode(parts: Sequence[bytes | memoryview | zmq.Frame]) -> Message:
     return Message(head["k"], head["h"], tuple(arrays))
 
 
-def send(socket: zmq.Socket, msg: Message, *, block: bool = False) -> bool:
-    """Send `msg`; False means the peer could not take it (HWM or SNDTIMEO) and the caller drops it."""
-    parts = encode(msg)
+def send(socket: zmq.Socket, msg: Message, *, block: bool = False, to: bytes | None = None) -> bool:
+    """Send `msg` (to the peer with routing id `to`, on a ROUTER); False means the peer could not take it
+    (HWM or SNDTIMEO) and the caller drops it."""
+    parts = encode(msg) if to is None else [to, *encode(msg)]
     flags = 0 if block else zmq.NOBLOCK
     last = len(parts) - 1
     try:
@@ -158,3 +160,12 @@ def recv(socket: zmq.Socket, *, block: bool = False) -> Message | None:
     except zmq.Again:
         return None
     return decode(frames)
+
+
+def recv_routed(socket: zmq.Socket) -> tuple[bytes, Message] | None:
+    """Non-blocking receive on a ROUTER: (sender's routing id, message), or None when nothing waits."""
+    try:
+        frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+    return frames[0].bytes, decode(frames[1:])

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.base import EngineOptions, load_bundle, select_engine  # noqa: E402
 from pipeline.capture import Pacer  # noqa: E402
-from pipeline.config import DEFAULT_BUNDLE, load_config  # noqa: E402
+from pipeline.config import DEFAULT_BUNDLE, ENGINE_CHOICES, load_config  # noqa: E402
 from pipeline.events import Journal, make_event  # noqa: E402
 from pipeline.metrics import LatencyHistogram  # noqa: E402
-from pipeline.preprocess import letterbox  # noqa: E402
+from pipeline.preprocess import BUNDLE_RESIZE, letterbox  # noqa: E402
 from pipeline.sources import open_source  # noqa: E402
 from pipeline.supervisor import Supervisor  # noqa: E402
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fps", type=float, default=30.0, help="rate of the paced test pattern")
     parser.add_argument("--modes", default="paced,flood", help="comma-separated: paced, flood")
     parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="model bundle directory")
-    parser.add_argument("--engine", default="null", choices=["null", "ort", "auto", "trt", "torch"],
+    parser.add_argument("--engine", default="null", choices=ENGINE_CHOICES,
                         help="engine for both pipeline and baseline (null measures transport alone)")
     parser.add_argument("--policy", choices=["latest", "lossless"], default="latest",
                         help="pipeline backpressure policy")
@@ -108,7 +108,8 @@ def run_baseline(args: argparse.Namespace, scenario: dict, workdir: Path) -> tup
             ring_slot = np.empty_like(frame.image)
         np.copyto(ring_slot, frame.image)  # the pipeline's one full-resolution copy
         model_input, _ = letterbox(ring_slot, bundle.input.size, bundle.input.channels,
-                                   pad_to_square=bundle.input.pad_to_square)
+                                   pad_to_square=bundle.input.pad_to_square,
+                                   interpolation=BUNDLE_RESIZE[bundle.input.resize])
         outputs = engine.infer(model_input[None])
         score = float(bundle.best_frame.score(outputs)[0])
         event = make_event("frame", "baseline", frame_id=frame_id, t_capture_ns=t_cap, score=score,

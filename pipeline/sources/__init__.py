@@ -8,7 +8,7 @@ from .base import Source, SourceError, SourceFrame
 from .synthetic import SyntheticSource, parse_synthetic
 from .video import LIVE_SCHEMES, VideoSource
 
-__all__ = ["Source", "SourceError", "SourceFrame", "open_source", "check_uri"]
+__all__ = ["LIVE_SCHEMES", "Source", "SourceError", "SourceFrame", "open_source", "check_uri"]
 
 
 def check_uri(uri: str) -> None:
