@@ -28,6 +28,7 @@ from engines.base import (
 from engines.null import NullEngine
 from engines.onnxruntime import OrtEngine
 from engines.reference import make_reference_bundle
+from engines.tensorrt import TrtEngine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -334,7 +335,7 @@ def test_explicit_kinds(bundle: Bundle) -> None:
     assert engine_class("null") is NullEngine
     with pytest.raises(EngineError) as info:
         select_engine("trt", bundle, EngineOptions())
-    assert str(info.value) == "engine 'trt' is not available: engines.tensorrt is not present"
+    assert str(info.value) == f"engine 'trt' is not available: {TrtEngine.available()[1]}"
     with pytest.raises(EngineError, match="unknown engine 'tflite'"):
         select_engine("tflite", bundle, EngineOptions())
 
@@ -423,7 +424,11 @@ ENGINE_CLASS = FakeEngine
 
 
 def install_fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str, source: str) -> None:
-    """Register a throwaway module under ``kind``, as a new backend file would be."""
+    """Register a throwaway module under ``kind``, as a new backend file would be.
+
+    LABELLED FAKE: TensorRT and a CUDA GPU cannot exist in this workplace, so the order in which `auto`
+    prefers backends that *are* usable is shown with stand-in modules; tests/test_tensorrt.py runs the
+    real TensorRT backend where it exists."""
     module = f"fake_{kind}_{tmp_path.name}"
     (tmp_path / f"{module}.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -446,7 +451,7 @@ def test_auto_prefers_available_backends_in_order(
 ) -> None:
     install_fake(monkeypatch, tmp_path, "torch", FAKE_ENGINE.format(kind="torch", ok=False, reason="no CUDA"))
     _, reason = select_engine("auto", bundle, EngineOptions())
-    assert reason == "auto: chose ort (trt: engines.tensorrt is not present; torch: no CUDA)"
+    assert reason == f"auto: chose ort (trt: {TrtEngine.available()[1]}; torch: no CUDA)"
 
     install_fake(monkeypatch, tmp_path, "trt", FAKE_ENGINE.format(kind="trt", ok=True, reason="ready"))
     eng, reason = select_engine("auto", bundle, EngineOptions())

@@ -1,0 +1,663 @@
+"""TensorRT engine: the bundle's ONNX built into a plan for this GPU, cached on disk, run on a CUDA stream.
+
+A plan only runs on the TensorRT version and GPU model that built it, so plans are built
+on the target machine (by ``tools/build_engine.py`` ahead of time, or on first load) and
+cached under a key of everything that makes them differ.
+
+tensorrt and cuda-python are imported only inside functions, and nothing touches CUDA at
+import time: a CUDA context does not survive a fork, so importing a backend must leave no
+CUDA state in a process that may still start others.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+
+from engines.base import Bundle, Engine, EngineError, EngineOptions, TensorSig, check_model_io
+
+log = logging.getLogger("sweepstream")
+
+CACHE_ENV = "SWEEPSTREAM_TRT_CACHE"
+DEFAULT_CACHE_DIR = "~/.cache/sweepstream/trt"
+DEFAULT_PROFILE = (1, 8, 32)
+"""Batch (min, opt, max) the plan is tuned for unless asked otherwise; clipped to the bundle's batch range."""
+PLAN_PRECISIONS = ("fp16", "fp32")
+
+
+# --------------------------------------------------------------------------- lazy imports
+
+
+def _import_tensorrt() -> Any:
+    import tensorrt
+
+    return tensorrt
+
+
+def _import_cudart() -> Any:
+    from cuda.bindings import runtime
+
+    return runtime
+
+
+def _trt_major(trt: Any) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+def _check(result: tuple[Any, ...], call: str) -> Any:
+    """Unpack a cuda-python ``(error, value?)`` tuple, raising EngineError unless the error is cudaSuccess."""
+    err, *values = result
+    code = getattr(err, "value", err)
+    if code != 0:
+        raise EngineError(f"CUDA {call} failed: {getattr(err, 'name', 'error')} ({code})")
+    return values[0] if values else None
+
+
+def _native_handle(obj: Any) -> int:
+    """Address of a cuda-python object (a stream) as an int, as TensorRT's Python API takes it."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:  # cuda-python before 12.9.1, where int() is the documented way
+        return int(obj)
+    return get_cuda_native_handle(obj)
+
+
+def gpu_properties(cudart: Any, device: int) -> tuple[str, tuple[int, int]]:
+    """Name and compute capability (major, minor) of CUDA device ``device``."""
+    prop = _check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return name.rstrip("\x00").strip(), (int(prop.major), int(prop.minor))
+
+
+# --------------------------------------------------------------------------- plan cache
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanKey:
+    """Everything a plan depends on: a plan built under any other value must not be reused."""
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: tuple[int, int]
+    precision: str
+    profile: tuple[int, int, int]
+    bundle_sha256: str
+    strongly_typed: bool
+
+    def fields(self) -> dict[str, Any]:
+        """The key as JSON-native values, as written beside the plan."""
+        return {
+            "tensorrt_version": self.tensorrt_version,
+            "gpu_name": self.gpu_name,
+            "compute_capability": list(self.compute_capability),
+            "precision": self.precision,
+            "profile": list(self.profile),
+            "bundle_sha256": self.bundle_sha256,
+            "strongly_typed": self.strongly_typed,
+        }
+
+
+class CachePaths(NamedTuple):
+    """Where one plan, its key file and the timing cache it shares with other builds live."""
+
+    plan: Path
+    meta: Path
+    timing_cache: Path
+
+
+def cache_key(key: PlanKey) -> str:
+    """Short stable digest of ``key``: sha256 of its canonical JSON."""
+    text = json.dumps(key.fields(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def cache_paths(cache_dir: Path, key: PlanKey) -> CachePaths:
+    """File names for ``key`` under ``cache_dir``; readable prefix, digest for uniqueness.
+
+    The timing cache is per TensorRT version and GPU only, so builds at other precisions or
+    batch profiles reuse its kernel timings.
+    """
+    lo, opt, hi = key.profile
+    stem = f"{key.precision}-b{lo}-{opt}-{hi}-{cache_key(key)}"
+    device = json.dumps([key.tensorrt_version, key.gpu_name, list(key.compute_capability)])
+    timing = f"timing-{hashlib.sha256(device.encode()).hexdigest()[:12]}.cache"
+    return CachePaths(cache_dir / f"{stem}.plan", cache_dir / f"{stem}.json", cache_dir / timing)
+
+
+def default_cache_dir() -> Path:
+    """``$SWEEPSTREAM_TRT_CACHE`` if set, else ``~/.cache/sweepstream/trt``."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
+
+
+def clip_profile(profile: tuple[int, int, int], min_batch: int, max_batch: int) -> tuple[int, int, int]:
+    """Fit a (min, opt, max) batch profile inside a bundle's batch range, keeping min <= opt <= max."""
+    lo, opt, hi = profile
+    if not 1 <= lo <= opt <= hi:
+        raise EngineError(f"batch profile must satisfy 1 <= min <= opt <= max, got {tuple(profile)}")
+    lo = min(max(lo, min_batch), max_batch)
+    hi = max(min(hi, max_batch), lo)
+    return lo, min(max(opt, lo), hi), hi
+
+
+def _write_atomic(path: Path, data: Any) -> None:
+    """Write bytes-like ``data`` so readers never see a partial file (another process may be loading it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        f.write(memoryview(data))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _progress_monitor(trt: Any) -> Any:
+    """An IProgressMonitor showing each build phase as a tqdm bar, nested by phase depth."""
+    from tqdm import tqdm
+
+    class TqdmMonitor(trt.IProgressMonitor):
+        """TensorRT calls this from several builder threads, hence the lock."""
+
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self._lock = threading.Lock()
+            self._bars: dict[str, Any] = {}
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            with self._lock:
+                depth = len(self._bars)
+                self._bars[phase_name] = tqdm(
+                    total=num_steps, desc=phase_name, position=depth, leave=depth == 0, unit="step"
+                )
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            with self._lock:
+                bar = self._bars.get(phase_name)
+                if bar is not None:
+                    bar.update(step + 1 - bar.n)
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name: str) -> None:
+            with self._lock:
+                bar = self._bars.pop(phase_name, None)
+                if bar is not None:
+                    bar.close()
+
+        def close(self) -> None:
+            with self._lock:
+                for bar in self._bars.values():
+                    bar.close()
+                self._bars.clear()
+
+    return TqdmMonitor()
+
+
+def _set_profile(trt: Any, builder: Any, network: Any, config: Any, profile: tuple[int, int, int]) -> None:
+    """Give every input with a dynamic batch dim the (min, opt, max) batch profile."""
+    lo, opt, hi = profile
+    opt_profile = builder.create_optimization_profile()
+    dynamic = False
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        dims = tuple(tensor.shape)
+        if any(d < 0 for d in dims[1:]):
+            raise EngineError(f"input '{tensor.name}' has dynamic dims {dims}; only the batch dim may vary")
+        if dims[0] >= 0:
+            if not lo == hi == dims[0]:
+                raise EngineError(f"input '{tensor.name}' has fixed batch {dims[0]}, profile asks {profile}")
+            continue
+        frame = dims[1:]
+        opt_profile.set_shape(tensor.name, (lo, *frame), (opt, *frame), (hi, *frame))
+        dynamic = True
+    if dynamic:
+        config.add_optimization_profile(opt_profile)
+
+
+def build_plan(
+    onnx_path: Path,
+    plan_path: Path,
+    *,
+    precision: str,
+    profile: tuple[int, int, int] = DEFAULT_PROFILE,
+    timing_cache: Path | None = None,
+    progress: bool = False,
+    strongly_typed: bool | None = None,
+) -> Path:
+    """Build a TensorRT plan from ``onnx_path`` and write it atomically to ``plan_path``.
+
+    ``strongly_typed`` None means: strongly typed on TensorRT >= 11 (its only mode), weakly
+    typed with ``BuilderFlag.FP16`` on 10.x. A strongly typed fp16 build parses an fp16 copy
+    of the model made by :func:`engines.fp16.convert_to_fp16`. ``timing_cache`` is read if it
+    exists and rewritten after the build, so later builds skip kernel timing they already did.
+    """
+    if precision not in PLAN_PRECISIONS:
+        raise EngineError(f"precision must be one of {', '.join(PLAN_PRECISIONS)}, got {precision!r}")
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    if not onnx_path.is_file():
+        raise EngineError(f"ONNX model {onnx_path} not found")
+    trt = _import_tensorrt()
+    major = _trt_major(trt)
+    typed = major >= 11 if strongly_typed is None else strongly_typed
+    if major >= 11 and not typed:
+        raise EngineError(f"TensorRT {trt.__version__} builds only strongly typed networks")
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # TensorRT 11 is always strongly typed and deprecates the flag; 10.x needs it to opt in.
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if typed and major < 11 else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    config = builder.create_builder_config()
+    if precision == "fp16" and not typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    monitor = _progress_monitor(trt) if progress else None
+    # The fp16 copy must outlive the build: the parser may still read its weights.
+    with tempfile.TemporaryDirectory(prefix=".onnx-", dir=plan_path.parent) as tmp:
+        source = onnx_path
+        if typed and precision == "fp16":
+            from engines.fp16 import convert_to_fp16  # deferred: pulls in ONNX Runtime's converter
+
+            source = convert_to_fp16(onnx_path, Path(tmp) / "model.fp16.onnx")
+        if not parser.parse_from_file(str(source)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise EngineError(f"TensorRT could not parse {onnx_path}: {errors or 'no details reported'}")
+        _set_profile(trt, builder, network, config, profile)
+
+        blob = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+        cache = config.create_timing_cache(blob) or config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        if monitor is not None:
+            config.progress_monitor = monitor
+        try:
+            serialized = builder.build_serialized_network(network, config)
+        finally:
+            if monitor is not None:
+                monitor.close()
+    if serialized is None:
+        raise EngineError(
+            f"TensorRT could not build the {precision} plan from {onnx_path} for batch profile {profile}; "
+            "its log above says why"
+        )
+    _write_atomic(plan_path, serialized)
+    if timing_cache is not None:
+        _write_atomic(timing_cache, config.get_timing_cache().serialize())
+    return plan_path
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanInfo:
+    """A plan ready on disk: where, under which key, and whether this call built it."""
+
+    path: Path
+    key: PlanKey
+    digest: str
+    built: bool
+    seconds: float
+
+
+def _cached(paths: CachePaths, key: PlanKey) -> bool:
+    if not paths.plan.is_file():
+        return False
+    try:
+        meta = json.loads(paths.meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("key_fields") == key.fields()
+
+
+def ensure_plan(
+    bundle: Bundle,
+    *,
+    precision: str = "fp16",
+    profile: tuple[int, int, int] = DEFAULT_PROFILE,
+    cache_dir: Path | None = None,
+    force: bool = False,
+    progress: bool = False,
+    device: int = 0,
+    strongly_typed: bool | None = None,
+) -> PlanInfo:
+    """Return the cached plan for ``bundle`` on CUDA device ``device``, building it first if needed.
+
+    ``profile`` is clipped to the bundle's batch range. ``force`` rebuilds even on a cache hit.
+    """
+    trt = _import_tensorrt()
+    cudart = _import_cudart()
+    _check(cudart.cudaSetDevice(device), "cudaSetDevice")
+    gpu_name, capability = gpu_properties(cudart, device)
+    typed = _trt_major(trt) >= 11 if strongly_typed is None else strongly_typed
+    key = PlanKey(
+        tensorrt_version=str(trt.__version__),
+        gpu_name=gpu_name,
+        compute_capability=capability,
+        precision=precision,
+        profile=clip_profile(profile, bundle.min_batch, bundle.max_batch),
+        bundle_sha256=bundle.sha256,
+        strongly_typed=typed,
+    )
+    digest = cache_key(key)
+    paths = cache_paths(Path(cache_dir) if cache_dir is not None else default_cache_dir(), key)
+    if not force and _cached(paths, key):
+        return PlanInfo(paths.plan, key, digest, built=False, seconds=0.0)
+
+    log.info(
+        "trt: building %s plan for bundle %s, batch profile %s, on %s (sm_%d%d); this can take minutes",
+        precision, bundle.name, key.profile, gpu_name, *capability,
+    )
+    start = time.monotonic()
+    build_plan(
+        bundle.model_path,
+        paths.plan,
+        precision=precision,
+        profile=key.profile,
+        timing_cache=paths.timing_cache,
+        progress=progress,
+        strongly_typed=typed,
+    )
+    seconds = time.monotonic() - start
+    meta = {
+        "key": digest,
+        "key_fields": key.fields(),
+        "bundle": bundle.name,
+        "bundle_version": bundle.version,
+        "onnx": str(bundle.model_path),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "build_seconds": round(seconds, 1),
+    }
+    _write_atomic(paths.meta, (json.dumps(meta, indent=2) + "\n").encode())
+    return PlanInfo(paths.plan, key, digest, built=True, seconds=seconds)
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclasses.dataclass
+class _Buffer:
+    """One I/O tensor's pinned host buffer and device buffer, both sized for the largest batch."""
+
+    name: str
+    is_input: bool
+    host_ptr: int
+    device_ptr: int
+    host: np.ndarray  # flat view of the pinned memory, in the tensor's dtype
+
+
+class _Session:
+    """A deserialized plan with its execution context, stream and buffers; owns all CUDA memory it uses."""
+
+    def __init__(self, trt: Any, cudart: Any, engine: Any, runtime: Any, logger: Any) -> None:
+        self.trt, self.cudart = trt, cudart
+        self.logger, self.runtime, self.engine = logger, runtime, engine
+        self.context: Any = None
+        self.stream: Any = None
+        self.stream_handle = 0
+        self.buffers: list[_Buffer] = []
+
+    @classmethod
+    def deserialize(cls, plan: Path) -> _Session | None:
+        """Load a plan file; None when TensorRT rejects it (corrupt, or from another version)."""
+        trt, cudart = _import_tensorrt(), _import_cudart()
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+        return None if engine is None else cls(trt, cudart, engine, runtime, logger)
+
+    def signature(self) -> tuple[dict[str, TensorSig], dict[str, TensorSig]]:
+        """(inputs, outputs) as numpy dtype names and dims, None for dynamic dims."""
+        inputs: dict[str, TensorSig] = {}
+        outputs: dict[str, TensorSig] = {}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            dims = tuple(None if d < 0 else int(d) for d in self.engine.get_tensor_shape(name))
+            sig = (self.dtype(name).name, dims)
+            if self.engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT:
+                inputs[name] = sig
+            else:
+                outputs[name] = sig
+        return inputs, outputs
+
+    def dtype(self, name: str) -> np.dtype:
+        trt_dtype = self.engine.get_tensor_dtype(name)
+        try:
+            return np.dtype(self.trt.nptype(trt_dtype))
+        except TypeError as exc:
+            raise EngineError(f"tensorrt tensor '{name}' has type {trt_dtype}, unknown to numpy") from exc
+
+    def allocate(self, input_name: str, max_shape: tuple[int, ...]) -> None:
+        """Create the context and stream, and buffers for every I/O tensor at the largest input shape."""
+        cudart = self.cudart
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise EngineError("tensorrt could not create an execution context (out of GPU memory?)")
+        self.stream = _check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.stream_handle = _native_handle(self.stream)
+        if not self.context.set_input_shape(input_name, max_shape):
+            raise EngineError(f"tensorrt plan does not accept input '{input_name}' of shape {max_shape}")
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise EngineError(f"tensorrt tensor '{name}' has no fixed shape at max batch: {shape}")
+            dtype = self.dtype(name)
+            nbytes = math.prod(shape) * dtype.itemsize
+            host_ptr = _check(cudart.cudaMallocHost(nbytes), "cudaMallocHost")
+            host = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(host_ptr)).view(dtype)
+            buffer = _Buffer(name, name == input_name, host_ptr, 0, host)
+            self.buffers.append(buffer)  # before cudaMalloc, so close() frees the host half if that fails
+            buffer.device_ptr = _check(cudart.cudaMalloc(nbytes), "cudaMalloc")
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one batch; returns views of the pinned output buffers, valid until the next run."""
+        cudart, context = self.cudart, self.context
+        to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        to_host = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        views: dict[str, np.ndarray] = {}
+        for buf in self.buffers:
+            if buf.is_input:
+                np.copyto(buf.host[: batch.size].reshape(batch.shape), batch)
+                nbytes = batch.nbytes
+                call = cudart.cudaMemcpyAsync(buf.device_ptr, buf.host_ptr, nbytes, to_device, self.stream)
+                _check(call, "cudaMemcpyAsync (host to device)")
+                if not context.set_input_shape(buf.name, batch.shape):
+                    raise EngineError(f"tensorrt rejected input shape {batch.shape} for '{buf.name}'")
+        for buf in self.buffers:
+            context.set_tensor_address(buf.name, buf.device_ptr)
+        if not context.execute_async_v3(self.stream_handle):
+            raise EngineError("tensorrt execute_async_v3 failed; its log above says why")
+        for buf in self.buffers:
+            if not buf.is_input:
+                shape = tuple(context.get_tensor_shape(buf.name))
+                count = math.prod(shape)
+                nbytes = count * buf.host.itemsize
+                call = cudart.cudaMemcpyAsync(buf.host_ptr, buf.device_ptr, nbytes, to_host, self.stream)
+                _check(call, "cudaMemcpyAsync (device to host)")
+                views[buf.name] = buf.host[:count].reshape(shape)
+        _check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return views
+
+    def close(self) -> None:
+        """Free every buffer and the stream, then drop the TensorRT objects (context before engine)."""
+        cudart = self.cudart
+        failures: list[str] = []
+
+        def attempt(result: tuple[Any, ...], call: str) -> None:
+            try:
+                _check(result, call)
+            except EngineError as exc:
+                failures.append(str(exc))
+
+        if self.stream is not None:
+            attempt(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        for buf in self.buffers:
+            if buf.device_ptr:
+                attempt(cudart.cudaFree(buf.device_ptr), "cudaFree")
+            attempt(cudart.cudaFreeHost(buf.host_ptr), "cudaFreeHost")
+        self.buffers.clear()
+        if self.stream is not None:
+            attempt(cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
+            self.stream = None
+        self.context = None
+        self.engine = None
+        self.runtime = None
+        if failures:
+            raise EngineError("trt engine close: " + "; ".join(failures))
+
+
+class TrtEngine(Engine):
+    """Runs the bundle on one NVIDIA GPU through a TensorRT plan built for it.
+
+    ``precision`` defaults to fp16, where TensorRT's speed comes from; ``profile`` is the
+    (min, opt, max) batch the plan is tuned for, clipped to the bundle and widened to
+    ``max_batch``. A missing plan is built on :meth:`load`, which can take minutes: build it
+    ahead with ``tools/build_engine.py`` so a pipeline start does not wait for it.
+    """
+
+    type_key: ClassVar[str] = "trt"
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        options: EngineOptions,
+        *,
+        precision: str = "fp16",
+        profile: tuple[int, int, int] = DEFAULT_PROFILE,
+        cache_dir: Path | None = None,
+        progress: bool = False,
+    ) -> None:
+        super().__init__(bundle, options)
+        if options.device == "cpu":
+            raise EngineError("trt engine runs only on a CUDA GPU, but device 'cpu' was requested")
+        if precision not in PLAN_PRECISIONS:
+            raise EngineError(f"precision must be one of {', '.join(PLAN_PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        self.device_id = int(options.device.partition(":")[2] or 0)
+        lo, opt, hi = clip_profile(profile, bundle.min_batch, bundle.max_batch)
+        self.profile = (lo, opt, max(hi, self.max_batch))
+        self.cache_dir = cache_dir
+        self.progress = progress
+        self._plan: PlanInfo | None = None
+        self._session: _Session | None = None
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        # Importing tensorrt and cuda-python starts no CUDA context, but cudaGetDeviceCount
+        # initialises the CUDA driver in this process. That is fine: the registry calls this in
+        # the infer stage, the process that then loads the engine; stages are spawned, never forked.
+        try:
+            trt = _import_tensorrt()
+        except ModuleNotFoundError as exc:
+            if exc.name == "tensorrt":
+                return False, "tensorrt is not installed"
+            return False, f"tensorrt cannot be imported ({exc})"
+        except Exception as exc:  # a broken or placeholder install must not stop "--engine auto"
+            return False, f"tensorrt cannot be imported ({type(exc).__name__}: {exc})"
+        version = str(getattr(trt, "__version__", "unknown"))
+        if not hasattr(trt, "Builder"):
+            return False, f"tensorrt {version} is a placeholder package without the TensorRT API"
+        try:
+            if _trt_major(trt) < 10:
+                return False, f"tensorrt {version} is too old (need 10 or newer)"
+        except ValueError:
+            return False, f"tensorrt reports an unreadable version {version!r}"
+        try:
+            cudart = _import_cudart()
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("cuda.bindings"):
+                return False, "cuda-python is too old (need 12.6 or newer, which provides cuda.bindings)"
+            return False, "cuda-python is not installed"
+        except Exception as exc:  # e.g. ImportError for a missing CUDA runtime library
+            return False, f"cuda-python cannot be imported ({type(exc).__name__}: {exc})"
+        try:
+            err, count = cudart.cudaGetDeviceCount()
+            if getattr(err, "value", err) != 0:
+                return False, f"no CUDA GPU ({getattr(err, 'name', err)})"
+            if count < 1:
+                return False, "no CUDA GPU"
+            name, (major, minor) = gpu_properties(cudart, 0)
+        except Exception as exc:
+            return False, f"CUDA query failed ({type(exc).__name__}: {exc})"
+        return True, f"tensorrt {version}, {count} CUDA GPU(s), device 0: {name} (compute {major}.{minor})"
+
+    def load(self) -> None:
+        """Find or build the plan, check its I/O against the manifest, allocate buffers, warm up."""
+        self.close()
+        ok, reason = self.available()
+        if not ok:
+            raise EngineError(f"engine 'trt' is not available: {reason}")
+        plan = self._ensure_plan(force=False)
+        session = _Session.deserialize(plan.path)
+        if session is None and not plan.built:
+            log.warning("trt: cached plan %s does not load; rebuilding it", plan.path)
+            plan = self._ensure_plan(force=True)
+            session = _Session.deserialize(plan.path)
+        if session is None:
+            raise EngineError(f"tensorrt could not deserialize the plan it just built: {plan.path}")
+        try:
+            inputs, outputs = session.signature()
+            check_model_io(self.bundle, inputs, outputs, f"tensorrt plan {plan.path.name}")
+            session.allocate(self.bundle.input.name, (self.max_batch, *self.bundle.input.frame_shape))
+        except BaseException:
+            session.close()
+            raise
+        self._plan, self._session = plan, session
+        self.warm_up()
+
+    def _ensure_plan(self, *, force: bool) -> PlanInfo:
+        return ensure_plan(
+            self.bundle,
+            precision=self.precision,
+            profile=self.profile,
+            cache_dir=self.cache_dir,
+            force=force,
+            progress=self.progress,
+            device=self.device_id,
+        )
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        if self._session is None:
+            raise EngineError("trt engine is not loaded: call load() first")
+        self.check_batch(batch)
+        views = self._session.run(batch)
+        # astype copies: the views point into pinned buffers that the next batch overwrites.
+        return {spec.name: views[spec.name].astype(spec.dtype) for spec in self.bundle.outputs.values()}
+
+    def describe(self) -> dict[str, Any]:
+        plan = self._plan
+        key = plan.key if plan is not None else None
+        return {
+            "backend": "tensorrt",
+            "version": key.tensorrt_version if key else None,
+            "device": f"cuda:{self.device_id}",
+            "gpu": key.gpu_name if key else None,
+            "compute_capability": ".".join(map(str, key.compute_capability)) if key else None,
+            "precision": self.precision,
+            "strongly_typed": key.strongly_typed if key else None,
+            "max_batch": self.max_batch,
+            "profile": list(self.profile),
+            "bundle": self.bundle.name,
+            "bundle_version": self.bundle.version,
+            "plan": str(plan.path) if plan else None,
+            "cache": ("built" if plan.built else "hit") if plan else None,
+            "build_seconds": round(plan.seconds, 1) if plan else None,
+        }
+
+    def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()
+
+
+ENGINE_CLASS = TrtEngine

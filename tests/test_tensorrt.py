@@ -1,0 +1,515 @@
+"""TensorRT backend tests.
+
+The plan cache key, the fp16 conversion, the CLI and availability reporting are tested
+for real everywhere. Building and running plans needs TensorRT, cuda-python and an NVIDIA
+GPU; those tests skip elsewhere with the reason ``TrtEngine.available()`` gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from engines import fp16
+from engines.base import Bundle, EngineError, EngineOptions, load_bundle, select_engine
+from engines.onnxruntime import OrtEngine
+from engines.reference import make_reference_bundle
+from engines.tensorrt import (
+    CACHE_ENV,
+    PlanKey,
+    TrtEngine,
+    cache_key,
+    cache_paths,
+    clip_profile,
+    default_cache_dir,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TRT_OK, TRT_REASON = TrtEngine.available()
+needs_trt = pytest.mark.skipif(not TRT_OK, reason=f"TensorRT engine unavailable: {TRT_REASON}")
+without_trt = pytest.mark.skipif(TRT_OK, reason="TensorRT is available here")
+
+# fp16 keeps 11 significant bits: values in [0, 1] round by up to 2**-11 = 4.9e-4 per operation, and a
+# few operations chain, so fp16 results are compared at 2e-3 (ONNX Runtime) and 1e-2 (TensorRT, whose
+# kernels may also reorder sums). A mask pixel flips only where it lies within rounding of the frame mean.
+ORT_FP16_ATOL = 2e-3
+TRT_ATOL = {"fp16": 1e-2, "fp32": 1e-4}
+MIN_MASK_AGREEMENT = 0.99
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_reference_bundle(tmp_path_factory.mktemp("bundle") / "reference", work=4)
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir: Path) -> Bundle:
+    return load_bundle(bundle_dir)
+
+
+def frames(n: int, seed: int, size: int = 224) -> np.ndarray:
+    """Noise frames of different brightness, so per-frame statistics differ between frames."""
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.1, 1.0, (n, 1, 1))
+    return (rng.random((n, size, size)) * scale * 255).astype(np.uint8)
+
+
+def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """ONNX element type of every named tensor, after shape inference."""
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output, *graph.value_info]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
+
+
+# --------------------------------------------------------------------------- plan cache key
+
+BASE_KEY = PlanKey(
+    tensorrt_version="10.9.0.34",
+    gpu_name="NVIDIA H100 80GB HBM3",
+    compute_capability=(9, 0),
+    precision="fp16",
+    profile=(1, 8, 32),
+    bundle_sha256="ab" * 32,
+    strongly_typed=False,
+)
+KEY_CHANGES = {
+    "tensorrt_version": "10.13.0.35",
+    "gpu_name": "NVIDIA L4",
+    "compute_capability": (8, 9),
+    "precision": "fp32",
+    "profile": (1, 8, 16),
+    "bundle_sha256": "cd" * 32,
+    "strongly_typed": True,
+}
+
+
+def test_cache_key_is_stable() -> None:
+    assert cache_key(BASE_KEY) == cache_key(dataclasses.replace(BASE_KEY))
+    # Pinned: a change here silently orphans every plan already cached on deployed machines.
+    assert cache_key(BASE_KEY) == "b1fc994a61b5ee3e0d1a"
+
+
+def test_key_changes_cover_every_field() -> None:
+    assert set(KEY_CHANGES) == {f.name for f in dataclasses.fields(PlanKey)}
+
+
+@pytest.mark.parametrize("field", sorted(KEY_CHANGES))
+def test_cache_key_changes_with_each_field(field: str, tmp_path: Path) -> None:
+    changed = dataclasses.replace(BASE_KEY, **{field: KEY_CHANGES[field]})
+    assert cache_key(changed) != cache_key(BASE_KEY)
+    assert cache_paths(tmp_path, changed).plan != cache_paths(tmp_path, BASE_KEY).plan
+
+
+def test_cache_paths(tmp_path: Path) -> None:
+    paths = cache_paths(tmp_path, BASE_KEY)
+    assert paths.plan == tmp_path / f"fp16-b1-8-32-{cache_key(BASE_KEY)}.plan"
+    assert paths.meta == paths.plan.with_suffix(".json")
+    assert paths.timing_cache.parent == tmp_path and paths.timing_cache.suffix == ".cache"
+    # Kernel timings depend on TensorRT and the GPU only, so other precisions and profiles share them.
+    other_build = dataclasses.replace(BASE_KEY, precision="fp32", profile=(1, 4, 8), bundle_sha256="0" * 64)
+    assert cache_paths(tmp_path, other_build).timing_cache == paths.timing_cache
+    other_gpu = dataclasses.replace(BASE_KEY, gpu_name="NVIDIA L4", compute_capability=(8, 9))
+    assert cache_paths(tmp_path, other_gpu).timing_cache != paths.timing_cache
+
+
+def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "plans"))
+    assert default_cache_dir() == tmp_path / "plans"
+    monkeypatch.delenv(CACHE_ENV)
+    assert default_cache_dir() == Path.home() / ".cache" / "sweepstream" / "trt"
+
+
+@pytest.mark.parametrize(
+    ("profile", "bundle_range", "expected"),
+    [
+        ((1, 8, 32), (1, 32), (1, 8, 32)),
+        ((1, 8, 32), (1, 16), (1, 8, 16)),
+        ((1, 8, 32), (1, 4), (1, 4, 4)),
+        ((1, 8, 32), (2, 32), (2, 8, 32)),
+        ((1, 8, 32), (16, 64), (16, 16, 32)),
+        ((1, 1, 1), (4, 4), (4, 4, 4)),
+    ],
+)
+def test_clip_profile(profile: tuple, bundle_range: tuple, expected: tuple) -> None:
+    assert clip_profile(profile, *bundle_range) == expected
+
+
+@pytest.mark.parametrize("profile", [(0, 1, 2), (4, 2, 8), (1, 9, 8)])
+def test_clip_profile_rejects_unordered(profile: tuple) -> None:
+    with pytest.raises(EngineError, match="1 <= min <= opt <= max"):
+        clip_profile(profile, 1, 32)
+
+
+# --------------------------------------------------------------------------- fp16 conversion
+
+
+def test_fp16_reference_model_keeps_io_types_and_matches_fp32(bundle_dir: Path, tmp_path: Path) -> None:
+    src = bundle_dir / "model.onnx"
+    dst = fp16.convert_to_fp16(src, tmp_path / "model.fp16.onnx")
+    model = onnx.load(str(dst))
+    io = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    assert io == {
+        "image": TensorProto.UINT8,
+        "quality": TensorProto.FLOAT,
+        "mask": TensorProto.UINT8,
+        "planes": TensorProto.FLOAT,
+    }
+    types = tensor_types(model)
+    assert types["work_weight"] == TensorProto.FLOAT16  # the MatMul chain really runs in fp16
+    assert {types[name] for node in model.graph.node if node.op_type in ("ReduceMean", "Softmax")
+            for name in [*node.input[:1], *node.output]} == {TensorProto.FLOAT}
+
+    batch = frames(6, seed=1)
+    want = run_onnx(src, {"image": batch})
+    got = run_onnx(dst, {"image": batch})
+    assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in want.items()}
+    np.testing.assert_allclose(got["quality"], want["quality"], atol=ORT_FP16_ATOL)
+    np.testing.assert_allclose(got["planes"], want["planes"], atol=ORT_FP16_ATOL)
+    assert (got["mask"] == want["mask"]).mean() > MIN_MASK_AGREEMENT
+
+
+def layer_norm_model() -> onnx.ModelProto:
+    """x -> MatMul -> LayerNormalization -> MatMul -> y, all fp32."""
+    rng = np.random.default_rng(3)
+    dim = 64
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.5, (dim, dim)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(1, 0.1, dim).astype(np.float32), "gamma"),
+        numpy_helper.from_array(rng.normal(0, 0.1, dim).astype(np.float32), "beta"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (dim, dim)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["n"], axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["n", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "layer_norm",
+        inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
+        outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", dim])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_fp16_keeps_layer_normalization_fp32(tmp_path: Path) -> None:
+    src = tmp_path / "ln.onnx"
+    onnx.save(layer_norm_model(), str(src))
+    dst = fp16.convert_to_fp16(src, tmp_path / "ln.fp16.onnx")
+    model = onnx.load(str(dst))
+    types = tensor_types(model)
+    [norm] = [node for node in model.graph.node if node.op_type == "LayerNormalization"]
+    assert {types[name] for name in [*norm.input, *norm.output]} == {TensorProto.FLOAT}
+    assert types["w1"] == types["w2"] == TensorProto.FLOAT16
+    assert types["x"] == types["y"] == TensorProto.FLOAT
+
+    x = np.random.default_rng(4).normal(0, 1, (5, 64)).astype(np.float32)
+    want = run_onnx(src, {"x": x})["y"]
+    got = run_onnx(dst, {"x": x})["y"]
+    # Outputs are O(1)-O(10) sums of 64 products of fp16-rounded values: 2e-2 is a few fp16 roundings.
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("route", "threshold"),
+    [("in_memory", 0), ("from_file", 1024)],
+)
+def test_fp16_keeps_external_data_external(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, route: str, threshold: int
+) -> None:
+    """Models over 2 GB store weights outside the protobuf; small ones saved that way stand in.
+
+    The file route is the one models over ``IN_MEMORY_LIMIT`` take; its source keeps small
+    constants inline, as onnx.save does by default.
+    """
+    if route == "from_file":
+        monkeypatch.setattr(fp16, "IN_MEMORY_LIMIT", 0)
+    src = tmp_path / "src" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.load(str(bundle_dir / "model.onnx")), str(src),
+              save_as_external_data=True, location="model.onnx.data", size_threshold=threshold)
+    dst = fp16.convert_to_fp16(src, tmp_path / "out" / "model.fp16.onnx")
+    assert (dst.parent / "model.fp16.onnx.data").is_file()
+    stored = onnx.load(str(dst), load_external_data=False)
+    assert any(onnx.external_data_helper.uses_external_data(t) for t in stored.graph.initializer)
+    batch = frames(2, seed=2)
+    got = run_onnx(dst, {"image": batch})
+    want = run_onnx(bundle_dir / "model.onnx", {"image": batch})
+    np.testing.assert_allclose(got["quality"], want["quality"], atol=ORT_FP16_ATOL)
+    np.testing.assert_allclose(got["planes"], want["planes"], atol=ORT_FP16_ATOL)
+
+
+def test_fp16_from_file_fails_loudly_on_external_shape_constants(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The documented limit of the file route: it cannot type a graph whose shape constants are external."""
+    monkeypatch.setattr(fp16, "IN_MEMORY_LIMIT", 0)
+    src = tmp_path / "model.onnx"
+    onnx.save(onnx.load(str(bundle_dir / "model.onnx")), str(src),
+              save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    with pytest.raises(onnx.shape_inference.InferenceError):
+        fp16.convert_to_fp16(src, tmp_path / "out" / "model.fp16.onnx")
+
+
+# --------------------------------------------------------------------------- availability and errors
+
+
+def test_available_never_raises() -> None:
+    ok, reason = TrtEngine.available()
+    assert isinstance(ok, bool) and isinstance(reason, str) and reason
+    if not ok:
+        assert reason.startswith(("tensorrt ", "cuda-python ", "no CUDA GPU", "CUDA query failed"))
+
+
+@without_trt
+def test_select_trt_names_the_reason(bundle: Bundle) -> None:
+    with pytest.raises(EngineError) as info:
+        select_engine("trt", bundle, EngineOptions())
+    assert str(info.value) == f"engine 'trt' is not available: {TRT_REASON}"
+    _, reason = select_engine("auto", bundle, EngineOptions())
+    assert f"trt: {TRT_REASON}" in reason
+
+
+@without_trt
+def test_load_without_tensorrt_fails_clearly(bundle: Bundle) -> None:
+    engine = TrtEngine(bundle, EngineOptions())
+    with pytest.raises(EngineError, match=re.escape(f"engine 'trt' is not available: {TRT_REASON}")):
+        engine.load()
+    with pytest.raises(EngineError, match="not loaded"):
+        engine.infer(frames(1, seed=0))
+    engine.close()
+    engine.close()
+
+
+def test_engine_options_checked_without_cuda(bundle: Bundle) -> None:
+    with pytest.raises(EngineError, match="only on a CUDA GPU"):
+        TrtEngine(bundle, EngineOptions(device="cpu"))
+    with pytest.raises(EngineError, match="precision must be one of fp16, fp32"):
+        TrtEngine(bundle, EngineOptions(), precision="int8")
+    engine = TrtEngine(bundle, EngineOptions(device="cuda:1", max_batch=8))
+    assert engine.device_id == 1 and engine.profile == (1, 8, 32)
+    info = engine.describe()
+    assert info["backend"] == "tensorrt" and info["plan"] is None and info["precision"] == "fp16"
+
+
+FAKE_TENSORRT = """
+import os
+__version__ = os.environ["FAKE_TRT_VERSION"]
+if os.environ.get("FAKE_TRT_API") == "1":
+    class Builder: ...
+"""
+FAKE_CUDART = """
+import enum, os
+
+class cudaError_t(enum.IntEnum):
+    cudaSuccess = 0
+    cudaErrorNoDevice = 100
+
+class _Prop:
+    name = b"Fake GPU\\x00\\x00"
+    major = 9
+    minor = 0
+
+def cudaGetDeviceCount():
+    count = int(os.environ["FAKE_GPUS"])
+    return (cudaError_t.cudaSuccess, count) if count else (cudaError_t.cudaErrorNoDevice, 0)
+
+def cudaGetDeviceProperties(device):
+    return cudaError_t.cudaSuccess, _Prop()
+"""
+PROBE = """
+import sys
+import engines.tensorrt as trt_engine
+assert not [m for m in sys.modules if m.startswith(("tensorrt", "cuda"))], "imported at module import"
+print(trt_engine.TrtEngine.available())
+"""
+
+
+@pytest.mark.parametrize(
+    ("version", "api", "gpus", "expected"),
+    [
+        ("10.9.0", "1", "0", "(False, 'no CUDA GPU (cudaErrorNoDevice)')"),
+        ("10.9.0", "1", "1", "(True, 'tensorrt 10.9.0, 1 CUDA GPU(s), device 0: Fake GPU (compute 9.0)')"),
+        ("8.6.1", "1", "1", "(False, 'tensorrt 8.6.1 is too old (need 10 or newer)')"),
+        ("10.9.0", "0", "1", "(False, 'tensorrt 10.9.0 is a placeholder package without the TensorRT API')"),
+    ],
+)
+def test_available_reads_cuda_python_results(
+    tmp_path: Path, version: str, api: str, gpus: str, expected: str
+) -> None:
+    """Stand-in modules with the documented cuda-python shapes ((error, value) tuples, enum errors).
+
+    Also checks that importing the engine module imports neither library: CUDA state must not
+    exist before the pipeline starts its processes.
+    """
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "tensorrt" / "__init__.py").write_text(FAKE_TENSORRT)
+    (tmp_path / "cuda" / "bindings").mkdir(parents=True)
+    (tmp_path / "cuda" / "bindings" / "__init__.py").write_text("")
+    (tmp_path / "cuda" / "bindings" / "runtime.py").write_text(FAKE_CUDART)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]),
+        "FAKE_TRT_VERSION": version,
+        "FAKE_TRT_API": api,
+        "FAKE_GPUS": gpus,
+    }
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(PROBE)], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+# --------------------------------------------------------------------------- build_engine CLI
+
+
+def build_engine(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "tools" / "build_engine.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def test_build_engine_help() -> None:
+    result = build_engine("--help")
+    assert result.returncode == 0
+    for text in ("--bundle", "--precision", "--min-batch", "--opt-batch", "--max-batch", "--cache", "--force",
+                 "plan cache", "compute capability"):
+        assert text in result.stdout
+
+
+def test_build_engine_rejects_unordered_batches(bundle_dir: Path) -> None:
+    result = build_engine("--bundle", str(bundle_dir), "--min-batch", "9", "--opt-batch", "8")
+    assert result.returncode == 2 and "1 <= --min-batch <= --opt-batch <= --max-batch" in result.stderr
+
+
+@without_trt
+def test_build_engine_without_tensorrt(bundle_dir: Path, tmp_path: Path) -> None:
+    result = build_engine("--bundle", str(bundle_dir), "--cache", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == f"build_engine: TensorRT is not available here: {TRT_REASON}\n"
+    assert not any(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- on a GPU with TensorRT
+
+
+@pytest.fixture(scope="module")
+def ort_reference(bundle: Bundle) -> OrtEngine:
+    engine = OrtEngine(bundle, EngineOptions(device="cpu", max_batch=8))
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def plan_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("plans")
+
+
+@pytest.fixture(scope="module", params=["fp16", "fp32"])
+def loaded(request: pytest.FixtureRequest, bundle: Bundle, plan_cache: Path) -> Iterator[TrtEngine]:
+    engine = TrtEngine(bundle, EngineOptions(max_batch=8), precision=request.param, cache_dir=plan_cache)
+    engine.load()
+    yield engine
+    engine.close()
+
+
+@needs_trt
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_trt_matches_onnxruntime(loaded: TrtEngine, ort_reference: OrtEngine, n: int) -> None:
+    batch = frames(n, seed=n)
+    got = loaded.infer(batch)
+    want = ort_reference.infer(batch)
+    for spec in loaded.bundle.outputs.values():
+        assert got[spec.name].shape == (n, *spec.shape) and got[spec.name].dtype == np.dtype(spec.dtype)
+    atol = TRT_ATOL[loaded.precision]
+    np.testing.assert_allclose(got["quality"], want["quality"], atol=atol)
+    np.testing.assert_allclose(got["planes"], want["planes"], atol=atol)
+    assert (got["mask"] == want["mask"]).mean() > MIN_MASK_AGREEMENT
+
+
+@needs_trt
+@pytest.mark.gpu
+def test_trt_outputs_are_copies(loaded: TrtEngine) -> None:
+    first = loaded.infer(frames(2, seed=10))
+    kept = {name: value.copy() for name, value in first.items()}
+    loaded.infer(frames(2, seed=11))
+    for name, value in first.items():
+        np.testing.assert_array_equal(value, kept[name])
+
+
+@needs_trt
+@pytest.mark.gpu
+def test_trt_describe(loaded: TrtEngine, plan_cache: Path) -> None:
+    info = loaded.describe()
+    assert info["backend"] == "tensorrt" and info["device"] == "cuda:0"
+    assert info["precision"] == loaded.precision and info["max_batch"] == 8
+    assert info["version"] and info["gpu"] and re.fullmatch(r"\d+\.\d+", info["compute_capability"])
+    assert info["cache"] in ("built", "hit") and info["profile"] == [1, 8, 32]
+    plan = Path(info["plan"])
+    assert plan.parent == plan_cache and plan.is_file()
+    meta = json.loads(plan.with_suffix(".json").read_text())
+    assert meta["key_fields"]["bundle_sha256"] == loaded.bundle.sha256
+    assert meta["key_fields"]["precision"] == loaded.precision
+
+
+@needs_trt
+@pytest.mark.gpu
+def test_trt_second_load_hits_cache(loaded: TrtEngine, plan_cache: Path) -> None:
+    plan = Path(loaded.describe()["plan"])
+    before = plan.stat().st_mtime_ns
+    options = EngineOptions(max_batch=8)
+    again = TrtEngine(loaded.bundle, options, precision=loaded.precision, cache_dir=plan_cache)
+    again.load()
+    try:
+        info = again.describe()
+        assert info["cache"] == "hit" and info["build_seconds"] == 0.0 and Path(info["plan"]) == plan
+        assert plan.stat().st_mtime_ns == before
+        batch = frames(3, seed=5)
+        np.testing.assert_array_equal(again.infer(batch)["mask"], loaded.infer(batch)["mask"])
+    finally:
+        again.close()
+        again.close()
+
+
+@needs_trt
+@pytest.mark.gpu
+def test_trt_rejects_batches_over_max(loaded: TrtEngine) -> None:
+    with pytest.raises(EngineError, match="outside the engine's batch range 1..8"):
+        loaded.infer(frames(9, seed=0))
+
+
+@needs_trt
+@pytest.mark.gpu
+def test_build_engine_builds_then_reuses(bundle_dir: Path, tmp_path: Path) -> None:
+    args = ("--bundle", str(bundle_dir), "--cache", str(tmp_path), "--precision", "fp32", "--max-batch", "8")
+    first = build_engine(*args)
+    assert first.returncode == 0, first.stderr
+    plan = re.search(r"^plan: (.+)$", first.stdout, re.M)
+    assert plan and Path(plan.group(1)).is_file() and re.search(r"^key: [0-9a-f]{20} ", first.stdout, re.M)
+    assert re.search(r"^build: \d+\.\d s$", first.stdout, re.M)
+    second = build_engine(*args)
+    assert second.returncode == 0 and "build: cached plan reused" in second.stdout
