@@ -34,7 +34,9 @@ class InferStage(Stage):
         self.input_shape = self.bundle.input.frame_shape
         self.work = self.socket(zmq.DEALER, self.endpoints.inputs, bind=False,
                                 hwm=max(self.config.transport.hwm, self.engine.max_batch + 1))
-        self.out = self.socket(zmq.PUSH, self.endpoints.results, bind=False)
+        # A batch's results leave together; the mark must fit one batch or its tail would be dropped.
+        self.out = self.socket(zmq.PUSH, self.endpoints.results, bind=False,
+                               hwm=max(self.config.transport.hwm, self.engine.max_batch + 1))
         self._ask()
 
     def _ask(self) -> None:
@@ -61,8 +63,10 @@ class InferStage(Stage):
         outputs = self.engine.infer(batch)
         for i, msg in enumerate(frames):
             msg.header["outputs"] = self.output_names
+            # Waiting here (rather than dropping a result already paid for) slows infer's pulling, so an
+            # overloaded postprocess makes preprocess drop the oldest unscored frames instead.
             self.push(self.out, Message("result", msg.header,
-                                        tuple(outputs[name][i] for name in self.output_names)))
+                                        tuple(outputs[name][i] for name in self.output_names)), wait=True)
 
     def _has_input(self, msg: Message) -> bool:
         array = msg.arrays[0] if len(msg.arrays) == 1 else None

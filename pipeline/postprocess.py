@@ -31,7 +31,8 @@ class PostprocessStage(Stage):
 
     def start(self) -> None:
         self.output_names = list(self.bundle.outputs)
-        self.results = self.socket(zmq.PULL, self.endpoints.results, bind=True)
+        self.results = self.socket(zmq.PULL, self.endpoints.results, bind=True,
+                                   hwm=max(self.config.transport.hwm, self.config.infer.max_batch + 1))
         self.sink = EventSink(self.context, self.config.postprocess.events,
                               Path(self.endpoints.out) / "events.jsonl")
         self._rows: list[list[float]] = []

@@ -170,6 +170,7 @@ class Stage:
                 if wire.send(sock, msg, block=True, to=to):
                     self.counters["sent"] += 1
                     return True
+                _check_supervisor(self.endpoints)
         elif wire.send(sock, msg, to=to):
             self.counters["sent"] += 1
             return True
@@ -213,6 +214,7 @@ def run_stage(stage_cls: type[Stage], config: Config, endpoints: Endpoints, bund
     control = context.socket(zmq.DEALER)
     control.setsockopt(zmq.ROUTING_ID, stage_cls.name.encode())
     control.setsockopt(zmq.LINGER, int(config.run.stop_timeout * 1000))
+    control.setsockopt(zmq.SNDTIMEO, 1000)  # a DEALER whose peer died would otherwise block forever
     control.connect(endpoints.control)
     stage = stage_cls(config, endpoints, bundle, context)
     code = 0

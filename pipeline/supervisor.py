@@ -166,6 +166,9 @@ class Supervisor:
                 self._receive()
             now = time.monotonic()
             self._check_health(now)
+            if self.stop_signal and self.t_go is None:
+                log.info("%s before the pipeline started: stopping", self.stop_signal)
+                break  # no frame has moved, so there is nothing to drain
             if self.t_go is None and all(h.state in ("ready", "done") for h in self.handles.values()):
                 self.t_go = now
                 self._command(self.stage_classes[0].name, "go")
