@@ -1,6 +1,7 @@
 """Model bundles, the engine interface and the engine registry.
 
-A bundle is a directory holding ``bundle.json`` and one ONNX file. Everything the
+A bundle is a directory holding ``bundle.json`` and one ONNX file (plus, optionally,
+the torch reference engine's model file named by ``model.torch``). Everything the
 pipeline needs to feed the model (input size, channels, resize) and to read its
 outputs (names, shapes, dtypes, plane classes, which output picks the best frame)
 comes from the manifest, so no stage hard-codes model details.
@@ -30,7 +31,7 @@ MANIFEST_NAME = "bundle.json"
 BUNDLE_FORMAT = "sweepstream-bundle"
 BUNDLE_FORMAT_VERSION = 1
 
-OUTPUT_KINDS = ("quality", "mask", "planes")
+OUTPUT_KINDS = ("quality", "mask", "planes", "embedding")
 FLOAT_DTYPES = ("float16", "float32", "float64")
 RESIZE_MODES = ("bicubic", "bilinear", "area", "nearest")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -213,11 +214,30 @@ def _parse_input(top: _Section) -> InputSpec:
         resize=sec.get_choice("resize", RESIZE_MODES),
         normalization=sec.get_choice("normalization", ("in_graph",)),
     )
+    _parse_statistics(sec)
     sec.finish()
     expected_layout = "NHW" if spec.channels == 1 else "NHWC"
     if spec.layout != expected_layout:
         raise sec.error(f"'input.layout' must be \"{expected_layout}\" for {spec.channels} channel(s)")
     return spec
+
+
+def _parse_statistics(sec: _Section) -> None:
+    """Check the optional, informational ``input.mean`` / ``input.std``: what the graph normalises with."""
+    if "mean" not in sec.obj and "std" not in sec.obj:
+        return
+    for key in ("mean", "std"):
+        values = sec.get(key, list)
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if len(values) not in (1, 3) or not numbers or (key == "std" and not all(v > 0 for v in values)):
+            kind = "positive numbers" if key == "std" else "numbers"
+            raise sec.error(f"'{sec.key(key)}' must be a list of 1 or 3 {kind}, got {json.dumps(values)}")
+
+
+def _check_sha256(sec: _Section, key: str) -> None:
+    """Check an optional sha256 key: 64 lowercase hex digits."""
+    if key in sec.obj and not _SHA256_RE.fullmatch(sec.get(key, str)):
+        raise sec.error(f"'{sec.key(key)}' must be 64 lowercase hex digits")
 
 
 def _parse_output(top: _Section, name: str, obj: Any) -> OutputSpec:
@@ -237,7 +257,7 @@ def _parse_output(top: _Section, name: str, obj: Any) -> OutputSpec:
     description = sec.get("description", str, "")
     sec.finish()
 
-    expected_rank = {"quality": 0, "mask": 2, "planes": 1}[kind]
+    expected_rank = {"quality": 0, "mask": 2, "planes": 1, "embedding": 1}[kind]
     if len(shape) != expected_rank:
         raise sec.error(f"'{sec.key('shape')}' must have {expected_rank} dimension(s) for kind '{kind}'")
     if classes is not None and (len(classes) < 2 or shape != (len(classes),)):
@@ -289,6 +309,10 @@ def _parse_manifest(bundle_path: Path, manifest: Any) -> tuple[Bundle, str]:
     checkpoint_sha = source.get("checkpoint_sha256", str, None, nullable=True)
     if checkpoint_sha is not None and not _SHA256_RE.fullmatch(checkpoint_sha):
         raise source.error("'source.checkpoint_sha256' must be 64 lowercase hex digits or null")
+    if "config" in source.obj:
+        source.get("config", dict)
+    _check_sha256(source, "heads_sha256")
+    _check_sha256(source, "prompts_sha256")
     source.finish()
 
     model = top.section("model")
@@ -300,6 +324,16 @@ def _parse_manifest(bundle_path: Path, manifest: Any) -> tuple[Bundle, str]:
         raise model.error("'model.sha256' must be 64 lowercase hex digits")
     if "precision" in model.obj:
         model.get_choice("precision", PRECISIONS)
+    if "torch" in model.obj:
+        torch_name = model.get_text("torch")
+        if Path(torch_name).name != torch_name or torch_name == onnx_name:
+            problem = f"'model.torch' must be a file name inside the bundle, got {json.dumps(torch_name)}"
+            raise model.error(problem)
+        if "torch_sha256" not in model.obj:
+            raise model.error("missing key 'model.torch_sha256' (required with 'model.torch')")
+        _check_sha256(model, "torch_sha256")
+    elif "torch_sha256" in model.obj:
+        raise model.error("'model.torch_sha256' needs 'model.torch'")
     model.finish()
 
     input_spec = _parse_input(top)
@@ -534,6 +568,12 @@ class Engine(ABC):
     def available(cls) -> tuple[bool, str]:
         """Whether this backend can run here, and why (or why not). Must not raise."""
 
+    @classmethod
+    def suits_auto(cls, bundle: Bundle, options: EngineOptions) -> tuple[bool, str]:
+        """Whether `--engine auto` should pick this backend for this bundle (an explicit choice skips this):
+        a backend can run here yet be the wrong default, like torch without a GPU."""
+        return True, ""
+
     @abstractmethod
     def load(self) -> None:
         """Create the session and warm it up."""
@@ -623,6 +663,11 @@ def _probe(kind: str) -> tuple[type[Engine] | None, str]:
     return (cls if ok else None), reason
 
 
+def nvidia_driver_present() -> bool:
+    """An NVIDIA kernel driver is loaded (Linux), without initialising CUDA in this process."""
+    return os.path.exists("/proc/driver/nvidia/version")
+
+
 def engine_class(kind: str) -> type[Engine]:
     """Return the engine class for ``kind`` or raise EngineError saying why it cannot run here."""
     if kind not in ENGINE_MODULES:
@@ -643,12 +688,16 @@ def select_engine(kind: str, bundle: Bundle, options: EngineOptions) -> tuple[En
         return engine_class(kind)(bundle, options), f"{kind}: requested"
     skipped: list[str] = []
     for candidate in AUTO_ORDER:
-        if options.device == "cpu" and candidate in _GPU_ONLY_IN_AUTO:
-            skipped.append(f"{candidate}: device is cpu")
+        if candidate in _GPU_ONLY_IN_AUTO and (options.device == "cpu" or not nvidia_driver_present()):
+            # Checked before importing the backend: importing torch alone costs seconds on a cart.
+            skipped.append(f"{candidate}: {'device is cpu' if options.device == 'cpu' else 'no NVIDIA GPU'}")
             continue
         cls, reason = _probe(candidate)
         if cls is not None:
-            detail = f" ({'; '.join(skipped)})" if skipped else ""
-            return cls(bundle, options), f"auto: chose {candidate}{detail}"
+            suits, why = cls.suits_auto(bundle, options)
+            if suits:
+                detail = f" ({'; '.join(skipped)})" if skipped else ""
+                return cls(bundle, options), f"auto: chose {candidate}{detail}"
+            reason = why
         skipped.append(f"{candidate}: {reason}")
     raise EngineError(f"no engine available: {'; '.join(skipped)}")

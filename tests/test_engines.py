@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import engines.base
 from engines.base import (
     ENGINE_MODULES,
     BestFrameSpec,
@@ -442,13 +443,28 @@ def test_backend_with_missing_library_is_unavailable(
     with pytest.raises(EngineError) as info:
         engine_class("trt")
     assert str(info.value) == "engine 'trt' is not available: tensorrt_not_installed_here is not installed"
+    monkeypatch.setattr(engines.base, "nvidia_driver_present", lambda: True)  # LABELLED FAKE: no GPU here
     _, reason = select_engine("auto", bundle, EngineOptions())
     assert reason.startswith("auto: chose ort (trt: tensorrt_not_installed_here is not installed; torch: ")
+
+
+def test_auto_without_a_gpu_driver_never_imports_gpu_backends(bundle: Bundle) -> None:
+    """On a cart without an NVIDIA driver, auto must not pay for importing torch (seconds) to learn that."""
+    if engines.base.nvidia_driver_present():
+        pytest.skip("this machine has an NVIDIA driver")
+    code = ("import sys; from engines.base import *; b = load_bundle(sys.argv[1]); "
+            "print(select_engine('auto', b, EngineOptions())[1]); print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(bundle.path)], capture_output=True, text=True,
+                            check=True)
+    chosen, torch_imported = result.stdout.splitlines()
+    assert chosen == "auto: chose ort (trt: no NVIDIA GPU; torch: no NVIDIA GPU)"
+    assert torch_imported == "False"
 
 
 def test_auto_prefers_available_backends_in_order(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bundle: Bundle
 ) -> None:
+    monkeypatch.setattr(engines.base, "nvidia_driver_present", lambda: True)  # LABELLED FAKE: no GPU here
     install_fake(monkeypatch, tmp_path, "torch", FAKE_ENGINE.format(kind="torch", ok=False, reason="no CUDA"))
     _, reason = select_engine("auto", bundle, EngineOptions())
     assert reason == f"auto: chose ort (trt: {TrtEngine.available()[1]}; torch: no CUDA)"

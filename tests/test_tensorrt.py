@@ -290,7 +290,7 @@ def test_select_trt_names_the_reason(bundle: Bundle) -> None:
         select_engine("trt", bundle, EngineOptions())
     assert str(info.value) == f"engine 'trt' is not available: {TRT_REASON}"
     _, reason = select_engine("auto", bundle, EngineOptions())
-    assert f"trt: {TRT_REASON}" in reason
+    assert f"trt: {TRT_REASON}" in reason or "trt: no NVIDIA GPU" in reason
 
 
 @without_trt

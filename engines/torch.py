@@ -1,0 +1,135 @@
+"""Torch engine: the reference backend, running a bundle's torch model (``model.torch``) instead of its ONNX.
+
+It rebuilds the exact module that was exported (:class:`engines.fetalclip.FetalClipExport`),
+so it is the yardstick the ONNX and TensorRT engines are checked against, and a GPU
+fallback (fp16 autocast on CUDA) where TensorRT is missing.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from engines.base import Bundle, BundleError, Engine, EngineError, EngineOptions, check_model_io, file_sha256
+from engines.fetalclip import CheckpointError, FetalClipExport, load_torch_artifact
+
+
+class TorchEngine(Engine):
+    """Runs ``FetalClipExport`` rebuilt from the bundle's torch model file.
+
+    ``--engine auto`` only picks torch on a GPU and for a bundle with a torch model
+    (``suits_auto``); ``--engine torch`` runs it anywhere torch imports. On CUDA the model
+    runs under fp16 autocast; on CPU in fp32.
+    """
+
+    type_key: ClassVar[str] = "torch"
+
+    def __init__(self, bundle: Bundle, options: EngineOptions) -> None:
+        super().__init__(bundle, options)
+        self._model: FetalClipExport | None = None
+        self._device = torch.device("cpu")
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        return True, f"torch {torch.__version__}"
+
+    @classmethod
+    def suits_auto(cls, bundle: Bundle, options: EngineOptions) -> tuple[bool, str]:
+        if not torch.cuda.is_available():
+            return False, f"no CUDA device (torch {torch.__version__})"
+        if "torch" not in bundle.manifest["model"]:
+            return False, "the bundle has no torch model"
+        return True, ""
+
+    def _resolve_device(self) -> torch.device:
+        device = self.options.device
+        if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise EngineError(
+                f"device '{device}' requested but torch {torch.__version__} sees no CUDA device"
+            )
+        return torch.device("cuda:0" if device == "auto" else device)
+
+    def load(self) -> None:
+        """Check and rebuild the torch model, move it to the device, check its signature, warm up.
+
+        ``threads`` > 0 sets torch's intra-op threads, which is process-wide: the
+        engine owns its inference process.
+        """
+        device = self._resolve_device()
+        model_info = self.bundle.manifest["model"]
+        name = model_info.get("torch")
+        if name is None:
+            raise BundleError.at(
+                self.bundle.path,
+                "has no torch model ('model.torch'); rebuild it with tools/build_bundle.py without "
+                "--no-torch, or use another engine",
+            )
+        path = self.bundle.path / name
+        if not path.is_file():
+            raise BundleError.at(self.bundle.path, f"{name} not found")
+        actual = file_sha256(path)
+        if actual != model_info["torch_sha256"]:
+            problem = (
+                f"{name} sha256 mismatch (manifest {model_info['torch_sha256'][:12]}.., file {actual[:12]}..)"
+            )
+            raise BundleError.at(self.bundle.path, problem)
+        try:
+            model = load_torch_artifact(path)
+        except CheckpointError as exc:
+            raise BundleError.at(self.bundle.path, str(exc)) from exc
+
+        size = model.image_size
+        check_model_io(
+            self.bundle,
+            {"image": ("uint8", (None, size, size))},
+            {
+                out: ("uint8" if out == "mask" else "float32", (None, *shape))
+                for out, shape in model.output_shapes.items()
+            },
+            name,
+        )
+        if self.options.threads > 0:
+            torch.set_num_threads(self.options.threads)
+        self._device = device
+        self._model = model.to(device)
+        self.warm_up()
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        if self._model is None:
+            raise EngineError("torch engine is not loaded: call load() first")
+        self.check_batch(batch)
+        image = torch.from_numpy(batch).to(self._device)
+        cuda = self._device.type == "cuda"
+        autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
+        with torch.inference_mode(), autocast:
+            results = dict(zip(self._model.output_names, self._model(image), strict=True))
+        return {
+            spec.name: results[spec.name].cpu().numpy().astype(spec.dtype, copy=False)
+            for spec in self.bundle.outputs.values()
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "torch",
+            "version": torch.__version__,
+            "device": str(self._device),
+            "precision": "fp16-autocast" if self._device.type == "cuda" else "fp32",
+            "max_batch": self.max_batch,
+            "bundle": self.bundle.name,
+            "bundle_version": self.bundle.version,
+            "threads": self.options.threads,
+        }
+
+    def close(self) -> None:
+        on_cuda = self._model is not None and self._device.type == "cuda"
+        self._model = None
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+
+ENGINE_CLASS = TorchEngine

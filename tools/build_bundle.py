@@ -1,0 +1,367 @@
+"""Build a FetalCLIP model bundle: checkpoint (+ heads, LoRA) + prompts -> ONNX + bundle.json (+ torch model).
+
+Needs torch and open_clip (``pip install .[export]``); the bundle it writes runs with
+ONNX Runtime alone. Weights are never downloaded: bring your own ``FetalCLIP_weights.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402  (needs the repo root on sys.path first)
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from engines.base import Bundle, BundleError, file_sha256, write_manifest  # noqa: E402
+from engines.fetalclip import (  # noqa: E402
+    CLIP_MEAN,
+    CLIP_STD,
+    DEFAULT_PROMPTS,
+    CheckpointError,
+    ConfigError,
+    FetalClipExport,
+    build_model,
+    class_embeddings,
+    export_onnx,
+    load_checkpoint,
+    load_config,
+    load_prompts,
+    make_tokenizer,
+    save_torch_artifact,
+)
+from engines.heads import HeadsError, load_heads, merge_lora  # noqa: E402
+
+ONNX_NAME = "model.onnx"
+TORCH_NAME = "torch_model.pt"
+MAX_BATCH = 32
+BEST_PLANE = "abdomen"
+LICENSE_NOTE = (
+    "Bundle code and manifest: Apache-2.0. The FetalCLIP weights inside carry their own licence, "
+    "which governs any use or redistribution of this bundle. Research use only; not for clinical use."
+)
+# Build-time ORT vs torch agreement on random frames; the tests hold tighter bounds.
+MIN_COSINE = 0.9999
+MAX_PROB_DIFF = 1e-3
+MAX_QUALITY_DIFF = 1e-4
+MIN_MASK_AGREEMENT = 0.999
+
+
+class ParityError(RuntimeError):
+    """The exported ONNX model disagrees with the torch module it came from."""
+
+
+@dataclass
+class BuildResult:
+    """What a build produced: the loaded bundle, ORT-vs-torch agreement, and seconds per step."""
+
+    bundle: Bundle
+    parity: dict[str, float]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def quantize_int8(onnx_path: Path) -> str:
+    """Hook for int8 post-training quantization of the exported model, in place; returns the precision.
+
+    Runs after export and before the parity check, so that check must then use
+    int8-appropriate bounds.
+    """
+    raise NotImplementedError(
+        f"--int8 is not implemented yet (would quantize {onnx_path.name}); build an fp32 bundle for now"
+    )
+
+
+def check_parity(wrapper: FetalClipExport, onnx_path: Path, frames: int, seed: int = 0) -> dict[str, float]:
+    """Run the same random uint8 frames through ONNX Runtime and torch; return and check agreement."""
+    print(f"parity on {frames} random frames (onnxruntime vs torch):", flush=True)
+    rng = np.random.default_rng(seed)
+    batch = rng.integers(0, 256, (frames, wrapper.image_size, wrapper.image_size), dtype=np.uint8)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = list(wrapper.output_names)
+    got = dict(zip(names, session.run(names, {"image": batch}), strict=True))
+    with torch.no_grad():
+        want = {n: t.numpy() for n, t in zip(names, wrapper(torch.from_numpy(batch)), strict=True)}
+
+    a, b = got["embedding"].astype(np.float64), want["embedding"].astype(np.float64)
+    cosine = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    stats = {
+        "embedding_cosine_min": float(cosine.min()),
+        "planes_max_abs_diff": float(np.abs(got["planes"] - want["planes"]).max()),
+        "planes_top1_agreement": float(np.mean(got["planes"].argmax(1) == want["planes"].argmax(1))),
+    }
+    if "quality" in got:
+        stats["quality_max_abs_diff"] = float(np.abs(got["quality"] - want["quality"]).max())
+    if "mask" in got:
+        stats["mask_agreement"] = float(np.mean(got["mask"] == want["mask"]))
+    for key, value in stats.items():
+        print(f"  {key}: {value:.7f}")
+
+    failures = []
+    if stats["embedding_cosine_min"] < MIN_COSINE:
+        failures.append(f"embedding cosine {stats['embedding_cosine_min']:.6f} < {MIN_COSINE}")
+    if stats["planes_max_abs_diff"] > MAX_PROB_DIFF:
+        failures.append(f"planes differ by {stats['planes_max_abs_diff']:.2e} > {MAX_PROB_DIFF}")
+    if stats.get("quality_max_abs_diff", 0.0) > MAX_QUALITY_DIFF:
+        failures.append(f"quality differs by {stats['quality_max_abs_diff']:.2e} > {MAX_QUALITY_DIFF}")
+    if stats.get("mask_agreement", 1.0) < MIN_MASK_AGREEMENT:
+        failures.append(f"mask agreement {stats['mask_agreement']:.5f} < {MIN_MASK_AGREEMENT}")
+    if failures:
+        raise ParityError(f"{onnx_path}: ONNX Runtime disagrees with torch: {'; '.join(failures)}")
+    return stats
+
+
+def _outputs(wrapper: FetalClipExport, classes: list[str]) -> dict[str, dict]:
+    shapes = wrapper.output_shapes
+    outputs: dict[str, dict] = {
+        "embedding": {
+            "kind": "embedding",
+            "shape": list(shapes["embedding"]),
+            "dtype": "float32",
+            "description": "L2-normalised FetalCLIP image embedding",
+        },
+        "planes": {
+            "kind": "planes",
+            "shape": list(shapes["planes"]),
+            "dtype": "float32",
+            "classes": classes,
+            "description": "zero-shot plane probabilities: softmax of 100 x cosine to each class embedding",
+        },
+    }
+    if "quality" in shapes:
+        outputs["quality"] = {
+            "kind": "quality",
+            "shape": [],
+            "dtype": "float32",
+            "description": "probability that the frame is a good abdominal plane (quality head), in [0, 1]",
+        }
+    if "mask" in shapes:
+        outputs["mask"] = {
+            "kind": "mask",
+            "shape": list(shapes["mask"]),
+            "dtype": "uint8",
+            "description": "segmentation mask from the mask decoder, 1 inside, 0 outside",
+        }
+    return outputs
+
+
+def build_bundle(
+    weights: Path,
+    out: Path,
+    *,
+    config: str = "fetalclip",
+    prompts: Path = DEFAULT_PROMPTS,
+    heads: Path | None = None,
+    int8: bool = False,
+    torch_model: bool = True,
+    name: str | None = None,
+    version: str = "1.0.0",
+    check_frames: int = 3,
+) -> BuildResult:
+    """Build and write a bundle to ``out``; see ``--help`` for the steps. Returns the loaded bundle."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[step] = now - clock
+        clock = now
+
+    cfg = load_config(config)
+    class_prompts = load_prompts(prompts)
+    loaded_heads = load_heads(heads) if heads is not None else None
+    if (loaded_heads is None or loaded_heads.quality is None) and BEST_PLANE not in class_prompts:
+        raise ConfigError(
+            f"prompts {prompts}: without a quality head the best frame is ranked by class "
+            f"'{BEST_PLANE}', which the prompts lack"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bundle.json").unlink(missing_ok=True)  # a half-rebuilt bundle must not load
+    lap("read inputs")
+
+    with tqdm(total=2, desc="load model", unit="step") as progress:
+        progress.set_postfix_str("build")
+        model = build_model(cfg)
+        progress.update()
+        progress.set_postfix_str(f"checkpoint {weights.name}")
+        load_checkpoint(model, weights, config_label=config)
+        checkpoint_sha = file_sha256(weights)
+        progress.update()
+    if loaded_heads is not None and loaded_heads.lora is not None:
+        merge_lora(model, loaded_heads.lora)
+    lap("load checkpoint")
+
+    embeddings = class_embeddings(model, make_tokenizer(cfg), class_prompts)
+    lap("encode prompts")
+
+    wrapper = FetalClipExport(
+        model.visual,
+        embeddings,
+        quality=loaded_heads.quality if loaded_heads is not None else None,
+        mask=loaded_heads.mask if loaded_heads is not None else None,
+    ).eval()
+    del model  # the text tower is done with; keep only the image tower in memory
+    onnx_path = export_onnx(wrapper, out / ONNX_NAME, max_batch=MAX_BATCH)
+    lap("export onnx")
+    precision = quantize_int8(onnx_path) if int8 else "fp32"
+
+    parity = check_parity(wrapper, onnx_path, check_frames)
+    lap("parity check")
+
+    model_entry: dict[str, str] = {"onnx": ONNX_NAME, "sha256": "", "precision": precision}
+    if torch_model:
+        torch_path = save_torch_artifact(wrapper, cfg, out / TORCH_NAME)
+        model_entry.update(torch=TORCH_NAME, torch_sha256=file_sha256(torch_path))
+        lap("save torch model")
+    else:
+        (out / TORCH_NAME).unlink(missing_ok=True)
+
+    vision = cfg["vision_cfg"]
+    parts = [f"zero-shot plane probabilities over {len(class_prompts)} classes"]
+    if "quality" in wrapper.output_names:
+        parts.append("a quality head")
+    if "mask" in wrapper.output_names:
+        parts.append("a mask decoder")
+    source: dict = {
+        "built_by": f"tools/build_bundle.py --config {config} --weights {weights.name}",
+        "checkpoint_sha256": checkpoint_sha,
+        "config": cfg,
+        "prompts_sha256": file_sha256(prompts),
+    }
+    if heads is not None:
+        source["heads_sha256"] = file_sha256(heads)
+    manifest = {
+        "format": "sweepstream-bundle",
+        "format_version": 1,
+        "name": name or ("fetalclip" if config == "fetalclip" else f"fetalclip-{Path(config).stem}"),
+        "version": version,
+        "description": (
+            f"FetalCLIP image encoder (open_clip ViT, width {vision['width']}, {vision['layers']} layers, "
+            f"patch {vision['patch_size']}) with {', '.join(parts)}; the text tower is not included. "
+            "Research use only; not for clinical use."
+        ),
+        "license": LICENSE_NOTE,
+        "source": source,
+        "model": model_entry,
+        "input": {
+            "name": "image",
+            "size": wrapper.image_size,
+            "channels": 1,
+            "dtype": "uint8",
+            "layout": "NHW",
+            "pad_to_square": True,
+            "resize": "bicubic",
+            "normalization": "in_graph",
+            "mean": list(CLIP_MEAN),
+            "std": list(CLIP_STD),
+        },
+        "batch": {"min": 1, "max": MAX_BATCH},
+        "outputs": _outputs(wrapper, list(class_prompts)),
+        "best_frame": {"output": "quality"}
+        if "quality" in wrapper.output_names
+        else {"output": "planes", "class": BEST_PLANE},
+    }
+    if "mask" in wrapper.output_names:
+        manifest["pixel_spacing"] = {"source": "input"}
+    bundle = write_manifest(out, manifest)
+    lap("write manifest")
+    return BuildResult(bundle=bundle, parity=parity, timings=timings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, build the bundle, print where it is and how long each step took."""
+    parser = argparse.ArgumentParser(
+        description=(
+            "Build a sweepstream model bundle from FetalCLIP weights. Steps: load the checkpoint "
+            "strictly into the open_clip model of --config; merge the LoRA of --heads, if any, into "
+            "its weights; encode the --prompts of each plane class with the text tower into class "
+            "embeddings; export the image tower + class embeddings + heads to ONNX (uint8 frames in, "
+            "normalisation in the graph, dynamic batch 1..32, no text tower); check it with "
+            "onnx.checker and against torch with ONNX Runtime on random frames; save the torch "
+            "reference model; write bundle.json. The bundle then runs with ONNX Runtime alone. "
+            "The best frame of a sweep is ranked by the quality head if --heads has one, else by "
+            "the 'abdomen' probability. Research use only; not for clinical use."
+        ),
+        epilog="example: python tools/build_bundle.py --weights FetalCLIP_weights.pt --out bundles/fetalclip",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        required=True,
+        help="FetalCLIP_weights.pt (or any checkpoint "
+        "of --config): {'state_dict': ...} or a bare state dict; 'module.' prefixes are fine",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="bundle directory to write (created if needed)"
+    )
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        default=DEFAULT_PROMPTS,
+        help="prompts JSON: plane classes, in output order, with text prompts each (default: the bundled "
+        "engines/prompts/fetal_planes.json, with class 'abdomen' used to pick the best frame)",
+    )
+    parser.add_argument(
+        "--heads",
+        type=Path,
+        help="heads file from engines.heads.save_heads: quality head, mask decoder and/or LoRA "
+        "(LoRA is merged into the weights before export); adds 'quality' / 'mask' outputs",
+    )
+    parser.add_argument(
+        "--config",
+        default="fetalclip",
+        help="model config: 'fetalclip' (ViT-L/14, context 117), 'tiny' (for tests) or a JSON file "
+        "in open_clip's CLIP(embed_dim, vision_cfg, text_cfg) shape (default %(default)s)",
+    )
+    parser.add_argument(
+        "--int8", action="store_true", help="quantize the ONNX model to int8 (not yet available)"
+    )
+    parser.add_argument(
+        "--no-torch",
+        action="store_true",
+        help=f"skip {TORCH_NAME}, the model for the torch reference engine (halves the bundle size)",
+    )
+    parser.add_argument("--name", help="bundle name (default 'fetalclip', or 'fetalclip-<config>')")
+    parser.add_argument("--version", default="1.0.0", help="bundle version (default %(default)s)")
+    parser.add_argument(
+        "--check-frames",
+        type=int,
+        default=3,
+        help="random frames for the ONNX Runtime vs torch check (default %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if args.check_frames < 1:
+        parser.error("--check-frames must be >= 1")
+
+    try:
+        result = build_bundle(
+            args.weights,
+            args.out,
+            config=args.config,
+            prompts=args.prompts,
+            heads=args.heads,
+            int8=args.int8,
+            torch_model=not args.no_torch,
+            name=args.name,
+            version=args.version,
+            check_frames=args.check_frames,
+        )
+    except (CheckpointError, ConfigError, HeadsError, BundleError, ParityError, NotImplementedError) as exc:
+        print(f"build_bundle: error: {exc}", file=sys.stderr)
+        return 1
+    bundle = result.bundle
+    print(f"bundle: {bundle.path}")
+    print(f"sha256: {bundle.sha256}")
+    for step, seconds in result.timings.items():
+        print(f"  {step}: {seconds:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
