@@ -71,7 +71,7 @@ class TransportConfig:
 class PreprocessConfig:
     roi: tuple[int, int, int, int] | None = option(
         None, "crop x,y,width,height applied to the full frame before pad-to-square and resize")
-    interpolation: Literal["area", "cubic", "linear", "nearest"] | None = option(
+    interpolation: Literal["bicubic", "area", "cubic", "linear", "nearest"] | None = option(
         None, "final resize filter to the model input size (default: the bundle's input.resize)")
 
 

@@ -54,3 +54,61 @@ def test_whole_factor_shrink_keeps_the_geometry_exact() -> None:
     x = geometry["roi"][0] + (u + 0.5 - geometry["offset"][0]) / geometry["scale"][0]
     y = geometry["roi"][1] + (v + 0.5 - geometry["offset"][1]) / geometry["scale"][1]
     assert abs(x - 1020) < 4 and abs(y - 520) < 4
+
+
+def _ultrasound_like(height: int, width: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = rng.rayleigh(30, (height, width))
+    yy, xx = np.mgrid[0:height, 0:width]
+    image += 120 * ((((xx - width / 2) / (width / 4)) ** 2 + ((yy - height / 2) / (height / 5)) ** 2) < 1)
+    return np.clip(cv2.GaussianBlur(image, (0, 0), 1.5), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("height", "width"), [(562, 744), (1080, 1920), (800, 600), (300, 300)])
+def test_bicubic_matches_open_clips_transform(height: int, width: int) -> None:
+    """Parity with FetalCLIP's preprocessing: pad to a centred square, then open_clip's own eval transform
+    (Pillow bicubic resize). Stated tolerance: at most one grey level (1/255) per pixel before the
+    in-graph normalisation, which is the rounding of Pillow's shortcut for large reductions."""
+    open_clip = pytest.importorskip("open_clip")
+    from PIL import Image
+
+    frame = _ultrasound_like(height, width, seed=height + width)
+    side = max(height, width)
+    padded = np.zeros((side, side), np.uint8)
+    top, left = (side - height) // 2, (side - width) // 2
+    padded[top:top + height, left:left + width] = frame
+    transform = open_clip.image_transform(224, is_train=False, mean=(0, 0, 0), std=(1, 1, 1))
+    reference = transform(Image.fromarray(padded).convert("RGB"))[0].numpy() * 255
+    ours, geometry = letterbox(frame, 224, 1, interpolation="bicubic")
+    difference = np.abs(ours.astype(float) - reference)
+    assert difference.max() <= 1.0 + 1e-4 and difference.mean() < 0.15
+    # The geometry places the content where the padded square put it.
+    scale = geometry["scale"][0]
+    assert np.allclose(geometry["offset"], [left * scale, top * scale])
+    assert np.allclose(geometry["content"], [width * scale, height * scale])
+
+
+def test_in_graph_normalisation_equals_open_clips(tmp_path) -> None:
+    """Our uint8 input through the exported wrapper's normalisation gives the embedding open_clip's own
+    transform gives (same random tiny model of the FetalCLIP family)."""
+    pytest.importorskip("open_clip")
+    import open_clip
+    import torch
+    from PIL import Image
+
+    from engines.fetalclip import CLIP_MEAN, CLIP_STD, FetalClipExport, build_model, load_config
+
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny"))
+    wrapper = FetalClipExport(model.visual, torch.nn.functional.normalize(torch.randn(3, 64), dim=-1)).eval()
+    frame = _ultrasound_like(562, 744, seed=7)
+    side = 744
+    padded = np.zeros((side, side), np.uint8)
+    padded[91:91 + 562] = frame
+    transform = open_clip.image_transform(224, is_train=False, mean=CLIP_MEAN, std=CLIP_STD)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.encode_image(transform(
+            Image.fromarray(padded).convert("RGB"))[None]), dim=-1)[0]
+        ours, _ = letterbox(frame, 224, 1, interpolation="bicubic")
+        embedding = wrapper(torch.from_numpy(ours)[None])[0][0]
+    assert float(embedding @ expected) > 0.9999
