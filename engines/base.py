@@ -1,10 +1,11 @@
 """Model bundles, the engine interface and the engine registry.
 
 A bundle is a directory holding ``bundle.json`` and one ONNX file (plus, optionally,
-the torch reference engine's model file named by ``model.torch``). Everything the
-pipeline needs to feed the model (input size, channels, resize) and to read its
-outputs (names, shapes, dtypes, plane classes, which output picks the best frame)
-comes from the manifest, so no stage hard-codes model details.
+the torch reference engine's model file named by ``model.torch`` and a gated int8 copy
+of the ONNX model named by ``model.int8``). Everything the pipeline needs to feed the
+model (input size, channels, resize) and to read its outputs (names, shapes, dtypes,
+plane classes, which output picks the best frame) comes from the manifest, so no stage
+hard-codes model details.
 
 Engines are looked up by key in :data:`ENGINE_MODULES` and imported lazily: a
 backend whose module or library is missing (TensorRT, torch) only makes that key
@@ -35,6 +36,7 @@ OUTPUT_KINDS = ("quality", "mask", "planes", "embedding")
 FLOAT_DTYPES = ("float16", "float32", "float64")
 RESIZE_MODES = ("bicubic", "bilinear", "area", "nearest")
 PRECISIONS = ("fp32", "fp16", "int8")
+ENGINE_PRECISIONS = ("auto", *PRECISIONS)
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -126,6 +128,8 @@ class Bundle:
     sha256: str
     min_batch: int
     max_batch: int
+    int8_path: Path | None = None
+    """The gated int8 model (``model.int8``), or None when the bundle has none."""
 
     @property
     def precision(self) -> str:
@@ -137,6 +141,7 @@ class Bundle:
 
 _MISSING = object()
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", list: "a list", dict: "an object"}
+_NUMBER = (int, float)
 
 
 class _Section:
@@ -180,6 +185,31 @@ class _Section:
             allowed = ", ".join(map(json.dumps, choices))
             raise self.error(f"'{self.key(key)}' must be one of {allowed}, got {json.dumps(value)}")
         return value
+
+    def get_number(self, key: str, low: float, high: float) -> float:
+        """An int or float (not a bool) within [low, high]."""
+        self.seen.add(key)
+        if key not in self.obj:
+            raise self.error(f"missing key '{self.key(key)}'")
+        value = self.obj[key]
+        if isinstance(value, bool) or not isinstance(value, _NUMBER) or not low <= value <= high:
+            problem = f"must be a number in [{low}, {high}], got {json.dumps(value)}"
+            raise self.error(f"'{self.key(key)}' {problem}")
+        return float(value)
+
+    def get_sha256(self, key: str) -> str:
+        value = self.get(key, str)
+        if not _SHA256_RE.fullmatch(value):
+            raise self.error(f"'{self.key(key)}' must be 64 lowercase hex digits")
+        return value
+
+    def get_names(self, key: str) -> list[str]:
+        """A list of non-empty strings."""
+        values = self.get(key, list)
+        if not all(isinstance(v, str) and v for v in values):
+            problem = f"must be a list of non-empty strings, got {json.dumps(values)}"
+            raise self.error(f"'{self.key(key)}' {problem}")
+        return values
 
     def get_int(self, key: str, minimum: int) -> int:
         value = self.get(key, int)
@@ -240,6 +270,65 @@ def _check_sha256(sec: _Section, key: str) -> None:
         raise sec.error(f"'{sec.key(key)}' must be 64 lowercase hex digits")
 
 
+def _parse_int8(model: _Section, taken: set[str], fp32_sha256: str) -> str:
+    """Check ``model.int8`` (written by engines.quantize) and return its file name.
+
+    The entry is the int8 file, its sha256, and the accuracy gate it passed against this
+    bundle's model.onnx. Only a passing gate is ever recorded, so a gate that misses its
+    own thresholds, or one run against another model.onnx, means the manifest was edited
+    or the fp32 model rebuilt since: either way the int8 model is not vouched for.
+    """
+    sec = model.section("int8")
+    name = sec.get_text("onnx")
+    if Path(name).name != name or name in taken:
+        problem = "a file name inside the bundle, distinct from the other models"
+        raise sec.error(f"'model.int8.onnx' must be {problem}, got {json.dumps(name)}")
+    sec.get_sha256("sha256")
+    gate = sec.section("gate")
+    gate.get_text("method")
+    gate.get_text("onnxruntime")
+    if gate.get_sha256("fp32_sha256") != fp32_sha256:
+        raise gate.error(
+            "'model.int8.gate.fp32_sha256' is not 'model.sha256': the int8 model was gated against another "
+            "model.onnx; re-run tools/quantize_bundle.py"
+        )
+    frames = gate.section("frames")
+    frames.get_int("count", 1)
+    frames.get_text("source")
+    frames.get_sha256("sha256")
+    frames.finish()
+    quant = gate.section("quantization")
+    quant.get_names("op_types")
+    quant.get("per_channel", bool)
+    quant.get_text("weight_type")
+    quant.get_int("quantized_nodes", 1)
+    quant.get_names("fp32_nodes")
+    quant.finish()
+    threshold = gate.section("threshold")
+    min_cosine = threshold.get_number("embedding_cosine_min", 0.0, 1.0)
+    min_top1 = threshold.get_number("planes_top1_agreement", 0.0, 1.0)
+    threshold.finish()
+    results = gate.section("results")
+    cosine = results.get_number("embedding_cosine_min", -1.0, 1.0)
+    results.get_number("embedding_cosine_mean", -1.0, 1.0)
+    top1 = results.get_number("planes_top1_agreement", 0.0, 1.0)
+    results.get_number("planes_max_abs_diff", 0.0, 1.0)
+    for key in ("quality_max_abs_diff", "mask_agreement"):  # present when the bundle has those heads
+        if key in results.obj:
+            results.get_number(key, 0.0, 1.0)
+    results.finish()
+    passed = gate.get("passed", bool)
+    gate.finish()
+    sec.finish()
+    if not (passed and cosine >= min_cosine and top1 >= min_top1):
+        raise gate.error(
+            f"'model.int8.gate' does not pass its own thresholds (passed {json.dumps(passed)}, embedding "
+            f"cosine min {cosine} vs {min_cosine}, planes top-1 agreement {top1} vs {min_top1}); "
+            "only a passing gate may be recorded"
+        )
+    return name
+
+
 def _parse_output(top: _Section, name: str, obj: Any) -> OutputSpec:
     sec = _Section(top.bundle_path, obj, f"outputs.{name}.")
     kind = sec.get_choice("kind", OUTPUT_KINDS)
@@ -292,8 +381,8 @@ def _parse_best_frame(top: _Section, outputs: dict[str, OutputSpec]) -> BestFram
     raise BundleError.at(top.bundle_path, problem)
 
 
-def _parse_manifest(bundle_path: Path, manifest: Any) -> tuple[Bundle, str]:
-    """Validate a manifest without touching the model file; returns the bundle and the model's file name."""
+def _parse_manifest(bundle_path: Path, manifest: Any) -> Bundle:
+    """Validate a manifest without touching the model files."""
     top = _Section(bundle_path, manifest, "")
     top.get_choice("format", (BUNDLE_FORMAT,))
     top.get_choice("format_version", (BUNDLE_FORMAT_VERSION,), int)
@@ -324,8 +413,10 @@ def _parse_manifest(bundle_path: Path, manifest: Any) -> tuple[Bundle, str]:
         raise model.error("'model.sha256' must be 64 lowercase hex digits")
     if "precision" in model.obj:
         model.get_choice("precision", PRECISIONS)
+    taken = {onnx_name}
     if "torch" in model.obj:
         torch_name = model.get_text("torch")
+        taken.add(torch_name)
         if Path(torch_name).name != torch_name or torch_name == onnx_name:
             problem = f"'model.torch' must be a file name inside the bundle, got {json.dumps(torch_name)}"
             raise model.error(problem)
@@ -334,6 +425,7 @@ def _parse_manifest(bundle_path: Path, manifest: Any) -> tuple[Bundle, str]:
         _check_sha256(model, "torch_sha256")
     elif "torch_sha256" in model.obj:
         raise model.error("'model.torch_sha256' needs 'model.torch'")
+    int8_name = _parse_int8(model, taken, sha256) if "int8" in model.obj else None
     model.finish()
 
     input_spec = _parse_input(top)
@@ -355,7 +447,7 @@ def _parse_manifest(bundle_path: Path, manifest: Any) -> tuple[Bundle, str]:
         spacing.finish()
     top.finish()
 
-    bundle = Bundle(
+    return Bundle(
         path=bundle_path,
         name=name,
         version=version,
@@ -367,8 +459,8 @@ def _parse_manifest(bundle_path: Path, manifest: Any) -> tuple[Bundle, str]:
         sha256=sha256,
         min_batch=min_batch,
         max_batch=max_batch,
+        int8_path=bundle_path / int8_name if int8_name is not None else None,
     )
-    return bundle, onnx_name
 
 
 def file_sha256(path: Path) -> str:
@@ -433,14 +525,14 @@ def check_model_io(
         check_dims(f"output '{out.name}'", dims, out.shape)
 
 
-def _onnx_io(bundle: Bundle) -> tuple[dict[str, TensorSig], dict[str, TensorSig]]:
+def _onnx_io(bundle: Bundle, path: Path) -> tuple[dict[str, TensorSig], dict[str, TensorSig]]:
     import onnx  # deferred: only bundle loading needs it, engines import their own runtime
     from google.protobuf.message import DecodeError
 
     try:
-        model = onnx.load(str(bundle.model_path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except DecodeError as exc:
-        problem = f"{bundle.model_path.name} is not a valid ONNX model ({exc})"
+        problem = f"{path.name} is not a valid ONNX model ({exc})"
         raise BundleError.at(bundle.path, problem) from exc
 
     def sig(value: Any) -> TensorSig:
@@ -472,16 +564,23 @@ def _read_manifest(bundle_path: Path) -> Any:
         raise BundleError.at(bundle_path, f"{MANIFEST_NAME}: invalid JSON ({exc})") from exc
 
 
+def _check_model_file(bundle: Bundle, path: Path, expected_sha256: str) -> None:
+    """The file exists, has the manifest's sha256, and its ONNX inputs and outputs fit the manifest."""
+    if not path.is_file():
+        raise BundleError.at(bundle.path, f"{path.name} not found")
+    actual = file_sha256(path)
+    if actual != expected_sha256:
+        problem = f"{path.name} sha256 mismatch (manifest {expected_sha256[:12]}.., file {actual[:12]}..)"
+        raise BundleError.at(bundle.path, problem)
+    inputs, outputs = _onnx_io(bundle, path)
+    check_model_io(bundle, inputs, outputs, path.name)
+
+
 def _validate(bundle_path: Path, manifest: Any) -> Bundle:
-    bundle, onnx_name = _parse_manifest(bundle_path, manifest)
-    if not bundle.model_path.is_file():
-        raise BundleError.at(bundle_path, f"{onnx_name} not found")
-    actual = file_sha256(bundle.model_path)
-    if actual != bundle.sha256:
-        problem = f"{onnx_name} sha256 mismatch (manifest {bundle.sha256[:12]}.., file {actual[:12]}..)"
-        raise BundleError.at(bundle_path, problem)
-    inputs, outputs = _onnx_io(bundle)
-    check_model_io(bundle, inputs, outputs, onnx_name)
+    bundle = _parse_manifest(bundle_path, manifest)
+    _check_model_file(bundle, bundle.model_path, bundle.sha256)
+    if bundle.int8_path is not None:
+        _check_model_file(bundle, bundle.int8_path, manifest["model"]["int8"]["sha256"])
     return bundle
 
 
@@ -525,11 +624,18 @@ def write_manifest(bundle_dir: str | os.PathLike[str], manifest: Mapping[str, An
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """Backend-neutral engine settings; ``threads`` 0 keeps the backend default."""
+    """Backend-neutral engine settings; ``threads`` 0 keeps the backend default.
+
+    ``precision`` picks which of a bundle's models the ort engine runs: "auto" lets it
+    choose (the gated int8 model on CPU when the bundle has one, else fp32); an explicit
+    value is honoured or refused, never silently changed. The trt and torch engines pick
+    their own precision (fp16 on GPU) and do not read it.
+    """
 
     threads: int = 0
     device: str = "auto"
     max_batch: int = 8
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
@@ -538,6 +644,9 @@ class EngineOptions:
             raise EngineError(f"max_batch must be an integer >= 1, got {self.max_batch!r}")
         if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
             raise EngineError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.precision not in ENGINE_PRECISIONS:
+            choices = ", ".join(ENGINE_PRECISIONS)
+            raise EngineError(f"precision must be one of {choices}, got {self.precision!r}")
 
 
 class Engine(ABC):

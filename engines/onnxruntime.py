@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,6 +28,17 @@ _ORT_TYPES = {
 }
 
 
+def session_options(threads: int) -> ort.SessionOptions:
+    """The engine's session settings, shared with the int8 gate so it measures the graph the engine runs."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
 def _signature(node: Any) -> TensorSig:
     if node.type not in _ORT_TYPES:
         raise EngineError(f"onnxruntime tensor '{node.name}' has unsupported type {node.type}")
@@ -35,19 +47,39 @@ def _signature(node: Any) -> TensorSig:
 
 
 class OrtEngine(Engine):
-    """Runs the bundle's ONNX file in an ONNX Runtime session.
+    """Runs one of the bundle's ONNX files in an ONNX Runtime session.
 
     ``device`` "auto" uses CUDA only when this onnxruntime build offers it; an explicit
     "cuda" fails instead of silently running on CPU, since a CPU run would miss the
     frame budget without saying why.
+
+    ``precision`` picks the file: "fp32" the bundle's model.onnx; "int8" its gated int8
+    model (dynamic quantization, whose integer kernels are CPU kernels, so it runs on
+    CPU only); "auto" the int8 model when the bundle has one and the session runs on
+    CPU, else model.onnx. fp16 is refused: ONNX Runtime on CPU has no fp16 speed to offer.
     """
 
     type_key: ClassVar[str] = "ort"
 
     def __init__(self, bundle: Bundle, options: EngineOptions) -> None:
         super().__init__(bundle, options)
+        if options.precision == "fp16":
+            raise EngineError(
+                "precision fp16 is not an onnxruntime option here (no fp16 speed-up on CPU); use the trt "
+                "engine (fp16 plans) or the torch engine on CUDA (fp16 autocast)"
+            )
+        if options.precision == "int8" and bundle.int8_path is None:
+            raise EngineError(
+                f"bundle {bundle.name} has no gated int8 model; build it with tools/quantize_bundle.py"
+            )
+        if options.precision == "int8" and options.device.startswith("cuda"):
+            raise EngineError(
+                f"precision int8 runs on CPU only (dynamic quantization), but device is '{options.device}'"
+            )
         self._session: ort.InferenceSession | None = None
         self._device = options.device
+        self._precision = options.precision
+        self._model_path: Path | None = None
         self._outputs = [(spec.name, np.dtype(spec.dtype)) for spec in bundle.outputs.values()]
         self._output_names = [name for name, _ in self._outputs]
 
@@ -58,7 +90,7 @@ class OrtEngine(Engine):
     def _providers(self) -> list[Any]:
         device = self.options.device
         offered = ort.get_available_providers()
-        if device == "cpu" or (device == "auto" and _CUDA not in offered):
+        if device == "cpu" or self.options.precision == "int8" or (device == "auto" and _CUDA not in offered):
             return [_CPU]
         if _CUDA not in offered:
             raise EngineError(
@@ -68,16 +100,20 @@ class OrtEngine(Engine):
         device_id = int(device.partition(":")[2] or 0)
         return [(_CUDA, {"device_id": device_id}), _CPU]
 
+    def _model_choice(self, on_cpu: bool) -> tuple[str, Path]:
+        """(precision, file) to run, following the rules in the class docstring."""
+        int8, wanted = self.bundle.int8_path, self.options.precision
+        if int8 is not None and (wanted == "int8" or (wanted == "auto" and on_cpu)):
+            return "int8", int8
+        return self.bundle.precision, self.bundle.model_path
+
     def load(self) -> None:
         """Create the session, check its signature against the manifest, and warm it up."""
         providers = self._providers()
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.inter_op_num_threads = 1
-        if self.options.threads > 0:
-            opts.intra_op_num_threads = self.options.threads
-        session = ort.InferenceSession(str(self.bundle.model_path), sess_options=opts, providers=providers)
+        precision, model_path = self._model_choice(on_cpu=providers[0] == _CPU)
+        session = ort.InferenceSession(
+            str(model_path), sess_options=session_options(self.options.threads), providers=providers
+        )
 
         wants_cuda = providers[0] != _CPU
         got_cuda = session.get_providers()[0] == _CUDA
@@ -93,6 +129,7 @@ class OrtEngine(Engine):
             "onnxruntime session",
         )
         self._device = f"cuda:{providers[0][1]['device_id']}" if got_cuda else "cpu"
+        self._precision, self._model_path = precision, model_path
         self._session = session
         self.warm_up()
 
@@ -107,11 +144,13 @@ class OrtEngine(Engine):
         }
 
     def describe(self) -> dict[str, Any]:
+        """Before load(), ``precision`` is the requested one and ``model`` is None."""
         return {
             "backend": "onnxruntime",
             "version": ort.__version__,
             "device": self._device,
-            "precision": self.bundle.precision,
+            "precision": self._precision,
+            "model": self._model_path.name if self._model_path is not None else None,
             "max_batch": self.max_batch,
             "bundle": self.bundle.name,
             "bundle_version": self.bundle.version,

@@ -532,7 +532,7 @@ class TrtEngine(Engine):
         bundle: Bundle,
         options: EngineOptions,
         *,
-        precision: str = "fp16",
+        precision: str | None = None,
         profile: tuple[int, int, int] = DEFAULT_PROFILE,
         cache_dir: Path | None = None,
         progress: bool = False,
@@ -540,6 +540,10 @@ class TrtEngine(Engine):
         super().__init__(bundle, options)
         if options.device == "cpu":
             raise EngineError("trt engine runs only on a CUDA GPU, but device 'cpu' was requested")
+        # infer.precision: auto means fp16, where TensorRT's speed comes from.
+        precision = precision or ("fp16" if options.precision == "auto" else options.precision)
+        if precision == "int8":
+            raise EngineError("the trt engine builds fp16 or fp32 plans; int8 runs on --engine ort")
         if precision not in PLAN_PRECISIONS:
             raise EngineError(f"precision must be one of {', '.join(PLAN_PRECISIONS)}, got {precision!r}")
         self.precision = precision

@@ -54,12 +54,19 @@ class TorchEngine(Engine):
             )
         return torch.device("cuda:0" if device == "auto" else device)
 
+    @property
+    def _half(self) -> bool:
+        """fp16 autocast on CUDA unless fp32 was asked for; CPU always runs fp32."""
+        return self._device.type == "cuda" and self.options.precision in ("auto", "fp16")
+
     def load(self) -> None:
         """Check and rebuild the torch model, move it to the device, check its signature, warm up.
 
         ``threads`` > 0 sets torch's intra-op threads, which is process-wide: the
         engine owns its inference process.
         """
+        if self.options.precision == "int8":
+            raise EngineError("the torch engine has no int8 path; use --engine ort with a gated int8 bundle")
         device = self._resolve_device()
         model_info = self.bundle.manifest["model"]
         name = model_info.get("torch")
@@ -104,8 +111,7 @@ class TorchEngine(Engine):
             raise EngineError("torch engine is not loaded: call load() first")
         self.check_batch(batch)
         image = torch.from_numpy(batch).to(self._device)
-        cuda = self._device.type == "cuda"
-        autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self._half else nullcontext()
         with torch.inference_mode(), autocast:
             results = dict(zip(self._model.output_names, self._model(image), strict=True))
         return {
@@ -118,7 +124,7 @@ class TorchEngine(Engine):
             "backend": "torch",
             "version": torch.__version__,
             "device": str(self._device),
-            "precision": "fp16-autocast" if self._device.type == "cuda" else "fp32",
+            "precision": "fp16-autocast" if self._half else "fp32",
             "max_batch": self.max_batch,
             "bundle": self.bundle.name,
             "bundle_version": self.bundle.version,

@@ -84,6 +84,10 @@ class InferConfig:
                             min=1, max=32)
     threads: int = option(0, "intra-op threads for the engine (0 = backend default)", min=0, max=256)
     device: Literal["auto", "cpu", "cuda"] = option("auto", "device for backends that have a choice")
+    precision: Literal["auto", "fp32", "fp16", "int8"] = option(
+        "auto", "model precision; ort: auto runs the bundle's gated int8 model on CPU when it has one "
+        "(tools/quantize_bundle.py), else fp32; int8 fails without one; fp16 is refused (use trt or torch "
+        "on CUDA). trt and torch choose their own precision (fp16 on GPU) and do not read this option")
 
 
 @dataclass

@@ -26,7 +26,8 @@ class InferStage(Stage):
 
     def start(self) -> None:
         cfg = self.config.infer
-        options = EngineOptions(threads=cfg.threads, device=cfg.device, max_batch=cfg.max_batch)
+        options = EngineOptions(threads=cfg.threads, device=cfg.device, max_batch=cfg.max_batch,
+                                precision=cfg.precision)
         self.engine, self.reason = select_engine(cfg.engine, self.bundle, options)
         self.engine.load()
         log.info("infer: %s", self.reason)

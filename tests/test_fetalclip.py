@@ -461,10 +461,30 @@ def test_torch_is_explicit_only_without_cuda(plain_bundle: Bundle) -> None:
     assert isinstance(engine, TorchEngine) and reason == "torch: requested"
 
 
-def test_int8_is_not_yet_available(workdir: Path, tiny_ckpt: Path) -> None:
-    with pytest.raises(NotImplementedError, match="--int8 is not implemented yet"):
-        tool.build_bundle(tiny_ckpt, workdir / "int8", config="tiny", int8=True, torch_model=False)
-    assert not (workdir / "int8" / "bundle.json").exists()
+def test_int8_build_writes_a_gated_int8_model(workdir: Path, tiny_ckpt: Path) -> None:
+    result = tool.build_bundle(tiny_ckpt, workdir / "int8", config="tiny", int8=True, torch_model=False)
+    bundle = result.bundle
+    gate = result.int8_gate
+    assert gate is not None and gate["passed"]
+    results = gate["results"]
+    assert results["embedding_cosine_min"] >= 0.999 and results["planes_top1_agreement"] == 1.0
+    assert bundle.int8_path == bundle.path / "model.int8.onnx"
+    assert bundle.manifest["model"]["int8"]["gate"] == gate
+    assert bundle.manifest["model"]["int8"]["sha256"] == file_sha256(bundle.int8_path)
+    assert bundle.precision == "fp32" and "int8 quantize and gate" in result.timings
+
+    engine, _ = select_engine("ort", bundle, EngineOptions(device="cpu"))  # auto precision on CPU: int8
+    engine.load()
+    assert (engine.describe()["precision"], engine.describe()["model"]) == ("int8", "model.int8.onnx")
+    batch = frames(4, seed=6)
+    int8_out = engine.infer(batch)
+    fp32 = OrtEngine(bundle, EngineOptions(device="cpu", precision="fp32"))
+    fp32.load()
+    assert cosines(int8_out["embedding"], fp32.infer(batch)["embedding"]).min() >= 0.999
+
+    rebuilt = tool.build_bundle(tiny_ckpt, workdir / "int8", config="tiny", torch_model=False)
+    assert rebuilt.int8_gate is None and rebuilt.bundle.int8_path is None
+    assert not (workdir / "int8" / "model.int8.onnx").exists()  # no stale int8 file left behind
 
 
 def test_fixed_batch_export(tmp_path: Path) -> None:

@@ -307,8 +307,11 @@ def test_load_without_tensorrt_fails_clearly(bundle: Bundle) -> None:
 def test_engine_options_checked_without_cuda(bundle: Bundle) -> None:
     with pytest.raises(EngineError, match="only on a CUDA GPU"):
         TrtEngine(bundle, EngineOptions(device="cpu"))
-    with pytest.raises(EngineError, match="precision must be one of fp16, fp32"):
+    with pytest.raises(EngineError, match="int8 runs on --engine ort"):
         TrtEngine(bundle, EngineOptions(), precision="int8")
+    with pytest.raises(EngineError, match="int8 runs on --engine ort"):
+        TrtEngine(bundle, EngineOptions(precision="int8"))
+    assert TrtEngine(bundle, EngineOptions(precision="fp32")).precision == "fp32"
     engine = TrtEngine(bundle, EngineOptions(device="cuda:1", max_batch=8))
     assert engine.device_id == 1 and engine.profile == (1, 8, 32)
     info = engine.describe()
@@ -360,7 +363,9 @@ print(trt_engine.TrtEngine.available())
 def test_available_reads_cuda_python_results(
     tmp_path: Path, version: str, api: str, gpus: str, expected: str
 ) -> None:
-    """Stand-in modules with the documented cuda-python shapes ((error, value) tuples, enum errors).
+    """LABELLED FAKE: stand-in tensorrt and cuda-python modules (neither can exist in this workplace) with
+    the documented cuda-python shapes ((error, value) tuples, enum errors); the GPU tests below run the real
+    libraries where they exist.
 
     Also checks that importing the engine module imports neither library: CUDA state must not
     exist before the pipeline starts its processes.

@@ -19,7 +19,7 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from engines.base import Bundle, BundleError, file_sha256, write_manifest  # noqa: E402
+from engines.base import Bundle, BundleError, file_sha256, load_bundle, write_manifest  # noqa: E402
 from engines.fetalclip import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
@@ -37,6 +37,7 @@ from engines.fetalclip import (  # noqa: E402
     save_torch_artifact,
 )
 from engines.heads import HeadsError, load_heads, merge_lora  # noqa: E402
+from engines.quantize import INT8_NAME, QuantizationGateError, gate_table, quantize_bundle_int8  # noqa: E402
 
 ONNX_NAME = "model.onnx"
 TORCH_NAME = "torch_model.pt"
@@ -59,22 +60,13 @@ class ParityError(RuntimeError):
 
 @dataclass
 class BuildResult:
-    """What a build produced: the loaded bundle, ORT-vs-torch agreement, and seconds per step."""
+    """What a build produced: the loaded bundle, ORT-vs-torch agreement, seconds per step, and the int8
+    gate (``model.int8.gate``) when --int8 was asked for."""
 
     bundle: Bundle
     parity: dict[str, float]
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def quantize_int8(onnx_path: Path) -> str:
-    """Hook for int8 post-training quantization of the exported model, in place; returns the precision.
-
-    Runs after export and before the parity check, so that check must then use
-    int8-appropriate bounds.
-    """
-    raise NotImplementedError(
-        f"--int8 is not implemented yet (would quantize {onnx_path.name}); build an fp32 bundle for now"
-    )
+    int8_gate: dict | None = None
 
 
 def check_parity(wrapper: FetalClipExport, onnx_path: Path, frames: int, seed: int = 0) -> dict[str, float]:
@@ -209,12 +201,11 @@ def build_bundle(
     del model  # the text tower is done with; keep only the image tower in memory
     onnx_path = export_onnx(wrapper, out / ONNX_NAME, max_batch=MAX_BATCH)
     lap("export onnx")
-    precision = quantize_int8(onnx_path) if int8 else "fp32"
 
     parity = check_parity(wrapper, onnx_path, check_frames)
     lap("parity check")
 
-    model_entry: dict[str, str] = {"onnx": ONNX_NAME, "sha256": "", "precision": precision}
+    model_entry: dict[str, str] = {"onnx": ONNX_NAME, "sha256": "", "precision": "fp32"}
     if torch_model:
         torch_path = save_torch_artifact(wrapper, cfg, out / TORCH_NAME)
         model_entry.update(torch=TORCH_NAME, torch_sha256=file_sha256(torch_path))
@@ -271,7 +262,13 @@ def build_bundle(
         manifest["pixel_spacing"] = {"source": "input"}
     bundle = write_manifest(out, manifest)
     lap("write manifest")
-    return BuildResult(bundle=bundle, parity=parity, timings=timings)
+    if not int8:
+        (out / INT8_NAME).unlink(missing_ok=True)  # left by an earlier build; no manifest names it
+        return BuildResult(bundle=bundle, parity=parity, timings=timings)
+    # After the fp32 bundle is complete: a failed gate (QuantizationGateError) leaves it valid, without int8.
+    gate = quantize_bundle_int8(out)
+    lap("int8 quantize and gate")
+    return BuildResult(bundle=load_bundle(out), parity=parity, timings=timings, int8_gate=gate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             "embeddings; export the image tower + class embeddings + heads to ONNX (uint8 frames in, "
             "normalisation in the graph, dynamic batch 1..32, no text tower); check it with "
             "onnx.checker and against torch with ONNX Runtime on random frames; save the torch "
-            "reference model; write bundle.json. The bundle then runs with ONNX Runtime alone. "
+            "reference model; write bundle.json; with --int8, add a gated int8 model (see "
+            "tools/quantize_bundle.py). The bundle then runs with ONNX Runtime alone. "
             "The best frame of a sweep is ranked by the quality head if --heads has one, else by "
             "the 'abdomen' probability. Research use only; not for clinical use."
         ),
@@ -320,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         "in open_clip's CLIP(embed_dim, vision_cfg, text_cfg) shape (default %(default)s)",
     )
     parser.add_argument(
-        "--int8", action="store_true", help="quantize the ONNX model to int8 (not yet available)"
+        "--int8",
+        action="store_true",
+        help=f"also write {INT8_NAME} (dynamic per-channel int8, for CPUs), kept only if its embeddings "
+        "stay within cosine 0.999 of the fp32 model's and top-1 planes agree on sample frames; if not, "
+        "the fp32 bundle is still written and the build exits 1",
     )
     parser.add_argument(
         "--no-torch",
@@ -352,10 +354,16 @@ def main(argv: list[str] | None = None) -> int:
             version=args.version,
             check_frames=args.check_frames,
         )
-    except (CheckpointError, ConfigError, HeadsError, BundleError, ParityError, NotImplementedError) as exc:
+    except QuantizationGateError as exc:
+        print(gate_table(exc.gate))
+        print(f"build_bundle: error: {exc} (the fp32 bundle is complete)", file=sys.stderr)
+        return 1
+    except (CheckpointError, ConfigError, HeadsError, BundleError, ParityError) as exc:
         print(f"build_bundle: error: {exc}", file=sys.stderr)
         return 1
     bundle = result.bundle
+    if result.int8_gate is not None:
+        print(gate_table(result.int8_gate))
     print(f"bundle: {bundle.path}")
     print(f"sha256: {bundle.sha256}")
     for step, seconds in result.timings.items():
