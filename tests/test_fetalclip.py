@@ -395,6 +395,25 @@ def test_ort_and_torch_engines_agree(plain_bundle: Bundle) -> None:
     np.testing.assert_allclose(ort_out["planes"], torch_out["planes"], atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")
+def test_torch_cuda_fp16_matches_ort(heads_bundle: Bundle) -> None:
+    """The reference backend on the GPU: fp16 autocast stays within cosine 0.999 of ORT fp32 and keeps
+    the plane decision (latency figures come from tools/bench_engine.py, not from a test)."""
+    batch = frames(8, seed=5)
+    cpu = OrtEngine(heads_bundle, EngineOptions(device="cpu", max_batch=8))
+    gpu = TorchEngine(heads_bundle, EngineOptions(device="cuda", max_batch=8))
+    outputs = {}
+    for name, engine in (("cpu", cpu), ("gpu", gpu)):
+        engine.load()
+        outputs[name] = engine.infer(batch)
+        engine.close()
+    assert gpu.describe()["precision"] == "fp16-autocast"
+    assert cosines(outputs["cpu"]["embedding"], outputs["gpu"]["embedding"]).min() >= 0.999
+    assert np.array_equal(outputs["cpu"]["planes"].argmax(1), outputs["gpu"]["planes"].argmax(1))
+    assert (outputs["cpu"]["mask"] == outputs["gpu"]["mask"]).mean() > 0.99
+
+
 def test_heads_bundle_outputs_match_torch(heads_bundle: Bundle, plain_bundle: Bundle) -> None:
     assert list(heads_bundle.outputs) == ["embedding", "planes", "quality", "mask"]
     assert heads_bundle.best_frame.output == "quality"
