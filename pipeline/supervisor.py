@@ -158,7 +158,7 @@ class Supervisor:
 
     def _supervise(self) -> None:
         cfg = self.config.run
-        draining_since: float | None = None
+        draining = False
         next_status = time.monotonic() + cfg.status_interval
         self._last_status = (time.monotonic(), 0, 0)
         while not all(h.state == "done" for h in self.handles.values()):
@@ -172,14 +172,14 @@ class Supervisor:
             if self.t_go is None and all(h.state in ("ready", "done") for h in self.handles.values()):
                 self.t_go = now
                 self._command(self.stage_classes[0].name, "go")
-            if self.stop_signal and draining_since is None:
+            if self.stop_signal and not draining:
                 log.info("%s: draining the pipeline", self.stop_signal)
-                draining_since = now
+                draining = True
                 self._command(self.stage_classes[0].name, "drain")
             if self.force_stop:
                 log.warning("second %s: stopping without draining", self.stop_signal)
                 break
-            if draining_since is not None and now > self.shutdown_deadline - DRAIN_EXIT_RESERVE_S:
+            if draining and now > self.shutdown_deadline - DRAIN_EXIT_RESERVE_S:
                 stuck = [h.name for h in self.handles.values() if h.state != "done"]
                 log.warning("stages did not drain within %.1f s: %s", cfg.stop_timeout, ", ".join(stuck))
                 break
