@@ -626,10 +626,9 @@ def write_manifest(bundle_dir: str | os.PathLike[str], manifest: Mapping[str, An
 class EngineOptions:
     """Backend-neutral engine settings; ``threads`` 0 keeps the backend default.
 
-    ``precision`` picks which of a bundle's models the ort engine runs: "auto" lets it
-    choose (the gated int8 model on CPU when the bundle has one, else fp32); an explicit
-    value is honoured or refused, never silently changed. The trt and torch engines pick
-    their own precision (fp16 on GPU) and do not read it.
+    ``precision``: "auto" lets each engine choose (ort: the gated int8 model on CPU when the
+    bundle has one, else fp32; trt: fp16; torch: fp16 autocast on CUDA, fp32 on CPU); an
+    explicit value is honoured or refused, never silently changed.
     """
 
     threads: int = 0
@@ -748,7 +747,7 @@ ENGINE_MODULES: dict[str, str] = {
 """Engine key -> module defining ``ENGINE_CLASS``. Adding a backend is one module plus one line here."""
 
 AUTO_ORDER = ("trt", "torch", "ort")
-"""Preference of ``select_engine("auto")``: fastest first. torch's ``available()`` is False without CUDA."""
+"""Preference of ``select_engine("auto")``: fastest first; each backend's ``suits_auto`` may decline."""
 
 _GPU_ONLY_IN_AUTO = ("trt", "torch")
 _OWN_PACKAGES = ("engines", "pipeline")

@@ -87,7 +87,10 @@ def load_config(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def build_model(cfg: Mapping[str, Any]) -> open_clip.CLIP:
     """Build an open_clip CLIP from a config (random weights), in eval mode."""
-    return open_clip.CLIP(**cfg).eval()
+    try:
+        return open_clip.CLIP(**cfg).eval()
+    except TypeError as exc:  # an unknown key in the config's vision_cfg / text_cfg
+        raise ConfigError(f"config: not an open_clip CLIP config: {exc}") from None
 
 
 def make_tokenizer(cfg: Mapping[str, Any]) -> open_clip.SimpleTokenizer:
@@ -186,9 +189,9 @@ def load_prompts(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"prompts {path}: file not found") from exc
-    except json.JSONDecodeError as exc:
+    except OSError as exc:
+        raise ConfigError(f"prompts {path}: cannot read ({exc.strerror or exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"prompts {path}: invalid JSON ({exc})") from exc
     if not isinstance(data, dict) or data.get("format") != PROMPTS_FORMAT or data.get("version") != 1:
         raise ConfigError(f'prompts {path}: needs "format": "{PROMPTS_FORMAT}" and "version": 1')

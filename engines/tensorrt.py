@@ -527,6 +527,12 @@ class TrtEngine(Engine):
 
     type_key: ClassVar[str] = "trt"
 
+    @classmethod
+    def suits_auto(cls, bundle: Bundle, options: EngineOptions) -> tuple[bool, str]:
+        if options.precision == "int8":
+            return False, "int8 runs on ort only"
+        return True, ""
+
     def __init__(
         self,
         bundle: Bundle,

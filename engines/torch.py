@@ -29,6 +29,8 @@ class TorchEngine(Engine):
 
     def __init__(self, bundle: Bundle, options: EngineOptions) -> None:
         super().__init__(bundle, options)
+        if options.precision == "int8":
+            raise EngineError("the torch engine has no int8 path; use --engine ort with a gated int8 bundle")
         self._model: FetalClipExport | None = None
         self._device = torch.device("cpu")
 
@@ -38,6 +40,8 @@ class TorchEngine(Engine):
 
     @classmethod
     def suits_auto(cls, bundle: Bundle, options: EngineOptions) -> tuple[bool, str]:
+        if options.precision == "int8":
+            return False, "int8 runs on ort only"
         if not torch.cuda.is_available():
             return False, f"no CUDA device (torch {torch.__version__})"
         if "torch" not in bundle.manifest["model"]:
@@ -65,9 +69,9 @@ class TorchEngine(Engine):
         ``threads`` > 0 sets torch's intra-op threads, which is process-wide: the
         engine owns its inference process.
         """
-        if self.options.precision == "int8":
-            raise EngineError("the torch engine has no int8 path; use --engine ort with a gated int8 bundle")
         device = self._resolve_device()
+        if device.type == "cpu" and self.options.precision == "fp16":
+            raise EngineError("the torch engine runs fp16 only on CUDA; use precision fp32 or auto on CPU")
         model_info = self.bundle.manifest["model"]
         name = model_info.get("torch")
         if name is None:

@@ -336,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     frames = grey if bundle.input.channels == 1 else np.repeat(grey[..., None], 3, axis=-1)
     gflop = vit_gflop(bundle.manifest["source"].get("config"), bundle.input.size)
 
-    rows, embeddings = measure(bundle, backends, frames, args)
+    try:
+        rows, embeddings = measure(bundle, backends, frames, args)
+    except (BundleError, EngineError) as exc:
+        print(f"bench_engine: error: {exc}", file=sys.stderr)
+        return 1
     reference = annotate(rows, embeddings, gflop)
     target = target_check(rows)
 

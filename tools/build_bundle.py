@@ -173,8 +173,8 @@ def build_bundle(
             f"prompts {prompts}: without a quality head the best frame is ranked by class "
             f"'{BEST_PLANE}', which the prompts lack"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bundle.json").unlink(missing_ok=True)  # a half-rebuilt bundle must not load
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
     lap("read inputs")
 
     with tqdm(total=2, desc="load model", unit="step") as progress:
@@ -192,12 +192,19 @@ def build_bundle(
     embeddings = class_embeddings(model, make_tokenizer(cfg), class_prompts)
     lap("encode prompts")
 
-    wrapper = FetalClipExport(
-        model.visual,
-        embeddings,
-        quality=loaded_heads.quality if loaded_heads is not None else None,
-        mask=loaded_heads.mask if loaded_heads is not None else None,
-    ).eval()
+    try:
+        wrapper = FetalClipExport(
+            model.visual,
+            embeddings,
+            quality=loaded_heads.quality if loaded_heads is not None else None,
+            mask=loaded_heads.mask if loaded_heads is not None else None,
+        ).eval()
+    except ValueError as exc:
+        raise HeadsError(f"heads file {heads}: {exc}") from None
+    # Only now, with every input read and checked, is the old bundle given up: a half-rebuilt one must
+    # not load, but a bad checkpoint must not destroy a good one either.
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bundle.json").unlink(missing_ok=True)
     del model  # the text tower is done with; keep only the image tower in memory
     onnx_path = export_onnx(wrapper, out / ONNX_NAME, max_batch=MAX_BATCH)
     lap("export onnx")
