@@ -29,6 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from engines.base import (  # noqa: E402
     Bundle,
     BundleError,
+    EngineError,
     EngineOptions,
     file_sha256,
     load_bundle,
@@ -291,6 +292,26 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(workdir: Path) -> None:
         "1 missing key(s) (visual.conv1.weight)"
     )
     assert not (workdir / "never" / "bundle.json").exists()
+
+
+def test_bad_checkpoint_leaves_an_existing_bundle_intact(plain_bundle: Bundle, workdir: Path) -> None:
+    manifest = (plain_bundle.path / "bundle.json").read_bytes()
+    junk = workdir / "junk.pt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError):
+        tool.build_bundle(junk, plain_bundle.path, config="tiny", torch_model=False)
+    assert (plain_bundle.path / "bundle.json").read_bytes() == manifest
+    load_bundle(plain_bundle.path)
+
+
+def test_auto_with_int8_never_picks_a_gpu_backend(plain_bundle: Bundle, monkeypatch) -> None:
+    import engines.base
+
+    monkeypatch.setattr(engines.base, "nvidia_driver_present", lambda: True)  # LABELLED FAKE: no GPU here
+    suits, why = TorchEngine.suits_auto(plain_bundle, EngineOptions(precision="int8"))
+    assert not suits and why == "int8 runs on ort only"
+    with pytest.raises(EngineError, match="no int8 path"):
+        TorchEngine(plain_bundle, EngineOptions(precision="int8"))
 
 
 # --------------------------------------------------------------------------- prompts and zero-shot
