@@ -54,7 +54,7 @@ class PostprocessStage(Stage):
             self.sink.emit(make_event(
                 "frame", self.endpoints.run_id, frame_id=header["id"], t_capture_ns=header["t"]["cap"],
                 latency_ms=(time.monotonic_ns() - header["t"]["cap"]) / 1e6, score=round(score, 6),
-                source_index=header["src"].get("index"), heads=self._heads(outputs)))
+                source_index=header["src"].get("index"), source=header["src"], heads=self._heads(outputs)))
         self.counters["scored"] += 1
         header["t"][self.stamp_out] = time.monotonic_ns()
         self._rows.append(segment_row(header["t"]))

@@ -237,3 +237,22 @@ def test_killed_supervisor_leaves_no_orphans_or_shared_memory(tmp_path: Path) ->
     while shm_segments() != shm_before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert shm_segments() == shm_before
+
+
+def test_phantom_sweeps_stream_with_their_sweep_and_ground_truth(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run_pipeline("--source", "phantom://3?frames=12", "--out", str(out), "--quiet", "--flood",
+                          "--set", "transport.policy=lossless")
+    assert result.returncode == 0, result.stderr
+    events = read_journal(out)
+    assert len(events) == 6 * 12
+    sources = [e["source"] for e in events]
+    assert [s["sweep"] for s in sources] == [i // 12 for i in range(72)]
+    assert all(s["pixel_spacing_mm"] == [0.28, 0.28] and s["gt_label"] in (0, 1, 2) for s in sources)
+    assert len({s["case"] for s in sources}) == 1
+
+
+def test_bad_phantom_uri_is_one_line(tmp_path: Path) -> None:
+    result = run_pipeline("--source", "phantom://3?case=2", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "unknown parameter 'case'" in result.stderr.strip().splitlines()[-1]

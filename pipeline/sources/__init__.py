@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import Source, SourceError, SourceFrame
+from .phantom import PhantomSource, parse_phantom
 from .synthetic import SyntheticSource, parse_synthetic
 from .video import LIVE_SCHEMES, VideoSource
 
@@ -15,12 +16,15 @@ def check_uri(uri: str) -> None:
     """Fail early, before any process starts, on a source that cannot exist."""
     if uri.startswith("synthetic:"):
         parse_synthetic(uri)
+    elif uri.startswith("phantom:"):
+        parse_phantom(uri)
     elif not uri.startswith(LIVE_SCHEMES) and not Path(uri).is_file():
         raise SourceError(f"source {uri}: no such file")
 
 
 def open_source(uri: str, pixel_format: str) -> Source:
-    cls = SyntheticSource if uri.startswith("synthetic:") else VideoSource
+    kinds = {"synthetic:": SyntheticSource, "phantom:": PhantomSource}
+    cls = next((kind for prefix, kind in kinds.items() if uri.startswith(prefix)), VideoSource)
     source = cls(uri, pixel_format)
     source.open()
     return source

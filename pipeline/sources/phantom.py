@@ -1,0 +1,62 @@
+"""Phantom blind sweeps streamed live: the synthetic cases of pipeline.phantom, frame by frame, with the
+sweep they belong to and their ground-truth label in the frame's source metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from urllib.parse import parse_qs, urlparse
+
+from pipeline.phantom import PIXEL_MM, iter_case_frames, make_cases
+
+from .base import Source, SourceError, SourceFrame
+
+
+def parse_phantom(uri: str) -> dict:
+    """`phantom://SEED[?cases=N&frames=F&fps=R]` -> seed, case count, frames per sweep, frame rate."""
+    parsed = urlparse(uri)
+    try:
+        query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+        unknown = set(query) - {"cases", "frames", "fps"}
+        if unknown:
+            raise ValueError(f"unknown parameter {sorted(unknown)[0]!r}")
+        spec = {"seed": int(parsed.netloc or 0), "cases": int(query.get("cases", 1)),
+                "frames": int(query.get("frames", 140)), "fps": float(query.get("fps", 30))}
+    except ValueError as exc:
+        raise SourceError(f"source {uri}: expected phantom://SEED[?cases=N&frames=F&fps=R] ({exc})") from None
+    if spec["seed"] < 0 or spec["cases"] < 1 or spec["frames"] < 2 or spec["fps"] <= 0:
+        raise SourceError(f"source {uri}: needs seed >= 0, cases >= 1, frames >= 2, fps > 0")
+    return spec
+
+
+class PhantomSource(Source):
+    def __init__(self, uri: str, pixel_format: str) -> None:
+        super().__init__(uri, pixel_format)
+        self.spec = parse_phantom(uri)
+        self._frames: Iterator[SourceFrame] | None = None
+
+    @property
+    def fps(self) -> float:
+        return self.spec["fps"]
+
+    def open(self) -> None:
+        self._frames = self._generate()
+
+    def _generate(self) -> Iterator[SourceFrame]:
+        index = 0
+        for case in make_cases(self.spec["seed"], self.spec["cases"], self.spec["frames"]):
+            for image, sweep, frame, truth in iter_case_frames(case):
+                if self.pixel_format == "bgr24":
+                    image = image[..., None].repeat(3, axis=-1)
+                meta = {"case": case.uid, "sweep": sweep, "sweep_frame": frame,
+                        "pixel_spacing_mm": [PIXEL_MM, PIXEL_MM], "gt_label": int(truth["label"])}
+                yield SourceFrame(image, index, index / self.fps, meta)
+                index += 1
+
+    def read(self) -> SourceFrame | None:
+        return next(self._frames, None)
+
+    def rewind(self) -> None:
+        self._frames = self._generate()
+
+    def describe(self) -> dict:
+        return {**super().describe(), **self.spec}
