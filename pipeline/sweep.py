@@ -1,0 +1,321 @@
+"""Sweep tracking and best-frame selection (pure logic, no I/O): fed one frame at a time, returns events.
+
+Sweep boundaries, in order of authority:
+
+1. Operator: once :meth:`SweepTracker.command` has been called, sweeps are exactly ``start`` .. ``stop``;
+   frames outside are ignored and neither source metadata nor the automatic rules split a sweep, because a
+   person who presses buttons means them.
+2. Source: a frame whose ``source`` carries ``sweep`` (ACOUSLIC stacks and phantom sweeps: ``case``,
+   ``sweep``, 140 frames each) belongs to the sweep ``(case, sweep)``; a change of that pair, or a
+   ``sweep_frame`` that does not increase (a looped recording replaying the same sweep), starts a new one.
+   The source knows better than any heuristic, so empty frames and timestamp gaps do not split it.
+3. Automatic: a sweep starts on the first frame with content; it ends when frames stay near-empty (probe
+   lifted) for ``empty_seconds`` or when timestamps jump by more than ``gap_seconds``.  Near-empty frames
+   inside a sweep are held back until content returns (then they belong to the sweep) or the timeout ends
+   it (then they do not), so a sweep ends at its last frame with content.
+
+At the end of a sweep the tracker emits the final ``best_frame`` and then ``sweep_ended``, so that nothing
+about a sweep arrives after its ``sweep_ended``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+NO_GOOD_FRAME = "no good frame"
+OPERATOR_COMMANDS = ("start", "stop")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Sweep tracking and best-frame selection settings.
+
+    Scores and content are taken to lie in [0, 1] (a probability-like best-frame score; the fraction of
+    non-dark pixels, or the mean intensity / 255, inside the field of view).
+    """
+
+    # A frame with content below this counts as near-empty (probe lifted off the skin).
+    empty_content_threshold: float = 0.05
+    # Near-empty frames for this long end an automatic sweep; shorter dips (poor contact) do not.
+    empty_seconds: float = 0.5
+    # A jump in frame timestamps longer than this ends an automatic sweep (source paused or reconnected).
+    gap_seconds: float = 1.0
+    # Causal moving-average window in frames (~1/6 s at 30 fps): damps single-frame score spikes.
+    smoothing_frames: int = 5
+    # A live best_frame update needs a smoothed score above the last one reported by this much.
+    hysteresis_margin: float = 0.02
+    # Frames between two live best_frame updates of a sweep, at least.
+    min_update_interval_frames: int = 5
+    # Smoothed score below which a frame is not worth measuring on.
+    min_score: float = 0.5
+    # Best frames (by smoothed score) kept per sweep for a robust median biometry.
+    top_k: int = 5
+
+    def __post_init__(self) -> None:
+        if self.empty_seconds < 0 or self.gap_seconds <= 0:
+            raise ValueError("empty_seconds must be >= 0 and gap_seconds > 0")
+        if self.smoothing_frames < 1 or self.min_update_interval_frames < 1 or self.top_k < 1:
+            raise ValueError("smoothing_frames, min_update_interval_frames and top_k must be >= 1")
+        if self.hysteresis_margin < 0:
+            raise ValueError("hysteresis_margin must be >= 0")
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """What sweep tracking needs of one frame: id, time (s), best-frame score, content, source metadata."""
+
+    frame_id: int
+    t: float
+    score: float
+    content: float = 1.0
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScoredFrame:
+    """A frame of a sweep with its smoothed score (what selection uses) and its raw score."""
+
+    sweep_id: int
+    frame_id: int
+    t: float
+    score: float
+    raw_score: float
+
+
+@dataclass(frozen=True)
+class SweepEvent:
+    """``sweep_started`` (at the sweep's first frame) or ``sweep_ended`` (``t``: when the end was decided)."""
+
+    type: str
+    sweep_id: int
+    reason: str
+    first_frame_id: int
+    last_frame_id: int
+    frame_count: int
+    t: float
+    case: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        frame_id = self.first_frame_id if self.type == "sweep_started" else self.last_frame_id
+        return {**dataclasses.asdict(self), "frame_id": frame_id}
+
+
+@dataclass(frozen=True)
+class BestFrameEvent:
+    """A live (``final`` false) or final best frame of a sweep; ``best`` is None only in a final event."""
+
+    sweep_id: int
+    best: ScoredFrame | None
+    final: bool
+    reason: str | None = None
+    top_k: tuple[ScoredFrame, ...] = ()
+    session_best: ScoredFrame | None = None
+
+    type = "best_frame"
+
+    def to_dict(self) -> dict[str, Any]:
+        best = self.best
+        return {"type": self.type, "sweep_id": self.sweep_id,
+                "frame_id": None if best is None else best.frame_id,
+                "score": None if best is None else best.score,
+                "raw_score": None if best is None else best.raw_score,
+                "t": None if best is None else best.t,
+                "final": self.final, "reason": self.reason,
+                "top_k": [dataclasses.asdict(f) for f in self.top_k],
+                "session_best": None if self.session_best is None else dataclasses.asdict(self.session_best)}
+
+
+Event = SweepEvent | BestFrameEvent
+
+
+class BestFrameSelector:
+    """Best frame of one sweep, by a causal moving average of the score.
+
+    Causal because the pipeline is live: the smoothed score of frame i is the mean of the raw scores of
+    frames i-w+1 .. i (fewer at the start of the sweep), known as soon as frame i arrives.  The price is a
+    lag: on a plateau the smoothed score first reaches its top w-1 frames into it, and ties keep the
+    earliest frame, so a plateau at least w frames long is picked w-1 frames after its start.
+
+    Live updates report the best frame so far, only when it beats the last reported one by the hysteresis
+    margin and at least ``min_update_interval_frames`` frames after it; a best found in between is reported
+    once the interval has passed, so the last live update can lag, but :meth:`finish` never does.
+    """
+
+    def __init__(self, sweep_id: int, config: SweepConfig | None = None) -> None:
+        self.sweep_id = sweep_id
+        self.config = config or SweepConfig()
+        self._window: deque[float] = deque(maxlen=self.config.smoothing_frames)
+        self._count = 0
+        self._best: ScoredFrame | None = None
+        # Min-heap of (smoothed score, -index, frame): the weakest, and among equals the latest, goes first.
+        self._top: list[tuple[float, int, ScoredFrame]] = []
+        self._live: ScoredFrame | None = None
+        self._live_index = 0
+        self._finished = False
+
+    def update(self, frame: FrameInfo) -> BestFrameEvent | None:
+        if self._finished:
+            raise RuntimeError(f"sweep {self.sweep_id} is finished")
+        cfg = self.config
+        self._window.append(float(frame.score))
+        smoothed = sum(self._window) / len(self._window)
+        scored = ScoredFrame(self.sweep_id, frame.frame_id, frame.t, smoothed, float(frame.score))
+        index = self._count
+        self._count += 1
+        if self._best is None or smoothed > self._best.score:
+            self._best = scored
+        if smoothed >= cfg.min_score:
+            entry = (smoothed, -index, scored)
+            if len(self._top) < cfg.top_k:
+                heapq.heappush(self._top, entry)
+            else:
+                heapq.heappushpop(self._top, entry)
+        best = self._best
+        if best.score < cfg.min_score:
+            return None
+        if self._live is not None and (best.score <= self._live.score + cfg.hysteresis_margin
+                                       or index - self._live_index < cfg.min_update_interval_frames):
+            return None
+        self._live, self._live_index = best, index
+        return BestFrameEvent(self.sweep_id, best, final=False)
+
+    def finish(self) -> BestFrameEvent:
+        """The one final event: the sweep's highest smoothed score (earliest on ties) and its top-k frames."""
+        if self._finished:
+            raise RuntimeError(f"sweep {self.sweep_id} is already finished")
+        self._finished = True
+        if self._best is None or self._best.score < self.config.min_score:
+            return BestFrameEvent(self.sweep_id, None, final=True, reason=NO_GOOD_FRAME)
+        top = tuple(entry[2] for entry in sorted(self._top, reverse=True))
+        return BestFrameEvent(self.sweep_id, self._best, final=True, top_k=top)
+
+
+class SessionBest:
+    """Best final frame over the sweeps of one case (a scanning session); earlier sweeps win ties."""
+
+    def __init__(self, case: Any = None) -> None:
+        self.case = case
+        self.best: ScoredFrame | None = None
+
+    def add(self, final: BestFrameEvent) -> ScoredFrame | None:
+        if not final.final:
+            raise ValueError("SessionBest aggregates final best_frame events only")
+        if final.best is not None and (self.best is None or final.best.score > self.best.score):
+            self.best = final.best
+        return self.best
+
+
+@dataclass
+class _Sweep:
+    sweep_id: int
+    key: tuple[Any, Any]
+    selector: BestFrameSelector
+    first: FrameInfo
+    last: FrameInfo
+    count: int = 0
+
+
+def _source_key(frame: FrameInfo) -> tuple[Any, Any]:
+    return frame.source.get("case"), frame.source.get("sweep")
+
+
+def _replayed(sweep: _Sweep, frame: FrameInfo) -> bool:
+    """True when the source's frame index within the sweep went back: the same sweep is being replayed."""
+    before, now = sweep.last.source.get("sweep_frame"), frame.source.get("sweep_frame")
+    return before is not None and now is not None and now <= before
+
+
+class SweepTracker:
+    """Splits a frame stream into sweeps and runs a :class:`BestFrameSelector` per sweep and a
+    :class:`SessionBest` per case; every method returns the events it caused, in order."""
+
+    def __init__(self, config: SweepConfig | None = None) -> None:
+        self.config = config or SweepConfig()
+        self._next_id = 0
+        self._sweep: _Sweep | None = None
+        self._held_empty: list[FrameInfo] = []
+        self._last_t: float | None = None
+        self._operator = False
+        self._armed = False
+        self.session: SessionBest | None = None
+
+    @property
+    def sweep_id(self) -> int | None:
+        """The open sweep, if any."""
+        return None if self._sweep is None else self._sweep.sweep_id
+
+    def update(self, frame: FrameInfo) -> list[Event]:
+        cfg = self.config
+        gap = self._last_t is not None and frame.t - self._last_t > cfg.gap_seconds
+        self._last_t = frame.t
+        if self._operator:
+            return self._start_or_add(frame, "operator") if self._armed else []
+        events: list[Event] = []
+        key = _source_key(frame)
+        if self._sweep is not None and (self._sweep.key != key or _replayed(self._sweep, frame)):
+            events += self._end(frame.t, "source")
+        if key[1] is not None:
+            return events + self._start_or_add(frame, "source")
+        if self._sweep is not None and gap:
+            events += self._end(frame.t, "gap")
+        if frame.content < cfg.empty_content_threshold:
+            if self._sweep is not None:
+                self._held_empty.append(frame)
+                if frame.t - self._held_empty[0].t >= cfg.empty_seconds:
+                    events += self._end(frame.t, "probe_lifted")
+            return events
+        for held in self._held_empty:
+            events += self._start_or_add(held, "content")
+        self._held_empty.clear()
+        return events + self._start_or_add(frame, "content")
+
+    def command(self, name: str, t: float) -> list[Event]:
+        """Operator ``start``/``stop`` at time t; from the first command on, only commands delimit sweeps.
+
+        ``start`` ends any open sweep and opens the next one at the following frame (so its
+        ``sweep_started`` carries a real first frame); ``stop`` ends the open sweep, if any.
+        """
+        if name not in OPERATOR_COMMANDS:
+            raise ValueError(f"unknown command {name!r}, expected one of {OPERATOR_COMMANDS}")
+        self._operator = True
+        self._armed = name == "start"
+        return self._end(t, "operator") if self._sweep is not None else []
+
+    def flush(self, t: float) -> list[Event]:
+        """End of stream: close the open sweep (final best_frame, then sweep_ended)."""
+        self._last_t = None
+        return self._end(t, "end_of_stream") if self._sweep is not None else []
+
+    def _start_or_add(self, frame: FrameInfo, reason: str) -> list[Event]:
+        events: list[Event] = []
+        sweep = self._sweep
+        if sweep is None:
+            sweep = self._sweep = _Sweep(self._next_id, _source_key(frame),
+                                         BestFrameSelector(self._next_id, self.config), frame, frame)
+            self._next_id += 1
+            case = frame.source.get("case")
+            if self.session is None or self.session.case != case:
+                self.session = SessionBest(case)
+            events.append(SweepEvent("sweep_started", sweep.sweep_id, reason, frame.frame_id, frame.frame_id,
+                                     1, frame.t, case))
+        sweep.last = frame
+        sweep.count += 1
+        live = sweep.selector.update(frame)
+        if live is not None:
+            events.append(live)
+        return events
+
+    def _end(self, t: float, reason: str) -> list[Event]:
+        sweep = self._sweep
+        assert sweep is not None and self.session is not None
+        self._sweep = None
+        self._held_empty.clear()
+        final = sweep.selector.finish()
+        final = dataclasses.replace(final, session_best=self.session.add(final))
+        ended = SweepEvent("sweep_ended", sweep.sweep_id, reason, sweep.first.frame_id, sweep.last.frame_id,
+                           sweep.count, t, self.session.case)
+        return [final, ended]
