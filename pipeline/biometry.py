@@ -15,10 +15,10 @@ sector edge is extrapolated to a full ellipse rather than measured along the cut
 same in spirit: the mask is clipped to the FOV, boundary points within 1 px of the FOV edge
 (the image border counts as an edge) are left out of the fit, and the result is flagged
 ``truncated``; ``coverage`` (visible arc / fitted perimeter) below one half adds
-``low_coverage`` because the extrapolation is then poorly constrained.  Two differences, on
-purpose: we keep every visible boundary point rather than only the longest visible arc, and
-we pass true semi-axes to Ramanujan (their code passes ``cv2.fitEllipse``'s full axis lengths,
-which are diameters, under the name of semi-axes).
+``low_coverage`` because the extrapolation is then poorly constrained.  One difference, on
+purpose: we keep every visible boundary point rather than only the longest visible arc (and
+drop points within 1 px of the FOV edge where they drop about 3 px), so a truncated abdomen can
+measure slightly differently from the official code.
 
 The fit goes through the centres of the outline pixels, as in the ACOUSLIC code and as
 ``cv2.ellipse`` draws (the pixel at distance a from the centre is inside).  If a mask marks
