@@ -76,4 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before the supervisor took over signals: nothing was started yet
+        print("sweepstream: interrupted before the pipeline started", file=sys.stderr)
+        sys.exit(130)

@@ -38,6 +38,7 @@ from .wire import Message
 
 log = logging.getLogger("sweepstream")
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DRAIN_EXIT_RESERVE_S = 0.3  # of the stop budget, kept for the stages to exit after draining
 
 PIPELINE: tuple[type[Stage], ...] = (CaptureStage, PreprocessStage, InferStage, PostprocessStage)
@@ -90,7 +91,7 @@ class Supervisor:
         self.t_start = time.monotonic()
         self.t_go = self.t_end = None
         with contextlib.ExitStack() as cleanup:  # undone in reverse order, whatever happens
-            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+            previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
             cleanup.callback(_restore_signals, previous)
             socket_dir = tempfile.mkdtemp(prefix="sweepstream-")
             cleanup.callback(shutil.rmtree, socket_dir, ignore_errors=True)
@@ -111,9 +112,13 @@ class Supervisor:
             self.control.bind(endpoints.control)
             cleanup.callback(self._take_down)
             try:
-                self._spawn(endpoints, bundle)
-                for sig in previous:  # children started with these ignored; from here on they mean "stop"
-                    signal.signal(sig, self._on_signal)
+                # Blocked while spawning, so children start with them blocked (and ignore them from their
+                # first line on), while one that arrives meanwhile waits for this process, not lost.
+                signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+                try:
+                    self._spawn(endpoints, bundle)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
                 self._supervise()
             except StageFailure as exc:
                 self.error = str(exc)

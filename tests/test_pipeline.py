@@ -214,7 +214,10 @@ def test_ctrl_c_while_stages_start_is_a_clean_stop(tmp_path: Path) -> None:
     process = subprocess.Popen(run_stream_cmd("--source", "synthetic://320x240?fps=30", "--out", str(out),
                                               "--quiet"), cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-    time.sleep(0.8)  # stages spawned, not yet ready
+    deadline = time.monotonic() + 60
+    while len(stage_pids(process.pid)) < 4:  # stages spawned; the engine is still loading
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.01)
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=15)
     assert process.returncode == 0, stderr
