@@ -771,6 +771,13 @@ def _probe(kind: str) -> tuple[type[Engine] | None, str]:
     return (cls if ok else None), reason
 
 
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of `a` with the same row of `b` (in float64), e.g. two engines'
+    embeddings of the same batch: the yardstick every parity check and gate uses."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
 def nvidia_driver_present() -> bool:
     """An NVIDIA kernel driver is loaded (Linux), without initialising CUDA in this process."""
     return os.path.exists("/proc/driver/nvidia/version")

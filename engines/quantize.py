@@ -39,7 +39,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from tqdm import tqdm
 
-from engines.base import Bundle, BundleError, file_sha256, load_bundle, write_manifest
+from engines.base import Bundle, BundleError, file_sha256, load_bundle, row_cosines, write_manifest
 from engines.onnxruntime import session_options
 
 INT8_NAME = "model.int8.onnx"
@@ -240,11 +240,6 @@ def _run_model(bundle: Bundle, path: Path, frames: np.ndarray, progress: tqdm) -
     return {name: np.concatenate([part[i] for part in parts]) for i, name in enumerate(names)}
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
 def compare_outputs(
     bundle: Bundle, fp32: dict[str, np.ndarray], int8: dict[str, np.ndarray]
 ) -> dict[str, float]:
@@ -254,7 +249,7 @@ def compare_outputs(
     for name, spec in bundle.outputs.items():
         got, want = int8[name], fp32[name]
         if spec.kind == "embedding":
-            cosines.append(_cosines(want, got))
+            cosines.append(row_cosines(want, got))
         elif spec.kind == "planes":
             top1.append(float(np.mean(got.argmax(axis=1) == want.argmax(axis=1))))
             planes_diff.append(float(np.abs(got.astype(np.float64) - want).max()))

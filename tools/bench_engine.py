@@ -49,6 +49,7 @@ from engines.base import (  # noqa: E402
     engine_class,
     load_bundle,
     nvidia_driver_present,
+    row_cosines,
     select_engine,
 )
 from engines.quantize import sample_frames  # noqa: E402
@@ -222,11 +223,6 @@ def measure(
     return rows, embeddings
 
 
-def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return float(np.min(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
-
-
 def annotate(
     rows: list[dict[str, Any]], embeddings: dict[tuple[str, int], np.ndarray | None], gflop: float | None
 ) -> str:
@@ -239,7 +235,8 @@ def annotate(
         torch_ms = medians.get((TORCH_CPU.label, row["batch"]))
         row["speedup_vs_torch_fp32"] = torch_ms / row["median_ms"] if torch_ms is not None else None
         mine, theirs = embeddings[key], embeddings[(reference, row["batch"])]
-        row["min_cosine"] = _min_cosine(mine, theirs) if mine is not None and theirs is not None else None
+        row["min_cosine"] = (float(row_cosines(mine, theirs).min())
+                             if mine is not None and theirs is not None else None)
         row["cosine_vs"] = reference
         row["gflop_per_s"] = gflop * row["frames_per_s"] if gflop is not None else None
     return reference

@@ -19,7 +19,14 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from engines.base import Bundle, BundleError, file_sha256, load_bundle, write_manifest  # noqa: E402
+from engines.base import (  # noqa: E402
+    Bundle,
+    BundleError,
+    file_sha256,
+    load_bundle,
+    row_cosines,
+    write_manifest,
+)
 from engines.fetalclip import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
@@ -80,8 +87,7 @@ def check_parity(wrapper: FetalClipExport, onnx_path: Path, frames: int, seed: i
     with torch.no_grad():
         want = {n: t.numpy() for n, t in zip(names, wrapper(torch.from_numpy(batch)), strict=True)}
 
-    a, b = got["embedding"].astype(np.float64), want["embedding"].astype(np.float64)
-    cosine = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    cosine = row_cosines(got["embedding"], want["embedding"])
     stats = {
         "embedding_cosine_min": float(cosine.min()),
         "planes_max_abs_diff": float(np.abs(got["planes"] - want["planes"]).max()),
