@@ -20,7 +20,7 @@ from pipeline.config import ENGINE_CHOICES, ConfigError, describe_options, load_
 SHORTCUTS = {
     "source": "source.uri", "flood": "source.flood", "loop": "source.loop", "max_frames": "source.max_frames",
     "duration": "source.duration", "bundle": "infer.bundle", "engine": "infer.engine", "out": "run.out",
-    "events": "postprocess.events", "quiet": "run.quiet",
+    "events": "postprocess.events", "control": "postprocess.control", "quiet": "run.quiet",
 }
 
 
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="inference backend (default auto: TensorRT, then torch-CUDA, then ONNX Runtime)")
     parser.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>-<id>)")
     parser.add_argument("--events", metavar="ENDPOINT", help="ZeroMQ PUB endpoint (default tcp://127.0.0.1:5556)")
+    parser.add_argument("--control", metavar="ENDPOINT",
+                        help="ZeroMQ REP endpoint for operator sweep start/stop (default tcp://127.0.0.1:5557; "
+                        "none: off)")
     parser.add_argument("--flood", action="store_true", default=None,
                         help="read the source as fast as possible")
     parser.add_argument("--loop", action="store_true", default=None, help="restart the source at its end")

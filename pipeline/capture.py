@@ -104,16 +104,17 @@ class CaptureStage(Stage):
             self._in_flight.pop(slot, None)
 
     def _wait_for_reader(self) -> None:
-        """Lossless runs must not overwrite a frame preprocess has not finished (ZeroMQ's high-water mark
-        cannot promise that: small headers also queue in kernel socket buffers). A flooded recording has no
-        camera to keep up with, so it also keeps at most FLOOD_IN_FLIGHT frames ahead of preprocess: as fast
-        as the pipeline goes, without producing frames only to drop them."""
+        """Lossless runs must not overwrite a frame the pipeline has not finished with: preprocess reads it
+        and postprocess may copy it out as a best frame (ZeroMQ's high-water mark cannot promise that:
+        small headers also queue in kernel socket buffers). A flooded recording has no camera to keep up
+        with, so it also keeps at most FLOOD_IN_FLIGHT frames ahead of preprocess: as fast as the pipeline
+        goes, without producing frames only to drop them."""
         pending = self._in_flight.get(self.ring.next_slot)
         ahead = FLOOD_IN_FLIGHT if self.config.source.flood else self.ring.slots
         deadline = time.monotonic() + SLOT_WAIT_S
         while time.monotonic() < deadline:
-            consumed = self.ring.consumed_before
-            if (pending is None or pending < consumed) and self._next_id - consumed < ahead:
+            reusable = pending is None or pending < self.ring.released_before
+            if reusable and self._next_id - self.ring.consumed_before < ahead:
                 return
             time.sleep(0.0002)
 

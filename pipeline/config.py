@@ -17,6 +17,9 @@ from typing import Any, Literal
 
 import tomli_w
 
+from .options import option
+from .sweep import SweepConfig
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -32,10 +35,6 @@ ENGINE_CHOICES = ("auto", "ort", "trt", "torch", "null")
 
 class ConfigError(ValueError):
     """A configuration problem, worded for the person who wrote the config."""
-
-
-def option(default: Any, help: str, *, min: float | None = None, max: float | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "min": min, "max": max})
 
 
 @dataclass
@@ -93,7 +92,15 @@ class InferConfig:
 @dataclass
 class PostprocessConfig:
     events: str = option("tcp://127.0.0.1:5556", "ZeroMQ PUB endpoint for events (topic = event type)")
+    control: str | None = option(
+        "tcp://127.0.0.1:5557", "ZeroMQ REP endpoint for operator commands (sweep start/stop, "
+        "tools/sweep_control.py); none: no control socket")
     frame_events: bool = option(True, "publish and journal one `frame` event per scored frame")
+    pixel_spacing_mm: tuple[float, float] | None = option(
+        None, "row,column pixel spacing in mm for frames whose source does not give one; without either, "
+        "biometry is reported in pixels and flagged uncalibrated", min=1e-6, max=100)
+    best_frames: bool = option(True, "save each sweep's final best frame and its mask as full-resolution "
+                               "PNGs in the run folder (best/)")
 
 
 @dataclass
@@ -117,6 +124,7 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
@@ -131,7 +139,8 @@ def _coerce(where: str, value: Any, hint: Any, meta: dataclasses.Field) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower()
+                                                     in ("", "none"))):
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(where, value, inner[0], meta)
@@ -244,6 +253,9 @@ def describe_options() -> str:
 
 def to_toml(config: Config) -> str:
     """The resolved config, written into the run folder so a run can be repeated exactly."""
-    plain = {name: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None}
-             for name, values in config.as_dict().items()}
-    return tomli_w.dumps(plain)
+    def plain(value: Any) -> Any:
+        # TOML has no null: "none" reads back as None for every optional option.
+        return "none" if value is None else list(value) if isinstance(value, tuple) else value
+
+    return tomli_w.dumps({name: {k: plain(v) for k, v in values.items()}
+                          for name, values in config.as_dict().items()})

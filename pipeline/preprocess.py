@@ -29,6 +29,8 @@ BUNDLE_RESIZE = {"bicubic": "bicubic", "bilinear": "linear", "area": "area", "ne
 # Pillow first box-reduces by whole factors while the remaining ratio stays >= this: 3x faster on 1080p,
 # within one grey level of the exact filter.
 PIL_REDUCING_GAP = 3.0
+# Grey level (of 255) above which a model-input pixel counts as content rather than an empty, lifted probe.
+DARK_LEVEL = 16
 
 
 def letterbox(frame: np.ndarray, size: int, channels: int, *, pad_to_square: bool = True,
@@ -57,6 +59,34 @@ def letterbox(frame: np.ndarray, size: int, channels: int, *, pad_to_square: boo
     if out.ndim == 2 and channels == 3:
         out = cv2.cvtColor(out, cv2.COLOR_GRAY2BGR)
     return out, geometry
+
+
+def content_fraction(model_input: np.ndarray, geometry: dict) -> float:
+    """Share of the content box (the model input without its padding) brighter than DARK_LEVEL: near 0 when
+    the probe is off the skin, what sweep tracking uses to end a sweep without the source's help."""
+    (x, y), (w, h) = geometry["offset"], geometry["content"]
+    x0, y0 = math.floor(x), math.floor(y)
+    box = model_input[y0:math.ceil(y + h), x0:math.ceil(x + w)]
+    if box.ndim == 3:
+        box = box[..., 0]
+    return float(np.count_nonzero(box > DARK_LEVEL)) / max(box.size, 1)
+
+
+def to_frame(mask: np.ndarray, geometry: dict, frame_shape: tuple[int, ...]) -> np.ndarray:
+    """A model-resolution 0/1 mask mapped back onto the full frame through the inverse of `letterbox`
+    (bilinear, then thresholded at one half, so edges are not staircased by the resize factor); zero
+    outside the region the model saw (ROI, rows and columns trimmed by the whole-factor shrink)."""
+    (rx, ry, rw, rh), (ox, oy), (sx, sy) = geometry["roi"], geometry["offset"], geometry["scale"]
+    height, width = frame_shape[:2]
+    # Pixel centres: model u + 0.5 = ox + (X + 0.5 - rx) * sx, so u = sx * X + (ox + (0.5 - rx) * sx - 0.5).
+    to_model = np.array([[sx, 0.0, ox + (0.5 - rx) * sx - 0.5],
+                         [0.0, sy, oy + (0.5 - ry) * sy - 0.5]], dtype=np.float64)
+    soft = cv2.warpAffine((np.asarray(mask) != 0).astype(np.uint8) * 255, to_model, (width, height),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT)
+    out = np.zeros((height, width), np.uint8)
+    box = (slice(max(ry, 0), min(ry + rh, height)), slice(max(rx, 0), min(rx + rw, width)))
+    out[box] = soft[box] >= 128
+    return out
 
 
 def _opencv(frame: np.ndarray, size: int, pad_to_square: bool, interpolation: str) -> tuple[np.ndarray, dict]:
@@ -209,6 +239,7 @@ class PreprocessStage(Stage):
             del view
             if self.ring.valid(slot, seq):
                 msg.header["geom"] = geometry
+                msg.header["content"] = content_fraction(model_input, geometry)
                 msg.header["t"][self.stamp_out] = time.monotonic_ns()  # waiting for a worker is transport
                 if len(self.held) == self.hold:
                     self.held.popleft()

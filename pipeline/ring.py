@@ -13,7 +13,9 @@ instructions between the accesses; there it is sound for detecting overwrites in
 
 Layout (little-endian):
     [0, 64)                 magic b"SWRING01", uint64 slot count, uint64 slot capacity in bytes,
-                            uint64 "consumed before": the reader is done with every frame id below it
+                            uint64 "consumed before": the first reader (preprocess) is done with every
+                            frame id below it; uint64 "released before": the same for the last reader
+                            (postprocess, which copies best frames out of the ring)
     [64, 64 + 64 * slots)   per-slot metadata, one 64-byte line each (see _META)
     then                    slot data areas, each starting on a 64-byte boundary
 """
@@ -97,7 +99,7 @@ class FrameRing:
         # frombuffer holds a real buffer export (np.ndarray(buffer=...) does not), so closing while a view
         # is alive raises BufferError instead of unmapping memory from under it.
         whole = np.frombuffer(shm.buf, dtype=np.uint8)
-        self._consumed = whole[_HEADER.size:_HEADER.size + 8].view("<u8")
+        self._marks = whole[_HEADER.size:_HEADER.size + 16].view("<u8")  # [consumed, released]
         meta = whole[_ALIGN:data_offset].view(_META)
         self._seq = meta["seq"]
         self._frame_id = meta["frame_id"]
@@ -190,13 +192,22 @@ class FrameRing:
 
     @property
     def consumed_before(self) -> int:
-        """Every frame id below this one has been dealt with by the reader (used, skipped or dropped)."""
-        return int(self._consumed[0])
+        """Every frame id below this one has been dealt with by the first reader (used, skipped, dropped)."""
+        return int(self._marks[0])
 
     def mark_consumed(self, frame_id: int) -> None:
-        """Reader side: frames reach the reader in id order, so being done with `frame_id` means being done
-        with all before it. A writer that must not lose frames waits on this before reusing a slot."""
-        self._consumed[0] = frame_id + 1
+        """First reader: frames arrive in id order, so being done with `frame_id` means being done with all
+        before it. A writer that must not run ahead of the pipeline waits on this."""
+        self._marks[0] = frame_id + 1
+
+    @property
+    def released_before(self) -> int:
+        """No reader will look at a frame id below this one again; its slot may be reused without loss."""
+        return int(self._marks[1])
+
+    def mark_released(self, frame_id: int) -> None:
+        """Last reader: done with `frame_id` and every frame before it."""
+        self._marks[1] = frame_id + 1
 
     def valid(self, slot: int, seq: int) -> bool:
         """True while the slot still holds exactly the write identified by (slot, seq)."""
@@ -237,7 +248,7 @@ class FrameRing:
     def close(self) -> None:
         """Unmap the segment; idempotent. Views from `borrow` must already be gone."""
         self._seq = self._frame_id = self._ndim = self._dtype = self._shape = self._nbytes = None
-        self._consumed = None
+        self._marks = None
         self._data = None
         try:
             self._shm.close()

@@ -21,39 +21,45 @@ about a sweep arrives after its ``sweep_ended``.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+from .options import option
 
 NO_GOOD_FRAME = "no good frame"
 OPERATOR_COMMANDS = ("start", "stop")
 
 
-@dataclass(frozen=True)
+@dataclass
 class SweepConfig:
-    """Sweep tracking and best-frame selection settings.
+    """Sweep tracking and best-frame selection settings (the run configuration's ``[sweep]`` section).
 
     Scores and content are taken to lie in [0, 1] (a probability-like best-frame score; the fraction of
-    non-dark pixels, or the mean intensity / 255, inside the field of view).
+    non-dark pixels of the frame's content).
     """
 
-    # A frame with content below this counts as near-empty (probe lifted off the skin).
-    empty_content_threshold: float = 0.05
-    # Near-empty frames for this long end an automatic sweep; shorter dips (poor contact) do not.
-    empty_seconds: float = 0.5
-    # A jump in frame timestamps longer than this ends an automatic sweep (source paused or reconnected).
-    gap_seconds: float = 1.0
-    # Causal moving-average window in frames (~1/6 s at 30 fps): damps single-frame score spikes.
-    smoothing_frames: int = 5
-    # A live best_frame update needs a smoothed score above the last one reported by this much.
-    hysteresis_margin: float = 0.02
-    # Frames between two live best_frame updates of a sweep, at least.
-    min_update_interval_frames: int = 5
-    # Smoothed score below which a frame is not worth measuring on.
-    min_score: float = 0.5
-    # Best frames (by smoothed score) kept per sweep for a robust median biometry.
-    top_k: int = 5
+    empty_content_threshold: float = option(
+        0.05, "a frame with less content than this (fraction of non-dark pixels) counts as near-empty "
+        "(probe lifted off the skin)", min=0, max=1)
+    empty_seconds: float = option(
+        0.5, "near-empty frames for this long end an automatic sweep; shorter dips (poor contact) do not",
+        min=0, max=3600)
+    gap_seconds: float = option(
+        1.0, "a jump in frame timestamps longer than this ends an automatic sweep (source paused or "
+        "reconnected)", min=0.001, max=3600)
+    smoothing_frames: int = option(
+        5, "causal moving-average window of the best-frame score, in frames (damps single-frame spikes)",
+        min=1, max=1000)
+    hysteresis_margin: float = option(
+        0.02, "a live best_frame update needs a smoothed score above the last one reported by this much",
+        min=0, max=1)
+    min_update_interval_frames: int = option(
+        5, "frames between two live best_frame updates of a sweep, at least", min=1, max=100000)
+    min_score: float = option(0.5, "smoothed score below which a frame is not worth measuring on",
+                              min=0, max=1)
+    top_k: int = option(5, "best frames (by smoothed score) per sweep whose median AC is reported",
+                        min=1, max=100)
 
     def __post_init__(self) -> None:
         if self.empty_seconds < 0 or self.gap_seconds <= 0:
@@ -133,12 +139,16 @@ Event = SweepEvent | BestFrameEvent
 
 
 class BestFrameSelector:
-    """Best frame of one sweep, by a causal moving average of the score.
+    """Best frame of one sweep: the best window of frames, and in it the frame with the best own score.
 
-    Causal because the pipeline is live: the smoothed score of frame i is the mean of the raw scores of
-    frames i-w+1 .. i (fewer at the start of the sweep), known as soon as frame i arrives.  The price is a
-    lag: on a plateau the smoothed score first reaches its top w-1 frames into it, and ties keep the
-    earliest frame, so a plateau at least w frames long is picked w-1 frames after its start.
+    Windows, because the pipeline is live: the smoothed score at frame i is the mean of the raw scores of
+    frames i-w+1 .. i (fewer at the start of the sweep), known as soon as frame i arrives, and it damps
+    single-frame spikes. The frame reported for a window is its highest raw score (earliest on ties), not
+    its last frame, so a causal window adds no lag to the pick: a short run of good frames (a blind sweep
+    crosses the standard plane in a few frames) inside a merely fair stretch is still the one picked.
+    Windows are ranked by smoothed score; ties keep the earliest window. For the top-k (robust biometry)
+    a frame ranks by the best smoothed score of the windows it ended or was chosen by, so the best frame
+    comes first and the others are its good neighbours, each once.
 
     Live updates report the best frame so far, only when it beats the last reported one by the hysteresis
     margin and at least ``min_update_interval_frames`` frames after it; a best found in between is reported
@@ -148,11 +158,10 @@ class BestFrameSelector:
     def __init__(self, sweep_id: int, config: SweepConfig | None = None) -> None:
         self.sweep_id = sweep_id
         self.config = config or SweepConfig()
-        self._window: deque[float] = deque(maxlen=self.config.smoothing_frames)
+        self._window: deque[FrameInfo] = deque(maxlen=self.config.smoothing_frames)
         self._count = 0
         self._best: ScoredFrame | None = None
-        # Min-heap of (smoothed score, -index, frame): the weakest, and among equals the latest, goes first.
-        self._top: list[tuple[float, int, ScoredFrame]] = []
+        self._top: dict[int, tuple[float, int, ScoredFrame]] = {}  # frame id -> (score, -order, frame)
         self._live: ScoredFrame | None = None
         self._live_index = 0
         self._finished = False
@@ -161,19 +170,18 @@ class BestFrameSelector:
         if self._finished:
             raise RuntimeError(f"sweep {self.sweep_id} is finished")
         cfg = self.config
-        self._window.append(float(frame.score))
-        smoothed = sum(self._window) / len(self._window)
-        scored = ScoredFrame(self.sweep_id, frame.frame_id, frame.t, smoothed, float(frame.score))
+        self._window.append(frame)
+        smoothed = sum(float(f.score) for f in self._window) / len(self._window)
+        chosen = max(self._window, key=lambda f: float(f.score))  # max keeps the earliest of equals
+        scored = ScoredFrame(self.sweep_id, chosen.frame_id, chosen.t, smoothed, float(chosen.score))
         index = self._count
         self._count += 1
         if self._best is None or smoothed > self._best.score:
             self._best = scored
         if smoothed >= cfg.min_score:
-            entry = (smoothed, -index, scored)
-            if len(self._top) < cfg.top_k:
-                heapq.heappush(self._top, entry)
-            else:
-                heapq.heappushpop(self._top, entry)
+            self._rank(scored, index)
+            arrived = ScoredFrame(self.sweep_id, frame.frame_id, frame.t, smoothed, float(frame.score))
+            self._rank(arrived, index)
         best = self._best
         if best.score < cfg.min_score:
             return None
@@ -183,6 +191,32 @@ class BestFrameSelector:
         self._live, self._live_index = best, index
         return BestFrameEvent(self.sweep_id, best, final=False)
 
+    def _rank(self, scored: ScoredFrame, index: int) -> None:
+        """Top-k distinct frames by their best window score; among equals the earliest window stays."""
+        known = self._top.get(scored.frame_id)
+        if known is not None and known[0] >= scored.score:
+            return
+        self._top[scored.frame_id] = (scored.score, -index, scored)
+        if len(self._top) > self.config.top_k:
+            weakest = min(self._top.values(), key=lambda entry: entry[:2])
+            del self._top[weakest[2].frame_id]
+
+    @property
+    def best(self) -> ScoredFrame | None:
+        """The highest smoothed score so far (earliest on ties), whatever min_score says."""
+        return self._best
+
+    @property
+    def window_ids(self) -> set[int]:
+        """Frames of the current smoothing window: a later window may still choose any of them."""
+        return {f.frame_id for f in self._window}
+
+    def keeps(self, frame_id: int) -> bool:
+        """True while the frame is the best, among the top-k, or in the current window (a later window may
+        still choose it): what a caller must keep the data of."""
+        return ((self._best is not None and self._best.frame_id == frame_id) or frame_id in self._top
+                or any(f.frame_id == frame_id for f in self._window))
+
     def finish(self) -> BestFrameEvent:
         """The one final event: the sweep's highest smoothed score (earliest on ties) and its top-k frames."""
         if self._finished:
@@ -190,7 +224,7 @@ class BestFrameSelector:
         self._finished = True
         if self._best is None or self._best.score < self.config.min_score:
             return BestFrameEvent(self.sweep_id, None, final=True, reason=NO_GOOD_FRAME)
-        top = tuple(entry[2] for entry in sorted(self._top, reverse=True))
+        top = tuple(entry[2] for entry in sorted(self._top.values(), key=lambda e: e[:2], reverse=True))
         return BestFrameEvent(self.sweep_id, self._best, final=True, top_k=top)
 
 
@@ -247,6 +281,11 @@ class SweepTracker:
     def sweep_id(self) -> int | None:
         """The open sweep, if any."""
         return None if self._sweep is None else self._sweep.sweep_id
+
+    @property
+    def selector(self) -> BestFrameSelector | None:
+        """The open sweep's best-frame selector, if a sweep is open."""
+        return None if self._sweep is None else self._sweep.selector
 
     def update(self, frame: FrameInfo) -> list[Event]:
         cfg = self.config

@@ -39,15 +39,18 @@ def mp4_60(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_stream_cmd(*args: str) -> list[str]:
-    return [sys.executable, str(REPO / "run_stream.py"), "--events", "tcp://127.0.0.1:*", *args]
+    return [sys.executable, str(REPO / "run_stream.py"), "--events", "tcp://127.0.0.1:*",
+            "--control", "tcp://127.0.0.1:*", *args]
 
 
 def run_pipeline(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(run_stream_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def read_journal(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+def read_journal(out: Path, kind: str | None = None) -> list[dict]:
+    """The run's events, or only those of one type."""
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    return events if kind is None else [e for e in events if e["type"] == kind]
 
 
 def shm_segments() -> set[str]:

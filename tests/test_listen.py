@@ -10,6 +10,8 @@ from pathlib import Path
 
 from conftest import REPO, run_stream_cmd
 
+from pipeline.events import EVENT_TYPES
+
 
 def _free_port() -> int:
     with socket.socket() as probe:
@@ -34,7 +36,7 @@ def test_listen_prints_the_pipelines_events(tmp_path: Path) -> None:
     events = [json.loads(line) for line in raw_out.splitlines()]
     assert len(events) == 5 and all(e["type"] == "frame" and e["schema"] == 1 for e in events)
     lines = pretty_out.splitlines()
-    assert len(lines) == 5 and all(line.startswith("frame") and " ms " in line for line in lines)
+    assert len(lines) == 5 and all(line.split()[0] in EVENT_TYPES and " ms " in line for line in lines)
 
 
 def test_listen_times_out_with_one_line() -> None:

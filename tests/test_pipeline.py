@@ -56,7 +56,7 @@ def test_mp4_runs_through_all_four_processes(mp4_60: Path, tmp_path: Path) -> No
     assert frames["read"] == 60
     assert frames["balanced"] and frames["scored"] + frames["dropped"] == frames["read"]
     assert frames["dropped"] == 0  # 30 fps is far below any stage's cost; stages connect before frames flow
-    events = read_journal(out)
+    events = read_journal(out, "frame")
     assert len(events) == frames["scored"] > 0
     for event in events:
         assert set(COMMON_FIELDS) <= set(event)
@@ -89,7 +89,7 @@ def test_max_frames_and_loop(mp4_60: Path, tmp_path: Path) -> None:
     result = run_pipeline("--source", str(mp4_60), "--out", str(out), "--quiet", "--flood", "--loop",
                           "--max-frames", "150", "--set", "transport.policy=lossless")
     assert result.returncode == 0, result.stderr
-    events = read_journal(out)
+    events = read_journal(out, "frame")
     assert len(events) == 150
     assert [e["source_index"] for e in events][58:62] == [58, 59, 0, 1]
 
@@ -112,7 +112,7 @@ def test_sigint_stops_cleanly_within_two_seconds(tmp_path: Path) -> None:
     summary = _summary(out)
     assert summary["outcome"] == "interrupted" and summary["signal"] == "SIGINT"
     assert summary["frames"]["balanced"]
-    assert len(read_journal(out)) == summary["frames"]["scored"]  # every scored frame was flushed
+    assert len(read_journal(out, "frame")) == summary["frames"]["scored"]  # every scored frame was flushed
     assert shm_segments() == shm_before and socket_dirs() == dirs_before
 
 
@@ -177,7 +177,7 @@ def test_overload_keeps_latency_bounded_and_counts_drops(tmp_path: Path) -> None
     assert infer["p50"] > 12, "the slow bundle should cost more than a frame period (10 ms)"
     period = 10.0
     assert latency["end_to_end"]["p99"] < 1.5 * infer["p99"] + period + 10
-    events = read_journal(out)
+    events = read_journal(out, "frame")
     latencies = np.array([e["latency_ms"] for e in events])
     seconds = np.array([e["t_capture"] for e in events]) - events[0]["t_capture"]
     first, last = latencies[seconds < 1.5], latencies[seconds > seconds[-1] - 1.5]
@@ -247,7 +247,7 @@ def test_phantom_sweeps_stream_with_their_sweep_and_ground_truth(tmp_path: Path)
     result = run_pipeline("--source", "phantom://3?frames=12", "--out", str(out), "--quiet", "--flood",
                           "--set", "transport.policy=lossless")
     assert result.returncode == 0, result.stderr
-    events = read_journal(out)
+    events = read_journal(out, "frame")
     assert len(events) == 6 * 12
     sources = [e["source"] for e in events]
     assert [s["sweep"] for s in sources] == [i // 12 for i in range(72)]

@@ -255,4 +255,9 @@ def test_reader_publishes_how_far_it_has_consumed() -> None:
         assert ring.next_slot == 3
         reader.mark_consumed(1)
         assert ring.consumed_before == reader.consumed_before == 2
+        assert ring.released_before == 0  # the two marks are separate counters
+        last = FrameRing.attach(ring.name)
+        last.mark_released(0)
+        assert ring.released_before == reader.released_before == 1 and ring.consumed_before == 2
+        last.close()
         reader.close()

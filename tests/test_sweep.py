@@ -80,10 +80,21 @@ def test_plateau_picks_first_full_window_inside_it():
     cfg = SweepConfig(smoothing_frames=5)
     scores = [0.2] * 20 + [0.9] * 15 + [0.2] * 20
     _, final = select(scores, cfg)
-    # Causal smoothing reaches the plateau's top w-1 frames into it; ties keep the earliest frame.
-    assert final.best.frame_id == 20 + cfg.smoothing_frames - 1
-    assert 20 <= final.best.frame_id < 35
-    assert final.best.score == pytest.approx(0.9)
+    # The first window wholly inside the plateau wins; on a flat plateau it reports its earliest frame.
+    assert final.best.frame_id == 20
+    assert final.best.score == pytest.approx(0.9) and final.best.raw_score == pytest.approx(0.9)
+
+
+def test_short_run_of_good_frames_inside_a_fair_stretch_is_picked_without_lag():
+    # A blind sweep crosses the standard plane in two frames; around it the abdomen is merely visible.
+    cfg = SweepConfig(smoothing_frames=5)
+    scores = [0.1] * 20 + [0.6] * 10 + [0.97, 0.95] + [0.6] * 10 + [0.1] * 20
+    live, final = select(scores, cfg)
+    assert final.best.frame_id == 30 and final.best.raw_score == pytest.approx(0.97)
+    assert live[-1].best.frame_id == 30
+    # Each window ranks a frame once: the top-k frames are distinct.
+    ids = [f.frame_id for f in final.top_k]
+    assert len(ids) == len(set(ids)) and ids[0] == 30
 
 
 def test_two_peaks_higher_first_wins_and_live_updates_stop():

@@ -1,0 +1,205 @@
+"""Sweep analysis: sweep tracking, best frame and biometry over a stream of scored frames.
+
+The postprocess stage hands every scored frame to :class:`SweepAnalyzer` with its model-resolution mask, the
+letterbox geometry and a way to look at the full-resolution frame; the analyzer answers with findings (event
+payloads and the full-resolution images worth saving). It does no I/O, so it is tested with plain arrays.
+
+What it keeps: per open sweep, the model-resolution masks of the frames the best-frame selector still ranks
+(the best and the top-k, a few 224 x 224 bytes each), and one full-resolution copy of the sweep's current
+best frame, taken the moment it became the best, while its ring slot still holds it. The field of view for
+sector-edge handling is estimated as the ACOUSLIC evaluation derives it: pixels non-zero in any frame of
+the scanning session (cleaned), accumulated frame by frame and reset when the case or frame size changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .acouslic import derive_fov_mask
+from .biometry import Measurement, measure, robust_ac
+from .preprocess import to_frame
+from .sweep import BestFrameEvent, FrameInfo, SweepConfig, SweepEvent, SweepTracker
+
+
+@dataclass(frozen=True)
+class AnalyzedFrame:
+    """A scored frame as the analyzer needs it."""
+
+    info: FrameInfo
+    t_capture_ns: int
+    mask: np.ndarray | None  # model-resolution 0/1 abdomen mask, None when the bundle has no mask output
+    geometry: dict[str, Any]  # letterbox geometry (pipeline.preprocess.letterbox)
+    frame_shape: tuple[int, ...]  # full-resolution frame shape
+    spacing_mm: tuple[float, float] | None  # (row, column) mm per pixel, None when uncalibrated
+
+
+@dataclass
+class Finding:
+    """One event to publish: its type, ids, payload, and full-resolution images to save with it."""
+
+    type: str
+    sweep_id: int
+    frame_id: int | None
+    t_capture_ns: int | None
+    fields: dict[str, Any]
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class _Kept:
+    frame: AnalyzedFrame
+    image: np.ndarray | None = None  # full-resolution copy, only for the sweep's best frame
+
+
+def _gray(view: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(view, cv2.COLOR_BGR2GRAY) if view.ndim == 3 else view
+
+
+class SweepAnalyzer:
+    """Feeds a :class:`SweepTracker` and turns its events into findings with biometry attached."""
+
+    def __init__(self, config: SweepConfig | None = None) -> None:
+        self.config = config or SweepConfig()
+        self.tracker = SweepTracker(self.config)
+        self._kept: dict[int, dict[int, _Kept]] = {}  # sweep id -> frame id -> what is kept of it
+        self._fov_sum: np.ndarray | None = None
+        self._fov_key: tuple[Any, tuple[int, ...]] | None = None
+        self.images_missed = 0  # final best frames whose ring slot was overwritten before they were copied
+
+    def add(self, frame: AnalyzedFrame, image: np.ndarray | None) -> list[Finding]:
+        """One scored frame with a private copy of its full-resolution image (None when the ring slot was
+        overwritten before it could be read)."""
+        if image is not None:
+            self._accumulate_fov(frame, image)
+        events = self.tracker.update(frame.info)
+        self._keep(frame, image)
+        return self._findings(events, frame)
+
+    def command(self, name: str, t: float) -> list[Finding]:
+        """Operator `start`/`stop` (see SweepTracker.command)."""
+        return self._findings(self.tracker.command(name, t), None)
+
+    def flush(self, t: float) -> list[Finding]:
+        """End of stream: the open sweep's final best frame, biometry and end."""
+        return self._findings(self.tracker.flush(t), None)
+
+    # -- keeping what selection may still need ----------------------------------------------------------
+    def _keep(self, frame: AnalyzedFrame, image: np.ndarray | None) -> None:
+        """Near-empty frames the tracker holds back are not kept: they rank too low to matter."""
+        selector, sweep_id = self.tracker.selector, self.tracker.sweep_id
+        if selector is None or sweep_id is None:
+            return
+        kept = self._kept.setdefault(sweep_id, {})
+        if selector.keeps(frame.info.frame_id):
+            kept[frame.info.frame_id] = _Kept(frame, image)
+        for old_id in [i for i in kept if not selector.keeps(i)]:
+            del kept[old_id]
+        # Full-resolution copies only where the best frame is or may yet be: itself and the window.
+        wanted = selector.window_ids | ({selector.best.frame_id} if selector.best is not None else set())
+        for frame_id, entry in kept.items():
+            if frame_id not in wanted:
+                entry.image = None
+
+    def _accumulate_fov(self, frame: AnalyzedFrame, image: np.ndarray) -> None:
+        key = (frame.info.source.get("case"), frame.frame_shape[:2])
+        gray = _gray(image)
+        if key != self._fov_key or self._fov_sum is None:
+            self._fov_key, self._fov_sum = key, gray.copy()
+        else:
+            np.maximum(self._fov_sum, gray, out=self._fov_sum)
+
+    def _fov(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        if self._fov_sum is None or self._fov_sum.shape != tuple(shape[:2]):
+            return None
+        fov = derive_fov_mask(self._fov_sum)
+        return fov if fov.any() else None
+
+    # -- events -> findings -------------------------------------------------------------------------------
+    def _findings(self, events: list[SweepEvent | BestFrameEvent], trigger: AnalyzedFrame | None
+                  ) -> list[Finding]:
+        findings: list[Finding] = []
+        for event in events:
+            if isinstance(event, SweepEvent):
+                first = event.type == "sweep_started"
+                payload = event.to_dict()
+                findings.append(Finding(event.type, event.sweep_id, payload["frame_id"],
+                                        trigger.t_capture_ns if first and trigger else None,
+                                        _fields(payload)))
+                if not first:
+                    self._kept.pop(event.sweep_id, None)
+            else:
+                findings += self._best_frame(event)
+        return findings
+
+    def _best_frame(self, event: BestFrameEvent) -> list[Finding]:
+        kept = self._kept.get(event.sweep_id, {})
+        payload = event.to_dict()
+        fields = _fields(payload)
+        best = None if event.best is None else kept.get(event.best.frame_id)
+        found = Finding("best_frame", event.sweep_id, payload["frame_id"],
+                        None if best is None else best.frame.t_capture_ns, fields)
+        if best is None:
+            return [found]
+        mask = self._full_mask(best.frame)
+        measured = self._measure(best.frame, mask)
+        biometry = self._biometry(event, best, measured, kept)
+        if event.final:
+            if best.image is not None:
+                found.images["frame"] = best.image
+            else:
+                self.images_missed += 1
+            if mask is not None:
+                found.images["mask"] = mask * np.uint8(255)
+        return [found] if biometry is None else [found, biometry]
+
+    def _full_mask(self, frame: AnalyzedFrame) -> np.ndarray | None:
+        if frame.mask is None:
+            return None
+        return to_frame(frame.mask, frame.geometry, frame.frame_shape)
+
+    def _measure(self, frame: AnalyzedFrame, mask: np.ndarray | None) -> Measurement | None:
+        if mask is None:
+            return None
+        return measure(mask, frame.spacing_mm, self._fov(frame.frame_shape))
+
+    def _biometry(self, event: BestFrameEvent, best: _Kept, measured: Measurement | None,
+                  kept: dict[int, _Kept]) -> Finding | None:
+        """Live: the best frame's own AC. Final: the median over the sweep's top-k frames, with their
+        spread as the confidence; the best frame's ellipse is given either way."""
+        if measured is None:
+            return None
+        fields: dict[str, Any] = {"final": event.final, "frame": measured.as_dict()}
+        if event.final and event.top_k:
+            ranked = [(kept[f.frame_id].frame, f.score) for f in event.top_k if f.frame_id in kept]
+            pairs = [(measured if f is best.frame else self._measure(f, self._full_mask(f)), score)
+                     for f, score in ranked]
+            robust = robust_ac([(m, s) for m, s in pairs if m is not None], k=self.config.top_k)
+            fields.update(method="median_top_k", frames=[ranked[i][0].info.frame_id for i in robust.used],
+                          **_summary(robust.ac if robust.unit == "mm" else None,
+                                     robust.ac if robust.unit == "px" else None, robust.ga_weeks,
+                                     robust.confidence, robust.flags, robust.status),
+                          spread=robust.iqr, unit=robust.unit)
+        else:
+            fields.update(method="single_frame", frames=[best.frame.info.frame_id],
+                          **_summary(measured.ac_mm, measured.ac_px, measured.ga_weeks,
+                                     1.0 if measured.valid else 0.0, measured.flags, measured.status),
+                          spread=None, unit=None if not measured.valid else "mm" if measured.ac_mm else "px")
+        fields["pixel_spacing_mm"] = None if best.frame.spacing_mm is None else list(best.frame.spacing_mm)
+        fields["uncalibrated"] = best.frame.spacing_mm is None
+        fields["ellipse"] = None if measured.fit is None else measured.fit.ellipse.as_dict()
+        return Finding("biometry", event.sweep_id, best.frame.info.frame_id, best.frame.t_capture_ns, fields)
+
+
+def _fields(payload: dict[str, Any]) -> dict[str, Any]:
+    """An event's own fields: type, sweep and frame ids are common fields of every event."""
+    return {k: v for k, v in payload.items() if k not in ("type", "sweep_id", "frame_id")}
+
+
+def _summary(ac_mm: float | None, ac_px: float | None, ga: float | None, confidence: float,
+             flags: tuple[str, ...], status: str) -> dict[str, Any]:
+    return {"status": status, "ac_mm": ac_mm, "ac_px": ac_px, "ga_weeks": ga,
+            "confidence": round(float(confidence), 4), "flags": list(flags)}
