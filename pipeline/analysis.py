@@ -140,6 +140,7 @@ class SweepAnalyzer:
         payload = event.to_dict()
         fields = _fields(payload)
         best = None if event.best is None else kept.get(event.best.frame_id)
+        fields["source"] = None if best is None else best.frame.info.source
         found = Finding("best_frame", event.sweep_id, payload["frame_id"],
                         None if best is None else best.frame.t_capture_ns, fields)
         if best is None:
@@ -172,7 +173,7 @@ class SweepAnalyzer:
         spread as the confidence; the best frame's ellipse is given either way."""
         if measured is None:
             return None
-        fields: dict[str, Any] = {"final": event.final, "frame": measured.as_dict()}
+        fields: dict[str, Any] = {"final": event.final, "measurement": measured.as_dict()}
         if event.final and event.top_k:
             ranked = [(kept[f.frame_id].frame, f.score) for f in event.top_k if f.frame_id in kept]
             pairs = [(measured if f is best.frame else self._measure(f, self._full_mask(f)), score)

@@ -40,7 +40,9 @@ class ConfigError(ValueError):
 @dataclass
 class SourceConfig:
     uri: str = option(DEFAULT_SOURCE, "video file, stream URL (rtsp://, udp://, http://), /dev/videoN, "
-                      "or synthetic://WxH[?fps=F&frames=N&channels=C] (in-memory test pattern)")
+                      "image stack (.mha/.mhd/.nrrd/.nii, 6 sweeps per case) or a folder of them "
+                      "(ACOUSLIC-AI layout), phantom://SEED[?cases=N&frames=F&fps=R] (synthetic blind "
+                      "sweeps) or synthetic://WxH[?fps=F&frames=N&channels=C] (in-memory test pattern)")
     flood: bool = option(False, "read as fast as the pipeline takes frames instead of at the source's "
                          "native rate (capture waits for preprocess; later boundaries follow the policy)")
     loop: bool = option(False, "restart the source at its end")

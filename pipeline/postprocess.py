@@ -167,7 +167,7 @@ class PostprocessStage(Stage):
             self._publish(finding, None)
 
     def _heads(self, outputs: dict[str, np.ndarray]) -> dict:
-        """Small heads in readable form; masks and embeddings stay out of per-frame events."""
+        """Small heads in readable form; a mask as the share of pixels marked; embeddings stay out."""
         heads = {}
         for name, spec in self.bundle.outputs.items():
             value = outputs[name]
@@ -175,6 +175,8 @@ class PostprocessStage(Stage):
                 heads[name] = {c: round(float(p), 6) for c, p in zip(spec.classes, value, strict=True)}
             elif value.size == 1:
                 heads[name] = round(float(value), 6)
+            elif spec.kind == "mask":  # the share of the model input marked: enough to say "abdomen seen"
+                heads[name] = round(float(np.count_nonzero(value)) / value.size, 6)
         return heads
 
     def report_arrays(self) -> tuple[np.ndarray, ...]:

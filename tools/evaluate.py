@@ -25,7 +25,17 @@ The field-of-view mask is derived per case from its image stack (pixels non-zero
 opened, closed, largest component) unless --fov-mask gives one (e.g. the challenge's fov_mask.mha,
 so that the numbers equal the official ones).
 
---predictions is required for now: running the pipeline in evaluation mode is not implemented yet.
+Without --predictions the pipeline itself runs in evaluation mode over CASES/images (all four processes,
+flooded and lossless: every frame is scored, a drop is an error) with --bundle, and OUT gets:
+
+    OUT/run/                       the pipeline's run folder (events.jsonl, summary.json, best/ PNGs)
+    OUT/predictions/<id>/...       the prediction layout above, from the run: per case, the final best frame
+                                   with the highest score over its sweeps and its full-resolution mask;
+                                   frame-quality.json labels a frame "abdomen" when its quality >= 0.5 or
+                                   its mask covers >= 0.1 % of the model input
+    OUT/curves/<id>-sweep<k>.png   per sweep: raw and smoothed best-frame score over the sweep, the
+                                   ground-truth labels shaded, the chosen frame marked
+
 Bad input (missing file, wrong shape, frame number out of range) prints one error line naming the
 file and exits with status 2. Metric rules: see pipeline/acouslic.py.
 """
@@ -37,6 +47,7 @@ import csv
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +56,11 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import acouslic  # noqa: E402
+from pipeline.sources.stack import frames_per_sweep as stack_frames_per_sweep  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ABDOMEN_QUALITY = 0.5  # quality at or above which a frame counts as showing the abdomen (F1)
+ABDOMEN_MASK_SHARE = 0.001  # ... or the share of the model input its mask covers
 
 MASKS_DIR = Path("masks/stacked_fetal_abdomen")
 IMAGES_DIR = Path("images/stacked_fetal_ultrasound")
@@ -189,8 +205,9 @@ def evaluate(args: argparse.Namespace) -> tuple[list[dict], dict]:
             fov = acouslic.derive_fov_mask(images)
         frame = read_frame_number(pred_dir / cid / FRAME_NAME, gt.shape[0])
         mask = read_prediction_mask(pred_dir / cid / SEG_NAME, frame, gt.shape)
+        per_sweep = args.frames_per_sweep or stack_frames_per_sweep(gt.shape[0])
         res = acouslic.evaluate_case(gt, mask, frame, refs[cid], fov, spacing_mm=args.pixel_spacing,
-                                     frames_per_sweep=args.frames_per_sweep)
+                                     frames_per_sweep=per_sweep)
         results.append(res)
         rows.append({"case_id": cid, **res.as_dict()})
         quality = read_quality(pred_dir / cid / QUALITY_NAME, gt.shape[0])
@@ -204,6 +221,177 @@ def evaluate(args: argparse.Namespace) -> tuple[list[dict], dict]:
     summary["n_cases_with_quality"] = len(gt_quality)
     summary["fov"] = str(args.fov_mask) if args.fov_mask is not None else "derived"
     return rows, summary
+
+
+def _stack_shapes(cases_dir: Path) -> dict[str, tuple[int, int, int]]:
+    import SimpleITK as sitk
+
+    folder = cases_dir / IMAGES_DIR
+    if not folder.is_dir():
+        raise InputError(folder, "missing folder (not an ACOUSLIC-AI case folder)")
+    shapes = {}
+    for path in sorted(folder.glob("*.mha")):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise InputError(path, f"cannot read image ({str(exc).strip().splitlines()[-1]})") from None
+        size = reader.GetSize()  # (x, y[, frames])
+        depth = int(size[2]) if len(size) == 3 else 1
+        shapes[path.name[: -len(".mha")]] = (depth, int(size[1]), int(size[0]))
+    if not shapes:
+        raise InputError(folder, "no .mha cases")
+    return shapes
+
+
+class _JournalTail:
+    """Counts frame events appended to a growing journal, reading each byte once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.frames = path, 0, 0
+
+    def poll(self) -> int:
+        if self.path.exists():
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+            complete = chunk.rfind(b"\n") + 1
+            self.offset += complete
+            self.frames += chunk[:complete].count(b'"type":"frame"')
+        return self.frames
+
+
+def run_pipeline(args: argparse.Namespace) -> dict:
+    """Every frame of every case through the real pipeline (flooded, lossless); writes OUT/predictions."""
+    import subprocess
+
+    shapes = _stack_shapes(args.cases)
+    run_dir = args.out / "run"
+    if run_dir.exists():
+        raise InputError(run_dir, "already exists (choose a new --out)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(REPO / "run_stream.py"), "--source", str(args.cases), "--flood", "--quiet",
+           "--out", str(run_dir), "--engine", args.engine, "--events", "tcp://127.0.0.1:*",
+           "--control", "none", "--set", "transport.policy=lossless"]
+    if args.bundle is not None:
+        cmd += ["--bundle", str(args.bundle)]
+    for option in args.set:
+        cmd += ["--set", option]
+    tail = _JournalTail(run_dir / "events.jsonl")
+    total = sum(shape[0] for shape in shapes.values())
+    with (args.out / "pipeline.log").open("w") as log, \
+            tqdm(total=total, desc="pipeline", unit="frame", disable=args.quiet) as progress:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        while process.poll() is None:
+            time.sleep(0.5)
+            progress.update(tail.poll() - progress.n)
+        progress.update(tail.poll() - progress.n)
+    if process.returncode != 0:
+        lines = (args.out / "pipeline.log").read_text().strip().splitlines()
+        raise InputError(args.out / "pipeline.log", f"pipeline failed: {lines[-1] if lines else '?'}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    frames = summary["frames"]
+    if frames["scored"] != total or frames["dropped"]:
+        raise InputError(run_dir / "summary.json", f"evaluation needs every frame scored: {frames['scored']} "
+                         f"of {total} scored, {frames['dropped']} dropped")
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    write_predictions(events, run_dir, args.out / "predictions", shapes)
+    return {"frames": frames["scored"], "dropped": frames["dropped"], "fps": summary.get("throughput_fps"),
+            "engine": summary["stages"]["infer"].get("engine"),
+            "latency_ms": summary["latency_ms"].get("end_to_end")}
+
+
+def choose_per_case(events: list[dict]) -> dict[str, dict]:
+    """Per case, the final best_frame event with the highest score (earliest sweep on ties)."""
+    chosen: dict[str, dict] = {}
+    for event in events:
+        if event["type"] != "best_frame" or not event["final"] or not event.get("source"):
+            continue
+        case = event["source"].get("case")
+        if case not in chosen or event["score"] > chosen[case]["score"]:
+            chosen[case] = event
+    return chosen
+
+
+def frame_quality(events: list[dict], case: str, depth: int) -> list[int]:
+    """Per-frame abdomen yes/no (1/0) for the F1, from the frame events' quality and mask heads."""
+    labels = [0] * depth
+    for event in events:
+        if event["type"] == "frame" and event["source"].get("case") == case:
+            heads = event["heads"]
+            quality, mask = heads.get("quality"), heads.get("mask")
+            seen = (quality is not None and quality >= ABDOMEN_QUALITY) or (
+                mask is not None and mask >= ABDOMEN_MASK_SHARE)
+            labels[event["source"]["case_frame"]] = int(seen)
+    return labels
+
+
+def write_predictions(events: list[dict], run_dir: Path, pred_dir: Path,
+                      shapes: dict[str, tuple[int, int, int]]) -> None:
+    """The prediction layout for every case; a case without a chosen frame gets -1 and an empty mask."""
+    import cv2
+    import SimpleITK as sitk
+
+    chosen = choose_per_case(events)
+    for case, (depth, height, width) in shapes.items():
+        folder = pred_dir / case
+        folder.mkdir(parents=True, exist_ok=True)
+        event = chosen.get(case)
+        frame = -1 if event is None else int(event["source"]["case_frame"])
+        mask = None
+        if event is not None and event.get("mask_png"):
+            mask = cv2.imread(str(run_dir / event["mask_png"]), cv2.IMREAD_GRAYSCALE)
+        if mask is None or mask.shape != (height, width):
+            mask, frame = np.zeros((height, width), np.uint8), -1
+        image = sitk.GetImageFromArray((mask > 0).astype(np.uint8))
+        sitk.WriteImage(image, str(folder / SEG_NAME), useCompression=True)
+        (folder / FRAME_NAME).write_text(json.dumps(frame) + "\n")
+        (folder / QUALITY_NAME).write_text(json.dumps(frame_quality(events, case, depth)) + "\n")
+
+
+def plot_curves(args: argparse.Namespace, rows: list[dict]) -> None:
+    """One PNG per sweep: raw and smoothed score, ground-truth labels shaded, chosen frame marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir, curves = args.out / "run", args.out / "curves"
+    curves.mkdir(parents=True, exist_ok=True)
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    window = int(json.loads((run_dir / "summary.json").read_text())["config"]["sweep"]["smoothing_frames"])
+    chosen = {r["case_id"]: r["frame"] for r in rows}
+    scores: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for e in events:
+        if e["type"] == "frame":
+            src = e["source"]
+            scores.setdefault((src["case"], src["sweep"]), []).append((src["sweep_frame"], e["score"]))
+    colours = {1: "tab:green", 2: "tab:orange"}
+    labels_of: dict[str, np.ndarray] = {}
+    for (case, sweep), points in tqdm(sorted(scores.items()), desc="curves", unit="sweep",
+                                      disable=args.quiet):
+        if case not in labels_of:
+            labels_of[case] = acouslic.frame_labels(read_mha(args.cases / MASKS_DIR / f"{case}.mha"))
+        labels = labels_of[case]
+        per_sweep = args.frames_per_sweep or stack_frames_per_sweep(len(labels))
+        x, y = (np.array(v) for v in zip(*sorted(points), strict=True))
+        smooth = np.array([y[max(0, i - window + 1):i + 1].mean() for i in range(len(y))])
+        fig, ax = plt.subplots(figsize=(8, 3))
+        for i, label in enumerate(labels[sweep * per_sweep:(sweep + 1) * per_sweep]):
+            if label in colours:
+                ax.axvspan(i - 0.5, i + 0.5, color=colours[label], alpha=0.25, lw=0)
+        ax.plot(x, y, lw=0.8, color="0.5", label="score")
+        ax.plot(x, smooth, lw=1.5, color="tab:blue", label=f"smoothed ({window} frames)")
+        pick = chosen.get(case, -1)
+        if pick >= 0 and pick // per_sweep == sweep:
+            ax.axvline(pick % per_sweep, color="tab:red", lw=1.2, label="chosen frame")
+        ax.set(xlabel="frame in sweep", ylabel="best-frame score", ylim=(-0.02, 1.02),
+               title=f"{case} sweep {sweep + 1} (green: optimal, orange: suboptimal)")
+        ax.legend(loc="upper right", fontsize=7)
+        fig.tight_layout()
+        fig.savefig(curves / f"{case}-sweep{sweep + 1}.png", dpi=100)
+        plt.close(fig)
 
 
 def _fmt(v) -> str:
@@ -242,23 +430,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=Path, required=True, help="folder of cases in ACOUSLIC-AI layout")
-    parser.add_argument("--predictions", type=Path, required=True,
-                        help="folder of saved predictions, PRED/<case id>/... (required for now: "
-                             "evaluation mode of the pipeline is not implemented)")
+    parser.add_argument("--predictions", type=Path, default=None,
+                        help="folder of saved predictions, PRED/<case id>/...; without it the pipeline runs "
+                             "over the cases and writes OUT/predictions")
     parser.add_argument("--out", type=Path, required=True,
-                        help="output folder (per_case.csv, summary.json)")
+                        help="output folder (per_case.csv, summary.json; run/, predictions/, curves/)")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="model bundle for the pipeline run (default: the pipeline's default bundle)")
+    parser.add_argument("--engine", default="auto", help="inference backend for the pipeline run")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="pipeline option for the run, as run_stream.py --set (repeatable)")
     parser.add_argument("--fov-mask", type=Path, default=None,
                         help="FOV mask .mha (2-D) to use instead of deriving one per case from its images")
     parser.add_argument("--pixel-spacing", type=float, default=acouslic.PIXEL_SPACING_MM,
                         help=f"mm per pixel for the AC (default {acouslic.PIXEL_SPACING_MM})")
-    parser.add_argument("--frames-per-sweep", type=int, default=acouslic.FRAMES_PER_SWEEP,
-                        help=f"frames per sweep (default {acouslic.FRAMES_PER_SWEEP}, as the challenge)")
+    parser.add_argument("--frames-per-sweep", type=int, default=None,
+                        help=f"frames per sweep (default: a sixth of the stack; {acouslic.FRAMES_PER_SWEEP} "
+                             "for the challenge's 840 frames)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or table")
     args = parser.parse_args(argv)
-    if args.frames_per_sweep < 1 or not args.pixel_spacing > 0:
+    if (args.frames_per_sweep is not None and args.frames_per_sweep < 1) or not args.pixel_spacing > 0:
         parser.error("--frames-per-sweep must be >= 1 and --pixel-spacing > 0")
     try:
+        run = None
+        if args.predictions is None:
+            run = run_pipeline(args)
+            args.predictions = args.out / "predictions"
         rows, summary = evaluate(args)
+        if run is not None:
+            summary["pipeline"] = run
+            plot_curves(args, rows)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -48,6 +48,7 @@ class PhantomSource(Source):
                 if self.pixel_format == "bgr24":
                     image = image[..., None].repeat(3, axis=-1)
                 meta = {"case": case.uid, "sweep": sweep, "sweep_frame": frame,
+                        "case_frame": sweep * case.frames_per_sweep + frame,
                         "pixel_spacing_mm": [PIXEL_MM, PIXEL_MM], "gt_label": int(truth["label"])}
                 yield SourceFrame(image, index, index / self.fps, meta)
                 index += 1

@@ -1,0 +1,111 @@
+"""Recorded sweep stacks: ACOUSLIC-AI-style image volumes (.mha, .mhd, .nrrd, .nii) of frames x H x W,
+one case per file, read with SimpleITK. A folder streams every stack in it (or in its
+images/stacked_fetal_ultrasound/, the challenge's layout) in name order.
+
+A stack holds the blind sweeps of one case: ACOUSLIC's 840 frames are 6 sweeps of 140, so a stack whose
+depth divides by 6 is split into 6 equal sweeps; any other depth is one sweep. Every frame carries its
+case id (the file name without extension), sweep, frame within the sweep and within the case, and the
+pixel spacing from the file, which makes biometry calibrated without configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .base import Source, SourceError, SourceFrame
+
+STACK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nii", ".nii.gz")
+ACOUSLIC_IMAGES = Path("images/stacked_fetal_ultrasound")
+SWEEPS_PER_CASE = 6
+STACK_FPS = 30.0  # nominal: the files carry no frame rate
+
+
+def is_stack_path(uri: str) -> bool:
+    return uri.lower().endswith(STACK_SUFFIXES) or Path(uri).is_dir()
+
+
+def stack_files(uri: str) -> list[Path]:
+    """The stacks a stack URI names, in streaming order; a clear error when there are none."""
+    path = Path(uri)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise SourceError(f"source {uri}: no such file or folder")
+    folder = path / ACOUSLIC_IMAGES if (path / ACOUSLIC_IMAGES).is_dir() else path
+    files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(STACK_SUFFIXES))
+    if not files:
+        raise SourceError(f"source {uri}: no image stacks ({', '.join(STACK_SUFFIXES)}) in {folder}")
+    return files
+
+
+def case_id(path: Path) -> str:
+    name = path.name
+    for suffix in STACK_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def frames_per_sweep(depth: int) -> int:
+    return depth // SWEEPS_PER_CASE if depth % SWEEPS_PER_CASE == 0 else depth
+
+
+class StackSource(Source):
+    def __init__(self, uri: str, pixel_format: str) -> None:
+        super().__init__(uri, pixel_format)
+        self.files = stack_files(uri)
+        self._frames: Iterator[SourceFrame] | None = None
+
+    @property
+    def fps(self) -> float:
+        return STACK_FPS
+
+    def open(self) -> None:
+        try:
+            import SimpleITK  # noqa: F401
+        except ImportError:
+            raise SourceError(f"source {self.uri}: reading image stacks needs SimpleITK "
+                              "(pip install 'sweepstream[mha]')") from None
+        self._frames = self._generate()
+
+    def _read(self, path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
+        import SimpleITK as sitk
+
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            raise SourceError(f"source {path}: cannot read image stack "
+                              f"({str(exc).strip().splitlines()[-1]})") from None
+        array = sitk.GetArrayViewFromImage(image)
+        if array.ndim == 2:
+            array = array[None]
+        if array.ndim != 3 or array.dtype != np.uint8:
+            raise SourceError(f"source {path}: expected a uint8 stack (frames, H, W), got {array.dtype} "
+                              f"{list(array.shape)}")
+        spacing = image.GetSpacing()  # (x, y, frame)
+        return np.array(array), (float(spacing[1]), float(spacing[0]))
+
+    def _generate(self) -> Iterator[SourceFrame]:
+        index = 0
+        for path in self.files:
+            stack, spacing = self._read(path)
+            per_sweep = frames_per_sweep(len(stack))
+            for i, image in enumerate(stack):
+                if self.pixel_format == "bgr24":
+                    image = np.repeat(image[..., None], 3, axis=-1)
+                meta = {"case": case_id(path), "sweep": i // per_sweep, "sweep_frame": i % per_sweep,
+                        "case_frame": i, "pixel_spacing_mm": list(spacing)}
+                yield SourceFrame(np.ascontiguousarray(image), index, index / self.fps, meta)
+                index += 1
+
+    def read(self) -> SourceFrame | None:
+        return next(self._frames, None)
+
+    def rewind(self) -> None:
+        self._frames = self._generate()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "stacks": len(self.files)}
