@@ -112,3 +112,39 @@ def test_in_graph_normalisation_equals_open_clips(tmp_path) -> None:
         ours, _ = letterbox(frame, 224, 1, interpolation="bicubic")
         embedding = wrapper(torch.from_numpy(ours)[None])[0][0]
     assert float(embedding @ expected) > 0.9999
+
+
+@pytest.mark.parametrize("interpolation", ["area", "bicubic"])
+@pytest.mark.parametrize("shape,roi", [((562, 744), None), ((1080, 1920), (100, 50, 1600, 1000)),
+                                       ((800, 600), None)])
+def test_mask_maps_back_to_the_full_frame_through_the_inverse_letterbox(shape, roi, interpolation):
+    from pipeline.preprocess import to_frame
+
+    full = np.zeros(shape, np.uint8)
+    cy, cx = shape[0] // 2, shape[1] // 2
+    cv2.ellipse(full, (cx, cy), (shape[1] // 5, shape[0] // 4), 20, 0, 360, 1, -1)
+    small, geometry = letterbox(full * 255, 224, 1, roi=roi, interpolation=interpolation)
+    back = to_frame(small > 127, geometry, shape)
+    expected = full.copy()
+    if roi is not None:
+        x, y, w, h = roi
+        outside = np.ones(shape, bool)
+        outside[y:y + h, x:x + w] = False
+        expected[outside] = 0
+    dice = 2 * (back & expected).sum() / (back.sum() + expected.sum())
+    assert back.shape == shape and back.dtype == np.uint8
+    assert dice > 0.99
+    # Nothing outside the region the model saw.
+    if roi is not None:
+        assert not back[outside].any()
+
+
+def test_content_fraction_tells_a_lifted_probe_from_tissue():
+    from pipeline.preprocess import content_fraction
+
+    rng = np.random.default_rng(0)
+    tissue = rng.integers(30, 200, (562, 744), dtype=np.uint8)
+    small, geometry = letterbox(tissue, 224, 1)
+    assert content_fraction(small, geometry) > 0.95  # the zero padding is not counted
+    dark, geometry = letterbox(np.full((562, 744), 5, np.uint8), 224, 1)
+    assert content_fraction(dark, geometry) == 0.0

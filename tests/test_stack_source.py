@@ -1,0 +1,52 @@
+"""Image-stack source (.mha via SimpleITK): one case per file, 6 sweeps, spacing from the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from pipeline.sources import SourceError, check_uri, open_source
+
+
+def write_stack(path: Path, frames: int, spacing=(0.3, 0.25)) -> np.ndarray:
+    stack = np.random.default_rng(frames).integers(0, 255, (frames, 20, 30), dtype=np.uint8)
+    image = sitk.GetImageFromArray(stack)
+    image.SetSpacing((spacing[0], spacing[1], 1.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=True)
+    return stack
+
+
+def test_a_case_folder_streams_every_stack_with_sweeps_and_spacing(tmp_path: Path) -> None:
+    folder = tmp_path / "images" / "stacked_fetal_ultrasound"
+    first = write_stack(folder / "case-a.mha", 12)
+    second = write_stack(folder / "case-b.mha", 7)  # not divisible by 6: one sweep
+    check_uri(str(tmp_path))
+    source = open_source(str(tmp_path), "gray")
+    frames = []
+    while (frame := source.read()) is not None:
+        frames.append(frame)
+    assert len(frames) == 19
+    assert np.array_equal(frames[0].image, first[0]) and np.array_equal(frames[12].image, second[0])
+    assert [f.meta["sweep"] for f in frames[:12]] == [i // 2 for i in range(12)]
+    assert {f.meta["sweep"] for f in frames[12:]} == {0}
+    assert frames[13].meta == {"case": "case-b", "sweep": 0, "sweep_frame": 1, "case_frame": 1,
+                               "pixel_spacing_mm": [0.25, 0.3]}  # (row, column) = (y, x)
+    assert [f.index for f in frames] == list(range(19))
+    source.rewind()
+    assert source.read().meta["case"] == "case-a"
+    bgr = open_source(str(folder / "case-a.mha"), "bgr24").read()
+    assert bgr.image.shape == (20, 30, 3)
+
+
+def test_bad_stacks_are_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="no image stacks"):
+        check_uri(str(tmp_path))
+    broken = tmp_path / "broken.mha"
+    broken.write_text("not an image")
+    source = open_source(str(broken), "gray")
+    with pytest.raises(SourceError, match="broken.mha: cannot read image stack"):
+        source.read()
