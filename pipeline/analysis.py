@@ -1,19 +1,25 @@
 """Sweep analysis: sweep tracking, best frame and biometry over a stream of scored frames.
 
 The postprocess stage hands every scored frame to :class:`SweepAnalyzer` with its model-resolution mask, the
-letterbox geometry and a way to look at the full-resolution frame; the analyzer answers with findings (event
-payloads and the full-resolution images worth saving). It does no I/O, so it is tested with plain arrays.
+letterbox geometry and a copy of the full-resolution frame; the analyzer answers with findings (event payloads
+and the full-resolution images worth saving). It does no I/O, so it is tested with plain arrays. Measuring a
+best frame (mask to full resolution, ellipse fits over the top-k, field of view) costs tens of ms, so a
+best_frame finding carries it as a deferred step (`later`, see `resolve`) that the stage runs off the frame
+path.
 
 What it keeps: per open sweep, the model-resolution masks of the frames the best-frame selector still ranks
-(the best and the top-k, a few 224 x 224 bytes each), and one full-resolution copy of the sweep's current
-best frame, taken the moment it became the best, while its ring slot still holds it. The field of view for
+(the best, the top-k and the smoothing window, a few 224 x 224 bytes each), and full-resolution copies of
+the frames that are or may still become the best (the best and the window), taken while their ring slots
+still hold them. The field of view for
 sector-edge handling is estimated as the ACOUSLIC evaluation derives it: pixels non-zero in any frame of
 the scanning session (cleaned), accumulated frame by frame and reset when the case or frame size changes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import cv2
@@ -47,6 +53,8 @@ class Finding:
     t_capture_ns: int | None
     fields: dict[str, Any]
     images: dict[str, np.ndarray] = field(default_factory=dict)
+    # Set on a best_frame whose measuring is deferred: returns it completed, with its biometry finding.
+    later: Callable[[], list[Finding]] | None = None
 
 
 @dataclass
@@ -112,12 +120,6 @@ class SweepAnalyzer:
         else:
             np.maximum(self._fov_sum, gray, out=self._fov_sum)
 
-    def _fov(self, shape: tuple[int, ...]) -> np.ndarray | None:
-        if self._fov_sum is None or self._fov_sum.shape != tuple(shape[:2]):
-            return None
-        fov = derive_fov_mask(self._fov_sum)
-        return fov if fov.any() else None
-
     # -- events -> findings -------------------------------------------------------------------------------
     def _findings(self, events: list[SweepEvent | BestFrameEvent], trigger: AnalyzedFrame | None
                   ) -> list[Finding]:
@@ -145,54 +147,75 @@ class SweepAnalyzer:
                         None if best is None else best.frame.t_capture_ns, fields)
         if best is None:
             return [found]
-        mask = self._full_mask(best.frame)
-        measured = self._measure(best.frame, mask)
-        biometry = self._biometry(event, best, measured, kept)
-        if event.final:
-            if best.image is not None:
-                found.images["frame"] = best.image
-            else:
-                self.images_missed += 1
-            if mask is not None:
-                found.images["mask"] = mask * np.uint8(255)
-        return [found] if biometry is None else [found, biometry]
+        if event.final and best.image is None:
+            self.images_missed += 1
+        # Snapshots, so the measuring can run on another thread while this one goes on with the stream.
+        ranked = {f.frame_id: kept[f.frame_id].frame for f in event.top_k if f.frame_id in kept}
+        fov_sum = None if self._fov_sum is None else self._fov_sum.copy()
+        found.later = partial(_measured, event, found, best.frame, best.image if event.final else None,
+                              ranked, fov_sum, self.config.top_k)
+        return [found]
 
-    def _full_mask(self, frame: AnalyzedFrame) -> np.ndarray | None:
-        if frame.mask is None:
-            return None
-        return to_frame(frame.mask, frame.geometry, frame.frame_shape)
 
-    def _measure(self, frame: AnalyzedFrame, mask: np.ndarray | None) -> Measurement | None:
-        if mask is None:
-            return None
-        return measure(mask, frame.spacing_mm, self._fov(frame.frame_shape))
+def resolve(findings: list[Finding]) -> list[Finding]:
+    """Findings with their deferred measurements done, in order (what gets published)."""
+    out: list[Finding] = []
+    for finding in findings:
+        out += finding.later() if finding.later is not None else [finding]
+    return out
 
-    def _biometry(self, event: BestFrameEvent, best: _Kept, measured: Measurement | None,
-                  kept: dict[int, _Kept]) -> Finding | None:
-        """Live: the best frame's own AC. Final: the median over the sweep's top-k frames, with their
-        spread as the confidence; the best frame's ellipse is given either way."""
-        if measured is None:
-            return None
-        fields: dict[str, Any] = {"final": event.final, "measurement": measured.as_dict()}
-        if event.final and event.top_k:
-            ranked = [(kept[f.frame_id].frame, f.score) for f in event.top_k if f.frame_id in kept]
-            pairs = [(measured if f is best.frame else self._measure(f, self._full_mask(f)), score)
-                     for f, score in ranked]
-            robust = robust_ac([(m, s) for m, s in pairs if m is not None], k=self.config.top_k)
-            fields.update(method="median_top_k", frames=[ranked[i][0].info.frame_id for i in robust.used],
-                          **_summary(robust.ac if robust.unit == "mm" else None,
-                                     robust.ac if robust.unit == "px" else None, robust.ga_weeks,
-                                     robust.confidence, robust.flags, robust.status),
-                          spread=robust.iqr, unit=robust.unit)
-        else:
-            fields.update(method="single_frame", frames=[best.frame.info.frame_id],
-                          **_summary(measured.ac_mm, measured.ac_px, measured.ga_weeks,
-                                     1.0 if measured.valid else 0.0, measured.flags, measured.status),
-                          spread=None, unit=None if not measured.valid else "mm" if measured.ac_mm else "px")
-        fields["pixel_spacing_mm"] = None if best.frame.spacing_mm is None else list(best.frame.spacing_mm)
-        fields["uncalibrated"] = best.frame.spacing_mm is None
-        fields["ellipse"] = None if measured.fit is None else measured.fit.ellipse.as_dict()
-        return Finding("biometry", event.sweep_id, best.frame.info.frame_id, best.frame.t_capture_ns, fields)
+
+def _measured(event: BestFrameEvent, found: Finding, best: AnalyzedFrame, image: np.ndarray | None,
+              ranked: dict[int, AnalyzedFrame], fov_sum: np.ndarray | None, top_k: int) -> list[Finding]:
+    """The expensive part of a best_frame: masks to full resolution, biometry, the images to save."""
+    found.later = None
+    fov = None
+    if fov_sum is not None and fov_sum.shape == tuple(best.frame_shape[:2]):
+        derived = derive_fov_mask(fov_sum)
+        fov = derived if derived.any() else None
+    mask = _full_mask(best)
+    measured = None if mask is None else measure(mask, best.spacing_mm, fov)
+    if event.final:
+        if image is not None:
+            found.images["frame"] = image
+        if mask is not None:
+            found.images["mask"] = mask * np.uint8(255)
+    if measured is None:
+        return [found]
+    return [found, _biometry(event, best, measured, ranked, fov, top_k)]
+
+
+def _full_mask(frame: AnalyzedFrame) -> np.ndarray | None:
+    return None if frame.mask is None else to_frame(frame.mask, frame.geometry, frame.frame_shape)
+
+
+def _biometry(event: BestFrameEvent, best: AnalyzedFrame, measured: Measurement,
+              ranked: dict[int, AnalyzedFrame], fov: np.ndarray | None, top_k: int) -> Finding:
+    """Live: the best frame's own AC. Final: the median over the sweep's top-k frames, with their
+    spread as the confidence; the best frame's ellipse is given either way."""
+    fields: dict[str, Any] = {"final": event.final, "measurement": measured.as_dict()}
+    if event.final and event.top_k:
+        pairs = []
+        for scored in event.top_k:
+            frame = ranked.get(scored.frame_id)
+            if frame is not None:
+                m = measured if frame is best else measure(_full_mask(frame), frame.spacing_mm, fov)
+                pairs.append((frame.info.frame_id, m, scored.score))
+        robust = robust_ac([(m, score) for _, m, score in pairs], k=top_k)
+        fields.update(method="median_top_k", frames=[pairs[i][0] for i in robust.used],
+                      **_summary(robust.ac if robust.unit == "mm" else None,
+                                 robust.ac if robust.unit == "px" else None, robust.ga_weeks,
+                                 robust.confidence, robust.flags, robust.status),
+                      spread=robust.iqr, unit=robust.unit)
+    else:
+        fields.update(method="single_frame", frames=[best.info.frame_id],
+                      **_summary(measured.ac_mm, measured.ac_px, measured.ga_weeks,
+                                 1.0 if measured.valid else 0.0, measured.flags, measured.status),
+                      spread=None, unit=None if not measured.valid else "mm" if measured.ac_mm else "px")
+    fields["pixel_spacing_mm"] = None if best.spacing_mm is None else list(best.spacing_mm)
+    fields["uncalibrated"] = best.spacing_mm is None
+    fields["ellipse"] = None if measured.fit is None else measured.fit.ellipse.as_dict()
+    return Finding("biometry", event.sweep_id, best.info.frame_id, best.t_capture_ns, fields)
 
 
 def _fields(payload: dict[str, Any]) -> dict[str, Any]:

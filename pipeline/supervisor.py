@@ -28,6 +28,7 @@ from engines.base import Bundle, BundleError, EngineError, engine_class, load_bu
 from . import wire
 from .capture import CaptureStage
 from .config import Config, ConfigError, to_toml
+from .console import EventView
 from .infer import InferStage
 from .metrics import BOUNDARIES, LatencyBook, frame_accounting
 from .postprocess import PostprocessStage
@@ -98,7 +99,7 @@ class Supervisor:
             ring = FrameRing.create(self.config.ring.slots, int(self.config.ring.slot_mb * 2**20))
             cleanup.callback(ring.unlink)
             cleanup.callback(ring.close)
-            context = zmq.Context()
+            context = self.context = zmq.Context()
             cleanup.callback(context.term)
             self.control = context.socket(zmq.ROUTER)
             cleanup.callback(self.control.close)
@@ -176,7 +177,13 @@ class Supervisor:
                 break  # no frame has moved, so there is nothing to drain
             if self.t_go is None and all(h.state in ("ready", "done") for h in self.handles.values()):
                 self.t_go = now
+                events = self.handles["postprocess"].describe.get("events") if not cfg.quiet else None
+                if events:
+                    self._view = EventView(self.context, events)
                 self._command(self.stage_classes[0].name, "go")
+            if self._view is not None:
+                for line in self._view.lines():
+                    self._print_line(line)
             if self.stop_signal and not draining:
                 log.info("%s: draining the pipeline", self.stop_signal)
                 draining = True
@@ -247,6 +254,11 @@ class Supervisor:
     def _take_down(self) -> None:
         """Every stage ends: asked first, killed at the shutdown deadline. Nothing outlives the supervisor.
         (Stages ignore SIGTERM, so that a signal to the whole process group reaches only the supervisor.)"""
+        if self._view is not None:
+            for line in self._view.lines():
+                self._print_line(line)
+            self._view.close()
+            self._view = None
         for handle in self.handles.values():
             if handle.process.is_alive():
                 self._command(handle.name, "exit")
@@ -264,6 +276,14 @@ class Supervisor:
 
     # -- status and summary ------------------------------------------------------------------------------
     _status_open = False
+    _view: EventView | None = None
+
+    def _print_line(self, line: str) -> None:
+        """An event line above the status line (which a terminal keeps rewriting in place)."""
+        if self._status_open:
+            print("\r\033[K", end="", file=sys.stderr)
+            self._status_open = False
+        print(line, file=sys.stderr, flush=True)
 
     def _counters(self) -> dict[str, dict[str, int]]:
         return {name: handle.counters for name, handle in self.handles.items()}

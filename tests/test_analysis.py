@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.analysis import AnalyzedFrame, SweepAnalyzer
+from pipeline.analysis import AnalyzedFrame, SweepAnalyzer, resolve
 from pipeline.phantom import PIXEL_MM, iter_case_frames, make_cases
 from pipeline.preprocess import content_fraction, letterbox
 from pipeline.sweep import FrameInfo, SweepConfig
@@ -36,7 +36,7 @@ def analyze(case, frames, *, spacing=(PIXEL_MM, PIXEL_MM), images=True, config=N
         info = FrameInfo(i, i / 30, score, content_fraction(small, geometry), source)
         findings += analyzer.add(AnalyzedFrame(info, i, mask, geometry, image.shape, spacing),
                                  image if images else None)
-    return analyzer, findings + analyzer.flush(len(frames) / 30)
+    return analyzer, resolve(findings + analyzer.flush(len(frames) / 30))
 
 
 def test_each_sweep_gets_started_final_biometry_and_ended_in_order(case_frames):
@@ -107,7 +107,7 @@ def test_operator_commands_override_source_sweeps(case_frames):
             findings += analyzer.command("stop", i / 30)
         info = FrameInfo(i, i / 30, SCORE_OF_LABEL[label], 1.0, {"case": case.uid, "sweep": sweep})
         findings += analyzer.add(AnalyzedFrame(info, i, mask, geometry, image.shape, None), image)
-    findings += analyzer.flush(100 / 30)
+    findings = resolve(findings + analyzer.flush(100 / 30))
     operated = [f for f in findings if f.type in ("sweep_started", "sweep_ended")
                 and f.fields["reason"] == "operator"]
     # `start` ends the source's sweep at frame 9 and opens one at frame 10 that only `stop` ends, although
