@@ -25,13 +25,15 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.base import EngineOptions, load_bundle, select_engine  # noqa: E402
+from pipeline.analysis import AnalyzedFrame, SweepAnalyzer, resolve  # noqa: E402
 from pipeline.capture import Pacer  # noqa: E402
 from pipeline.config import DEFAULT_BUNDLE, ENGINE_CHOICES, load_config  # noqa: E402
 from pipeline.events import Journal, make_event  # noqa: E402
 from pipeline.metrics import LatencyHistogram  # noqa: E402
-from pipeline.preprocess import BUNDLE_RESIZE, letterbox  # noqa: E402
-from pipeline.sources import open_source  # noqa: E402
+from pipeline.preprocess import BUNDLE_RESIZE, content_fraction, letterbox  # noqa: E402
+from pipeline.sources import SourceError, check_uri, open_source  # noqa: E402
 from pipeline.supervisor import Supervisor  # noqa: E402
+from pipeline.sweep import FrameInfo  # noqa: E402
 
 TARGETS = {"overhead_p50_ms": 1.0, "overhead_p99_ms": 3.0, "flood_fps": 300.0}
 
@@ -39,8 +41,11 @@ TARGETS = {"overhead_p50_ms": 1.0, "overhead_p99_ms": 3.0, "flood_fps": 300.0}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", action="append", default=[], metavar="FILE",
-                        help="also benchmark this video file (repeatable)")
+    parser.add_argument("--source", action="append", default=[], metavar="URI",
+                        help="also benchmark this source: a video file, an image stack or folder, or "
+                             "phantom://SEED?... (repeatable)")
+    parser.add_argument("--no-pattern", action="store_true",
+                        help="skip the in-memory test pattern (benchmark only the --source ones)")
     parser.add_argument("--size", default="1920x1080", help="size of the in-memory test pattern (WxH)")
     parser.add_argument("--pixel-format", choices=["bgr24", "gray"], default="bgr24",
                         help="pixel format carried through the ring (bgr24: 5.9 MB per 1080p frame)")
@@ -63,12 +68,16 @@ def scenarios(args: argparse.Namespace) -> list[dict]:
     for mode in args.modes.split(","):
         if mode not in ("paced", "flood"):
             raise SystemExit(f"bench_latency: --modes: unknown mode {mode!r} (paced, flood)")
-        out.append({"name": f"pattern {args.size} {mode}", "mode": mode,
-                    "uri": f"synthetic://{args.size}?fps={args.fps:g}&frames={args.frames}"})
-        for path in args.source:
-            if not Path(path).is_file():
-                raise SystemExit(f"bench_latency: --source {path}: no such file")
-            out.append({"name": f"{Path(path).name} {mode}", "mode": mode, "uri": str(path)})
+        if not args.no_pattern:
+            out.append({"name": f"pattern {args.size} {mode}", "mode": mode,
+                        "uri": f"synthetic://{args.size}?fps={args.fps:g}&frames={args.frames}"})
+        for uri in args.source:
+            try:
+                check_uri(uri)
+            except SourceError as exc:
+                raise SystemExit(f"bench_latency: --source: {exc}") from None
+            name = uri.split("?")[0].replace("://", "-") if "://" in uri else Path(uri).name
+            out.append({"name": f"{name} {mode}", "mode": mode, "uri": uri})
     return out
 
 
@@ -78,22 +87,26 @@ def run_pipeline(args: argparse.Namespace, scenario: dict, workdir: Path) -> tup
         "source.uri": scenario["uri"], "source.flood": scenario["mode"] == "flood",
         "source.max_frames": args.frames, "source.pixel_format": args.pixel_format,
         "infer.bundle": args.bundle, "infer.engine": args.engine, "transport.policy": args.policy,
-        "postprocess.events": "tcp://127.0.0.1:*", "run.out": str(out), "run.quiet": True})
+        "postprocess.events": "tcp://127.0.0.1:*", "postprocess.control": None, "run.out": str(out),
+        "run.quiet": True})
     if Supervisor(config).run() != 0:
         raise SystemExit(f"bench_latency: pipeline run failed for {scenario['name']}; see {out}")
     summary = json.loads((out / "summary.json").read_text())
-    latencies = [json.loads(line)["latency_ms"] for line in (out / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    latencies = [e["latency_ms"] for e in events if e["type"] == "frame"]
     return summary, np.array(latencies)
 
 
 def run_baseline(args: argparse.Namespace, scenario: dict, workdir: Path) -> tuple[dict, np.ndarray]:
-    """The same work in one loop: no ring, no sockets, no process hops."""
+    """The same work in one loop: no ring, no sockets, no process hops (sweep analysis inline)."""
     bundle = load_bundle(args.bundle)
     engine, _ = select_engine(args.engine, bundle, EngineOptions(max_batch=1))
     engine.load()
     source = open_source(scenario["uri"], args.pixel_format)
     pacer = Pacer(source.fps) if scenario["mode"] == "paced" and not source.live else None
     journal = Journal(workdir / "baseline.jsonl")
+    analyzer = SweepAnalyzer(load_config().sweep)
+    mask_output = next((n for n, spec in bundle.outputs.items() if spec.kind == "mask"), None)
     ring_slot = None
     latencies = []
     t_start = time.monotonic()
@@ -107,11 +120,18 @@ def run_baseline(args: argparse.Namespace, scenario: dict, workdir: Path) -> tup
         if ring_slot is None or ring_slot.shape != frame.image.shape:
             ring_slot = np.empty_like(frame.image)
         np.copyto(ring_slot, frame.image)  # the pipeline's one full-resolution copy
-        model_input, _ = letterbox(ring_slot, bundle.input.size, bundle.input.channels,
+        model_input, geometry = letterbox(ring_slot, bundle.input.size, bundle.input.channels,
                                    pad_to_square=bundle.input.pad_to_square,
                                    interpolation=BUNDLE_RESIZE[bundle.input.resize])
         outputs = engine.infer(model_input[None])
         score = float(bundle.best_frame.score(outputs)[0])
+        info = FrameInfo(frame_id, frame.pts if frame.pts is not None else t_cap / 1e9, score,
+                         content_fraction(model_input, geometry), frame.meta)
+        analyzed = AnalyzedFrame(info, t_cap, None if mask_output is None else outputs[mask_output][0],
+                                 geometry, frame.image.shape, frame.meta.get("pixel_spacing_mm"))
+        for finding in resolve(analyzer.add(analyzed, ring_slot.copy())):
+            journal.write(json.dumps(make_event(finding.type, "baseline", sweep_id=finding.sweep_id,
+                                                frame_id=finding.frame_id, **finding.fields), default=str))
         event = make_event("frame", "baseline", frame_id=frame_id, t_capture_ns=t_cap, score=score,
                            latency_ms=(time.monotonic_ns() - t_cap) / 1e6)
         journal.write(json.dumps(event, separators=(",", ":")))
