@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,3 +53,21 @@ class Source(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"uri": self.uri, "kind": type(self).__name__, "fps": self.fps, "live": self.live}
+
+
+class GeneratedSource(Source):
+    """A recorded source whose frames come from a generator, started again on rewind."""
+
+    _frames: Iterator[SourceFrame] | None = None
+
+    @abstractmethod
+    def _generate(self) -> Iterator[SourceFrame]: ...
+
+    def open(self) -> None:
+        self._frames = self._generate()
+
+    def read(self) -> SourceFrame | None:
+        return next(self._frames, None)
+
+    def rewind(self) -> None:
+        self._frames = self._generate()

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlparse
 
 from pipeline.phantom import PIXEL_MM, iter_case_frames, make_cases
 
-from .base import Source, SourceError, SourceFrame
+from .base import GeneratedSource, SourceError, SourceFrame
 
 
 def parse_phantom(uri: str) -> dict:
@@ -28,18 +28,14 @@ def parse_phantom(uri: str) -> dict:
     return spec
 
 
-class PhantomSource(Source):
+class PhantomSource(GeneratedSource):
     def __init__(self, uri: str, pixel_format: str) -> None:
         super().__init__(uri, pixel_format)
         self.spec = parse_phantom(uri)
-        self._frames: Iterator[SourceFrame] | None = None
 
     @property
     def fps(self) -> float:
         return self.spec["fps"]
-
-    def open(self) -> None:
-        self._frames = self._generate()
 
     def _generate(self) -> Iterator[SourceFrame]:
         index = 0
@@ -52,12 +48,6 @@ class PhantomSource(Source):
                         "pixel_spacing_mm": [PIXEL_MM, PIXEL_MM], "gt_label": int(truth["label"])}
                 yield SourceFrame(image, index, index / self.fps, meta)
                 index += 1
-
-    def read(self) -> SourceFrame | None:
-        return next(self._frames, None)
-
-    def rewind(self) -> None:
-        self._frames = self._generate()
 
     def describe(self) -> dict:
         return {**super().describe(), **self.spec}

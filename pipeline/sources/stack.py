@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Source, SourceError, SourceFrame
+from .base import GeneratedSource, SourceError, SourceFrame
 
 STACK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nii", ".nii.gz")
 ACOUSLIC_IMAGES = Path("images/stacked_fetal_ultrasound")
@@ -53,11 +53,10 @@ def frames_per_sweep(depth: int) -> int:
     return depth // SWEEPS_PER_CASE if depth % SWEEPS_PER_CASE == 0 else depth
 
 
-class StackSource(Source):
+class StackSource(GeneratedSource):
     def __init__(self, uri: str, pixel_format: str) -> None:
         super().__init__(uri, pixel_format)
         self.files = stack_files(uri)
-        self._frames: Iterator[SourceFrame] | None = None
 
     @property
     def fps(self) -> float:
@@ -69,7 +68,7 @@ class StackSource(Source):
         except ImportError:
             raise SourceError(f"source {self.uri}: reading image stacks needs SimpleITK "
                               "(pip install 'sweepstream[mha]')") from None
-        self._frames = self._generate()
+        super().open()
 
     def _read(self, path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
         import SimpleITK as sitk
@@ -100,12 +99,6 @@ class StackSource(Source):
                         "case_frame": i, "pixel_spacing_mm": list(spacing)}
                 yield SourceFrame(np.ascontiguousarray(image), index, index / self.fps, meta)
                 index += 1
-
-    def read(self) -> SourceFrame | None:
-        return next(self._frames, None)
-
-    def rewind(self) -> None:
-        self._frames = self._generate()
 
     def describe(self) -> dict:
         return {**super().describe(), "stacks": len(self.files)}
