@@ -381,6 +381,24 @@ def _parse_best_frame(top: _Section, outputs: dict[str, OutputSpec]) -> BestFram
     raise BundleError.at(top.bundle_path, problem)
 
 
+def _parse_training(sec: _Section) -> None:
+    """Check the optional ``training`` section of a bundle trained by this project (tools/train_demo.py).
+
+    It makes a trained bundle reproducible and accountable: the exact ``command`` that rebuilds it, the
+    ``seeds`` it was trained with, and the ``metrics`` it reached on held-out data; ``data``, ``schedule``,
+    ``software`` and ``wall_seconds`` say what went in and how long it took.
+    """
+    sec.get_text("command")
+    sec.get("seeds", dict)
+    sec.get("metrics", dict)
+    for key in ("data", "schedule", "software"):
+        if key in sec.obj:
+            sec.get(key, dict)
+    if "wall_seconds" in sec.obj:
+        sec.get_number("wall_seconds", 0.0, 1e9)
+    sec.finish()
+
+
 def _parse_manifest(bundle_path: Path, manifest: Any) -> Bundle:
     """Validate a manifest without touching the model files."""
     top = _Section(bundle_path, manifest, "")
@@ -445,6 +463,8 @@ def _parse_manifest(bundle_path: Path, manifest: Any) -> Bundle:
         spacing = top.section("pixel_spacing")
         spacing.get_choice("source", ("input",))
         spacing.finish()
+    if "training" in top.obj:
+        _parse_training(top.section("training"))
     top.finish()
 
     return Bundle(

@@ -114,7 +114,11 @@ def check_parity(wrapper: FetalClipExport, onnx_path: Path, frames: int, seed: i
     return stats
 
 
-def _outputs(wrapper: FetalClipExport, classes: list[str]) -> dict[str, dict]:
+def manifest_outputs(
+    wrapper: FetalClipExport, classes: list[str], descriptions: dict[str, str] | None = None
+) -> dict[str, dict]:
+    """The manifest's ``outputs`` for an exported wrapper; ``descriptions`` overrides the default wording
+    per output (other FetalCLIP-family models, e.g. tools/train_demo.py, describe their heads their way)."""
     shapes = wrapper.output_shapes
     outputs: dict[str, dict] = {
         "embedding": {
@@ -145,7 +149,26 @@ def _outputs(wrapper: FetalClipExport, classes: list[str]) -> dict[str, dict]:
             "dtype": "uint8",
             "description": "segmentation mask from the mask decoder, 1 inside, 0 outside",
         }
+    for name, text in (descriptions or {}).items():
+        outputs[name]["description"] = text
     return outputs
+
+
+def manifest_input(wrapper: FetalClipExport, resize: str) -> dict:
+    """The manifest's ``input``: uint8 grey frames, zero-padded to square and resized with ``resize``,
+    scaled and CLIP-normalised inside the graph (FetalClipExport)."""
+    return {
+        "name": "image",
+        "size": wrapper.image_size,
+        "channels": 1,
+        "dtype": "uint8",
+        "layout": "NHW",
+        "pad_to_square": True,
+        "resize": resize,
+        "normalization": "in_graph",
+        "mean": list(CLIP_MEAN),
+        "std": list(CLIP_STD),
+    }
 
 
 def build_bundle(
@@ -253,20 +276,9 @@ def build_bundle(
         "license": LICENSE_NOTE,
         "source": source,
         "model": model_entry,
-        "input": {
-            "name": "image",
-            "size": wrapper.image_size,
-            "channels": 1,
-            "dtype": "uint8",
-            "layout": "NHW",
-            "pad_to_square": True,
-            "resize": "bicubic",
-            "normalization": "in_graph",
-            "mean": list(CLIP_MEAN),
-            "std": list(CLIP_STD),
-        },
+        "input": manifest_input(wrapper, "bicubic"),
         "batch": {"min": 1, "max": MAX_BATCH},
-        "outputs": _outputs(wrapper, list(class_prompts)),
+        "outputs": manifest_outputs(wrapper, list(class_prompts)),
         "best_frame": {"output": "quality"}
         if "quality" in wrapper.output_names
         else {"output": "planes", "class": BEST_PLANE},

@@ -1,0 +1,142 @@
+"""tools/train_demo.py end to end on a tiny run, and the committed demo bundle on held-out phantom frames."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("open_clip")
+
+from engines.base import EngineOptions, load_bundle  # noqa: E402
+from engines.onnxruntime import OrtEngine  # noqa: E402
+from pipeline.phantom import SWEEPS, Renderer, make_cases  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "bundles" / "demo"
+
+
+def _tool():
+    """Import tools/train_demo.py (a script, not a package module) to call it in-process."""
+    spec = importlib.util.spec_from_file_location("train_demo_tool", REPO / "tools" / "train_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = _tool()
+
+
+def tiny(out: Path) -> object:
+    """A run that takes seconds: 2 cases, a few frames each, 2 steps, 1 validation case of 10-frame sweeps."""
+    return tool.TrainOptions(
+        out=out, cases=2, frames_per_sweep=140, per_case=4, epochs=1, samples_per_epoch=16, batch=8,
+        val_cases=1, val_frames_per_sweep=10,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("train_demo")
+    first, second = root / "a", root / "b"
+    opts = tiny(first)
+    metrics = tool.run(opts, tool.command_line(opts, tool.TrainOptions(out=first)))
+    tool.run(tiny(second), "same options again")
+    return first, second, metrics
+
+
+def test_tiny_run_writes_a_loadable_bundle(tiny_runs: tuple[Path, Path, dict]) -> None:
+    out, _, metrics = tiny_runs
+    bundle = load_bundle(out)
+    assert bundle.best_frame.output == "quality"
+    assert bundle.input.resize == "area" and bundle.input.channels == 1 and bundle.input.pad_to_square
+    assert bundle.outputs["planes"].classes == ("abdomen_optimal", "abdomen_suboptimal", "other")
+    engine = OrtEngine(bundle, EngineOptions(device="cpu", threads=2, max_batch=4))
+    engine.load()
+    got = engine.infer(np.zeros((3, 224, 224), np.uint8))
+    assert got["quality"].shape == (3,) and got["planes"].shape == (3, 3)
+    assert got["embedding"].shape == (3, 128)
+    assert got["mask"].shape == (3, 224, 224) and got["mask"].dtype == np.uint8
+    assert np.allclose(got["planes"].sum(1), 1.0, atol=1e-5)
+    engine.close()
+
+    training = bundle.manifest["training"]
+    assert training["command"].startswith("python tools/train_demo.py --out ")
+    assert "--cases 2" in training["command"] and "--epochs 1" in training["command"]
+    assert training["seeds"]["phantom_train"] == [1000, 1001] and training["seeds"]["torch"] == 1000
+    headline = {"pick_optimal_rate_causal", "quality_f1", "mask_dice_labelled", "median_ac_nae_causal"}
+    assert set(training["metrics"]["validation"]) >= headline
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["sha256"] == bundle.sha256 == metrics["sha256"]
+    assert saved["validation"]["frames"] == SWEEPS * 10
+
+
+def test_same_seed_gives_the_same_model(tiny_runs: tuple[Path, Path, dict]) -> None:
+    first, second, _ = tiny_runs
+    assert (first / "model.onnx").read_bytes() == (second / "model.onnx").read_bytes()
+
+
+def test_bad_options_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert tool.main(["--out", str(tmp_path / "x"), "--seed", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    problem = "training seeds start at 1000 (lower ones are left for evaluation)"
+    assert err == [f"train_demo: error: --seed 5: {problem}"]
+    assert tool.main(["--out", str(tmp_path / "x"), "--val-seed", "1003"]) == 1
+    assert "outside the training seeds" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_selection_helpers() -> None:
+    scores = np.array([0, 0, 1, 1, 1, 0, 0, 0, 0], float)
+    assert np.allclose(tool.causal_smooth(scores, 3)[:5], [0, 0, 1 / 3, 2 / 3, 1])
+    assert tool.pick_frame(scores, 3) == 4  # the causal average tops out at the run's last frame
+    assert tool.pick_frame(scores, 3, centred=True) == 3
+    assert tool.dice(np.ones(4, bool), np.array([1, 1, 0, 0], bool)) == pytest.approx(2 * 2 / 6)
+    assert tool.f1_score(np.array([1, 0, 1], bool), np.array([1, 0, 0], bool)) == pytest.approx(2 / 3)
+
+
+# --------------------------------------------------------------------------- the committed bundle
+
+
+def _held_out_frames() -> tuple[object, int, int, int]:
+    """A held-out phantom case (seed < 1000) with an optimal frame: (renderer, sweep, optimal, background)."""
+    for seed in range(1, 30):
+        case = make_cases(seed, 1)[0]
+        renderer = Renderer(case)
+        for sweep in range(SWEEPS):
+            angle, distance = tool.plane_geometry(case, sweep)
+            for frame in np.flatnonzero((angle <= 10) & (distance <= 2)):
+                if renderer.truth(sweep, int(frame))["label"] == 1:
+                    background = int(np.argmax(distance))  # the far end of the sweep: no abdomen
+                    assert renderer.truth(sweep, background)["label"] == 0
+                    return renderer, sweep, int(frame), background
+    raise AssertionError("no optimal frame in phantom seeds 1..29")
+
+
+@pytest.mark.skipif(not (DEMO / "bundle.json").is_file(), reason="bundles/demo not built")
+def test_committed_demo_bundle() -> None:
+    bundle = load_bundle(DEMO)
+    assert sum(p.stat().st_size for p in DEMO.iterdir() if p.is_file()) < 10_000_000
+    training = bundle.manifest["training"]
+    assert training["command"].startswith("python tools/train_demo.py --out bundles/demo")
+    seeds = training["seeds"]
+    assert min(seeds["phantom_train"]) >= 1000 and min(seeds["phantom_validation"]) >= 1000
+    assert "quality_f1" in training["metrics"]["validation"]
+    assert bundle.best_frame.output == "quality" and bundle.input.resize == "area"
+
+    renderer, sweep, optimal, background = _held_out_frames()
+    frames = (optimal, background)
+    prepared = [tool.prepare(renderer.render(sweep, f), renderer.truth(sweep, f)["mask"]) for f in frames]
+    engine = OrtEngine(bundle, EngineOptions(device="cpu", threads=2, max_batch=2))
+    engine.load()
+    got = engine.infer(np.stack([p[0] for p in prepared]))
+    engine.close()
+    assert got["quality"][0] > 0.5 > got["quality"][1]
+    assert tool.dice(got["mask"][0] > 0, prepared[0][1] >= 128) > 0.8
+    assert got["mask"][1].sum() < 0.1 * (prepared[0][1] >= 128).sum()
