@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>-<id>)")
     parser.add_argument("--events", metavar="ENDPOINT", help="ZeroMQ PUB endpoint (default tcp://127.0.0.1:5556)")
     parser.add_argument("--control", metavar="ENDPOINT",
-                        help="ZeroMQ REP endpoint for operator sweep start/stop (default tcp://127.0.0.1:5557; "
-                        "none: off)")
+                        help="ZeroMQ REP endpoint for operator sweep start/stop "
+                        "(default tcp://127.0.0.1:5557; none: off)")
     parser.add_argument("--flood", action="store_true", default=None,
                         help="read the source as fast as possible")
     parser.add_argument("--loop", action="store_true", default=None, help="restart the source at its end")
