@@ -11,8 +11,8 @@ What it keeps: per open sweep, the model-resolution masks of the frames the best
 (the best, the top-k and the smoothing window, a few 224 x 224 bytes each), and full-resolution copies of
 the frames that are or may still become the best (the best and the window), taken while their ring slots
 still hold them. The field of view for
-sector-edge handling is estimated as the ACOUSLIC evaluation derives it: pixels non-zero in any frame of
-the scanning session (cleaned), accumulated frame by frame and reset when the case or frame size changes.
+sector-edge handling is the convex hull of the pixels non-zero in any frame of the scanning session
+(`acouslic.convex_fov_mask`), accumulated frame by frame and reset when the case or frame size changes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .acouslic import derive_fov_mask
+from .acouslic import convex_fov_mask
 from .biometry import Measurement, measure, robust_ac
 from .preprocess import to_frame
 from .sweep import BestFrameEvent, FrameInfo, SweepConfig, SweepEvent, SweepTracker
@@ -171,7 +171,7 @@ def _measured(event: BestFrameEvent, found: Finding, best: AnalyzedFrame, image:
     found.later = None
     fov = None
     if fov_sum is not None and fov_sum.shape == tuple(best.frame_shape[:2]):
-        derived = derive_fov_mask(fov_sum)
+        derived = convex_fov_mask(fov_sum)
         fov = derived if derived.any() else None
     mask = _full_mask(best)
     measured = None if mask is None else measure(mask, best.spacing_mm, fov)

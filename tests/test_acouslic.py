@@ -256,3 +256,20 @@ def test_evaluate_help():
     p = subprocess.run([sys.executable, str(ROOT / "tools/evaluate.py"), "--help"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "--predictions" in p.stdout and "evaluation mode" in p.stdout
+
+
+def test_convex_fov_from_one_frame_covers_a_sector_cut_by_black_fluid():
+    """Fluid below the dynamic range is exactly 0 and splits a frame's sector; the live FOV must not
+    shrink to the largest piece the way the whole-stack rule does on few frames."""
+    import cv2
+
+    sector = np.zeros((200, 300), np.uint8)
+    cv2.ellipse(sector, (150, -40), (230, 230), 0, 60, 120, 1, -1)
+    cv2.ellipse(sector, (150, -40), (60, 60), 0, 0, 360, 0, -1)  # near arc: a concave top edge
+    frame = sector * np.uint8(90)
+    frame[90:120] = 0  # a band of black fluid across the sector
+    fov = acouslic.convex_fov_mask(frame)
+    covered = (fov & (sector > 0)).sum() / (sector > 0).sum()
+    assert covered > 0.999 and fov.sum() < 1.1 * (sector > 0).sum()
+    assert acouslic.derive_fov_mask(frame[None]).sum() < 0.8 * (sector > 0).sum()
+    assert not acouslic.convex_fov_mask(np.zeros((10, 10), np.uint8)).any()

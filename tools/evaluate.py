@@ -69,6 +69,8 @@ SEG_NAME = "fetal-abdomen-segmentation.mha"
 FRAME_NAME = "fetal-abdomen-frame-number.json"
 QUALITY_NAME = "frame-quality.json"
 N_SWEEPS = 6
+PER_SWEEP_FIELDS = ["case_id", "sweep", "optimal_frames", "frame", "gt_label", "score", "ac_mm", "ref_ac_mm",
+                    "nae", "confidence"]
 PER_CASE_FIELDS = ["case_id", "frame", "sweep", "gt_label", "wfss", "pred_ac_mm", "ref_ac_mm", "ac_status",
                    "nae", "dsc", "dsc_nearest", "nearest_frame", "dsc_soft", "score"]
 
@@ -350,6 +352,53 @@ def write_predictions(events: list[dict], run_dir: Path, pred_dir: Path,
         (folder / QUALITY_NAME).write_text(json.dumps(frame_quality(events, case, depth)) + "\n")
 
 
+def per_sweep(args: argparse.Namespace) -> list[dict]:
+    """What the pipeline said of each sweep, against the truth: the final best frame's label and the final
+    (median top-k) AC against the sweep's reference AC. The live system's own per-sweep answer, which the
+    challenge's one-frame-per-case metrics do not show."""
+    run_dir = args.out / "run"
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    refs = read_reference_acs(args.cases / CSV_PATH)
+    finals = {}
+    for e in events:
+        if e["type"] in ("best_frame", "biometry") and e.get("final"):
+            finals.setdefault(e["sweep_id"], {})[e["type"]] = e
+    sweep_source = {e["sweep_id"]: e["source"] for e in events if e["type"] == "frame" and e.get("source")}
+    rows, labels_of = [], {}
+    for sweep_id, final in sorted(finals.items()):
+        source = sweep_source.get(sweep_id, {})
+        case, sweep = source.get("case"), source.get("sweep")
+        if case is None or sweep is None:
+            continue
+        if case not in labels_of:
+            labels_of[case] = acouslic.frame_labels(read_mha(args.cases / MASKS_DIR / f"{case}.mha"))
+        labels = labels_of[case]
+        size = args.frames_per_sweep or stack_frames_per_sweep(len(labels))
+        best, bio = final.get("best_frame", {}), final.get("biometry", {})
+        frame = (best.get("source") or {}).get("case_frame")
+        ref = refs.get(case, [None] * N_SWEEPS)[sweep] if sweep < N_SWEEPS else None
+        ac = bio.get("ac_mm")
+        rows.append({"case_id": case, "sweep": sweep + 1,
+                     "optimal_frames": int((labels[sweep * size:(sweep + 1) * size] == 1).sum()),
+                     "frame": frame, "gt_label": None if frame is None else int(labels[frame]),
+                     "score": best.get("score"), "ac_mm": ac, "ref_ac_mm": ref,
+                     # No AC where the sweep has a reference counts as a full miss, as the official NAE.
+                     "nae": None if ref is None else acouslic.nae(ac, ref),
+                     "confidence": bio.get("confidence")})
+    return rows
+
+
+def summarize_sweeps(rows: list[dict]) -> dict:
+    with_optimal = [r for r in rows if r["optimal_frames"] > 0]
+    picked = [r for r in with_optimal if r["gt_label"] == 1]
+    naes = [r["nae"] for r in rows if r["nae"] is not None]
+    return {"n_sweeps": len(rows), "n_sweeps_with_optimal": len(with_optimal),
+            "pick_optimal_rate": len(picked) / len(with_optimal) if with_optimal else None,
+            "n_sweeps_measured": len(naes),
+            "median_ac_nae": float(np.median(naes)) if naes else None,
+            "max_ac_nae": float(np.max(naes)) if naes else None}
+
+
 def plot_curves(args: argparse.Namespace, rows: list[dict]) -> None:
     """One PNG per sweep: raw and smoothed score, ground-truth labels shaded, chosen frame marked."""
     import matplotlib
@@ -404,12 +453,16 @@ def _fmt(v) -> str:
 
 def write_outputs(out: Path, rows: list[dict], summary: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "per_case.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=PER_CASE_FIELDS)
+    write_csv(out / "per_case.csv", rows, PER_CASE_FIELDS)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
-            w.writerow({k: _fmt(r[k]) for k in PER_CASE_FIELDS})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            w.writerow({k: _fmt(r[k]) for k in fields})
 
 
 def print_table(rows: list[dict], summary: dict) -> None:
@@ -424,6 +477,12 @@ def print_table(rows: list[dict], summary: dict) -> None:
     print(f"{'mean (' + str(summary['n_cases']) + ' cases)':<38} {'':>6} {summary['wfss']:>6.3f} "
           f"{summary['nae']:>7.4f} {summary['dsc_soft']:>8.4f} {summary['score']:>7.4f}")
     print(f"frame-level F1: {f1}")
+    sweeps = summary.get("sweeps")
+    if sweeps and sweeps["pick_optimal_rate"] is not None:
+        nae = "n/a" if sweeps["median_ac_nae"] is None else f"{sweeps['median_ac_nae']:.4f}"
+        print(f"per sweep: optimal frame picked in {sweeps['pick_optimal_rate']:.1%} of "
+              f"{sweeps['n_sweeps_with_optimal']} sweeps with one; median AC NAE {nae} over "
+              f"{sweeps['n_sweeps_measured']} measured sweeps")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -459,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         rows, summary = evaluate(args)
         if run is not None:
             summary["pipeline"] = run
+            sweeps = per_sweep(args)
+            summary["sweeps"] = summarize_sweeps(sweeps)
+            write_csv(args.out / "per_sweep.csv", sweeps, PER_SWEEP_FIELDS)
             plot_curves(args, rows)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
