@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """sweepstream: score a live blind-sweep ultrasound video with a FetalCLIP bundle and emit events.
 
-Starts a supervisor that runs capture, preprocess, infer and postprocess as separate processes connected
-by ZeroMQ. Events go to a PUB socket and to <out>/events.jsonl; latency figures to <out>/summary.json.
+With no arguments it runs the demo: phantom blind sweeps streamed live at 30 fps through the demo bundle
+(trained on synthetic phantoms; not for clinical use). Starts a supervisor that runs capture, preprocess,
+infer and postprocess as separate processes connected by ZeroMQ. Events go to a PUB socket and to
+<out>/events.jsonl; latency figures to <out>/summary.json.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_stream.py", description=__doc__, epilog=describe_options(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", metavar="PATH_OR_URL", help="video file, stream URL, /dev/videoN or "
-                        "synthetic://WxH?fps=F&frames=N (default: a 1080p test pattern, 300 frames)")
-    parser.add_argument("--bundle", metavar="DIR", help="model bundle directory (default: bundles/reference)")
+    parser.add_argument("--source", metavar="PATH_OR_URL",
+                        help="video file, stream URL, /dev/videoN, image stack or case folder, "
+                        "phantom://SEED or synthetic://WxH (default: the demo, phantom://7?cases=1)")
+    parser.add_argument("--bundle", metavar="DIR", help="model bundle directory (default: bundles/demo)")
     parser.add_argument("--engine", choices=ENGINE_CHOICES,
                         help="inference backend (default auto: TensorRT, then torch-CUDA, then ONNX Runtime)")
     parser.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>-<id>)")

@@ -26,8 +26,11 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "reference"
-DEFAULT_SOURCE = "synthetic://1920x1080?frames=300"
+# The embedded default is the demo: one phantom case (seed 7, never trained on) streamed live through the
+# demo model trained on phantom sweeps (tools/train_demo.py). The reference bundle is a plumbing fixture.
+DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "demo"
+REFERENCE_BUNDLE = REPO_ROOT / "bundles" / "reference"
+DEFAULT_SOURCE = "phantom://7?cases=1"
 
 
 ENGINE_CHOICES = ("auto", "ort", "trt", "torch", "null")
@@ -83,7 +86,8 @@ class InferConfig:
         "auto", "inference backend; auto tries TensorRT, then torch-CUDA, then ONNX Runtime")
     max_batch: int = option(8, "largest batch taken from what is waiting (never waits to fill one)",
                             min=1, max=32)
-    threads: int = option(0, "intra-op threads for the engine (0 = backend default)", min=0, max=256)
+    threads: int = option(0, "intra-op threads for the engine (0 = one fewer than the usable CPU cores, at "
+                          "least 1: the other stages need a core)", min=0, max=256)
     device: Literal["auto", "cpu", "cuda"] = option("auto", "device for backends that have a choice")
     precision: Literal["auto", "fp32", "fp16", "int8"] = option(
         "auto", "model precision; ort: auto runs the bundle's gated int8 model on CPU when it has one "

@@ -39,8 +39,10 @@ def mp4_60(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_stream_cmd(*args: str) -> list[str]:
+    """Plumbing tests run the reference bundle unless they name one; tests of the demo name none."""
+    bundle = [] if "--bundle" in args else ["--bundle", str(REPO / "bundles" / "reference")]
     return [sys.executable, str(REPO / "run_stream.py"), "--events", "tcp://127.0.0.1:*",
-            "--control", "tcp://127.0.0.1:*", *args]
+            "--control", "tcp://127.0.0.1:*", *bundle, *args]
 
 
 def run_pipeline(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

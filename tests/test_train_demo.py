@@ -70,7 +70,7 @@ def test_tiny_run_writes_a_loadable_bundle(tiny_runs: tuple[Path, Path, dict]) -
     assert training["command"].startswith("python tools/train_demo.py --out ")
     assert "--cases 2" in training["command"] and "--epochs 1" in training["command"]
     assert training["seeds"]["phantom_train"] == [1000, 1001] and training["seeds"]["torch"] == 1000
-    headline = {"pick_optimal_rate_causal", "quality_f1", "mask_dice_labelled", "median_ac_nae_causal"}
+    headline = {"pick_optimal_rate", "quality_f1", "mask_dice_labelled", "median_ac_nae_pick"}
     assert set(training["metrics"]["validation"]) >= headline
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["sha256"] == bundle.sha256 == metrics["sha256"]
@@ -93,10 +93,15 @@ def test_bad_options_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_selection_helpers() -> None:
-    scores = np.array([0, 0, 1, 1, 1, 0, 0, 0, 0], float)
-    assert np.allclose(tool.causal_smooth(scores, 3)[:5], [0, 0, 1 / 3, 2 / 3, 1])
-    assert tool.pick_frame(scores, 3) == 4  # the causal average tops out at the run's last frame
-    assert tool.pick_frame(scores, 3, centred=True) == 3
+    # The pipeline's rule: the best 5-frame window, and in it the frame with the best own score.
+    scores = np.array([0.1] * 10 + [0.6] * 5 + [0.97, 0.9] + [0.6] * 5 + [0.1] * 10)
+    pick, top = tool.pipeline_pick(scores)
+    assert pick == 15 and top[0] == 15 and len(set(top)) == len(top) <= 5
+    assert tool.pipeline_pick(np.full(20, 0.2)) == (None, [])
+    # Quality targets peak on the standard plane and keep the classes on their side of 0.5.
+    assert tool.quality_target(1, 0.0, 0.0) == 1.0 and tool.quality_target(1, 9.0, 2.0) == 0.55
+    assert tool.quality_target(2, 0.0, 0.5) == 0.45 and tool.quality_target(2, 30.0, 20.0) < 0.01
+    assert tool.quality_target(0, 0.0, 0.0) == 0.0
     assert tool.dice(np.ones(4, bool), np.array([1, 1, 0, 0], bool)) == pytest.approx(2 * 2 / 6)
     assert tool.f1_score(np.array([1, 0, 1], bool), np.array([1, 0, 0], bool)) == pytest.approx(2 / 3)
 

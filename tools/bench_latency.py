@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engines.base import EngineOptions, load_bundle, select_engine  # noqa: E402
 from pipeline.analysis import AnalyzedFrame, SweepAnalyzer, resolve  # noqa: E402
 from pipeline.capture import Pacer  # noqa: E402
-from pipeline.config import DEFAULT_BUNDLE, ENGINE_CHOICES, load_config  # noqa: E402
+from pipeline.config import ENGINE_CHOICES, REFERENCE_BUNDLE, load_config  # noqa: E402
 from pipeline.events import Journal, make_event  # noqa: E402
 from pipeline.metrics import LatencyHistogram  # noqa: E402
 from pipeline.preprocess import BUNDLE_RESIZE, content_fraction, letterbox  # noqa: E402
@@ -52,9 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=600, help="frames per scenario")
     parser.add_argument("--fps", type=float, default=30.0, help="rate of the paced test pattern")
     parser.add_argument("--modes", default="paced,flood", help="comma-separated: paced, flood")
-    parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="model bundle directory")
+    parser.add_argument("--bundle", default=str(REFERENCE_BUNDLE),
+                        help="model bundle directory (default: the reference bundle, for transport figures)")
     parser.add_argument("--engine", default="null", choices=ENGINE_CHOICES,
                         help="engine for both pipeline and baseline (null measures transport alone)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="engine intra-op threads, pipeline and baseline alike (0 = backend default)")
     parser.add_argument("--policy", choices=["latest", "lossless"], default="latest",
                         help="pipeline backpressure policy")
     parser.add_argument("--json", type=Path, default=Path("bench_latency.json"),
@@ -86,7 +89,8 @@ def run_pipeline(args: argparse.Namespace, scenario: dict, workdir: Path) -> tup
     config = load_config(overrides={
         "source.uri": scenario["uri"], "source.flood": scenario["mode"] == "flood",
         "source.max_frames": args.frames, "source.pixel_format": args.pixel_format,
-        "infer.bundle": args.bundle, "infer.engine": args.engine, "transport.policy": args.policy,
+        "infer.bundle": args.bundle, "infer.engine": args.engine, "infer.threads": args.threads,
+        "transport.policy": args.policy,
         "postprocess.events": "tcp://127.0.0.1:*", "postprocess.control": None, "run.out": str(out),
         "run.quiet": True})
     if Supervisor(config).run() != 0:
@@ -100,7 +104,7 @@ def run_pipeline(args: argparse.Namespace, scenario: dict, workdir: Path) -> tup
 def run_baseline(args: argparse.Namespace, scenario: dict, workdir: Path) -> tuple[dict, np.ndarray]:
     """The same work in one loop: no ring, no sockets, no process hops (sweep analysis inline)."""
     bundle = load_bundle(args.bundle)
-    engine, _ = select_engine(args.engine, bundle, EngineOptions(max_batch=1))
+    engine, _ = select_engine(args.engine, bundle, EngineOptions(max_batch=1, threads=args.threads))
     engine.load()
     source = open_source(scenario["uri"], args.pixel_format)
     pacer = Pacer(source.fps) if scenario["mode"] == "paced" and not source.live else None

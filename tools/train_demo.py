@@ -37,7 +37,8 @@ from engines.demo import LABEL_TO_CLASS, DemoConfig, DemoModel  # noqa: E402
 from engines.fetalclip import FetalClipExport, export_onnx  # noqa: E402
 from pipeline.biometry import measure  # noqa: E402
 from pipeline.phantom import PIXEL_MM, SWEEPS, Renderer, make_cases  # noqa: E402
-from pipeline.preprocess import letterbox  # noqa: E402
+from pipeline.preprocess import letterbox, to_frame  # noqa: E402
+from pipeline.sweep import BestFrameSelector, FrameInfo, SweepConfig  # noqa: E402
 from tools.build_bundle import (  # noqa: E402
     MAX_BATCH,
     ONNX_NAME,
@@ -51,10 +52,13 @@ MIN_TRAIN_SEED = 1000
 """Phantom seeds below this are kept for evaluation and never trained on."""
 SIZE = 224
 RESIZE = "area"
-SMOOTHING_FRAMES = 5  # the pipeline's causal moving average (pipeline/sweep.py SweepConfig.smoothing_frames)
-TOP_K = 5  # frames per sweep whose median AC the pipeline reports
 OPTIMAL_ANGLE_MAX = 12.0  # candidate optimal frames: plane within this of perpendicular to the spine ...
 OPTIMAL_DISTANCE_MAX = 3.0  # ... and this close (mm) to the standard plane; the renderer's truth decides
+# Quality target: how close the plane is to the standard plane, peaked on it (Gaussian widths in mm and deg),
+# so the head's argmax along a sweep lands in the middle of the 2-4 optimal frames instead of anywhere in
+# the look-alike neighbourhood a 0/1 target makes flat.
+TARGET_SIGMA_MM = 2.0
+TARGET_SIGMA_DEG = 8.0
 NEAR_DISTANCE_MM = 25.0  # "near" background / suboptimal frames: within this of the standard plane
 LICENSE_NOTE = (
     "Apache-2.0 (code, manifest and weights, trained here on synthetic phantom sweeps). A demonstration "
@@ -119,11 +123,13 @@ class TrainOptions:
 
 @dataclass
 class FramePool:
-    """Prepared frames: uint8 model inputs [N, S, S], soft abdomen masks 0..255 [N, S, S], labels [N]."""
+    """Prepared frames: uint8 model inputs [N, S, S], soft abdomen masks 0..255 [N, S, S], labels [N], and
+    the quality targets [N] (:func:`quality_target`)."""
 
     images: np.ndarray
     masks: np.ndarray
     labels: np.ndarray
+    targets: np.ndarray
 
     def counts(self) -> dict[str, int]:
         names = ("background", "optimal", "suboptimal")
@@ -167,6 +173,15 @@ def pick_frames(case, rng: np.random.Generator, per_case: int) -> list[tuple[int
     return sorted(chosen)
 
 
+def quality_target(label: int, angle_deg: float, distance_mm: float) -> float:
+    """Closeness to the standard plane for frames that show the abdomen, kept on the right side of 0.5:
+    optimal frames (label 1) score at least 0.55, suboptimal ones at most 0.45, background 0."""
+    if label == 0:
+        return 0.0
+    closeness = math.exp(-0.5 * ((distance_mm / TARGET_SIGMA_MM) ** 2 + (angle_deg / TARGET_SIGMA_DEG) ** 2))
+    return max(closeness, 0.55) if label == 1 else min(closeness, 0.45)
+
+
 def phantom_case(seed: int, frames_per_sweep: int):  # noqa: ANN201  (phantom Case)
     """The one case of a phantom seed (training and validation use one case per seed)."""
     return make_cases(seed, 1, frames_per_sweep)[0]
@@ -175,17 +190,21 @@ def phantom_case(seed: int, frames_per_sweep: int):  # noqa: ANN201  (phantom Ca
 def build_pool(seeds: Sequence[int], frames_per_sweep: int, per_case: int, data_seed: int) -> FramePool:
     """Render and prepare the training frames of the given phantom seeds (deterministic)."""
     rng = np.random.default_rng(data_seed)
-    images, masks, labels = [], [], []
+    images, masks, labels, targets = [], [], [], []
     for seed in tqdm(seeds, desc="render training cases", unit="case"):
         case = phantom_case(seed, frames_per_sweep)
         renderer = Renderer(case)
+        geometry = [plane_geometry(case, sweep) for sweep in range(SWEEPS)]
         for sweep, frame in pick_frames(case, rng, per_case):
             truth = renderer.truth(sweep, frame)
             image, soft, _ = prepare(renderer.render(sweep, frame), truth["mask"])
             images.append(image)
             masks.append(soft)
             labels.append(truth["label"])
-    return FramePool(np.stack(images), np.stack(masks), np.asarray(labels, np.int64))
+            angle, distance = geometry[sweep]
+            targets.append(quality_target(int(truth["label"]), float(angle[frame]), float(distance[frame])))
+    return FramePool(np.stack(images), np.stack(masks), np.asarray(labels, np.int64),
+                     np.asarray(targets, np.float32))
 
 
 def epoch_indices(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -202,9 +221,10 @@ def epoch_indices(labels: np.ndarray, count: int, rng: np.random.Generator) -> n
 # --------------------------------------------------------------------------- training
 
 
-def losses(model: DemoModel, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Per-head losses: plane cross-entropy on 100 x cosine logits, quality BCE (optimal = 1), mask BCE
-    plus soft Dice on the abdomen (labels 1 and 2)."""
+def losses(model: DemoModel, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+           targets: torch.Tensor) -> dict:
+    """Per-head losses: plane cross-entropy on 100 x cosine logits, quality BCE against the closeness
+    targets, mask BCE plus soft Dice on the abdomen (labels 1 and 2)."""
     _, plane_logits, quality_logit, mask_logit = model(images)
     classes = torch.as_tensor(LABEL_TO_CLASS)[labels]
     target = masks.float() / 255.0
@@ -213,7 +233,7 @@ def losses(model: DemoModel, images: torch.Tensor, masks: torch.Tensor, labels: 
     dice = 1.0 - (2.0 * overlap + 1.0) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1.0)
     return {
         "planes": F.cross_entropy(plane_logits, classes, label_smoothing=0.05),
-        "quality": F.binary_cross_entropy_with_logits(quality_logit, (labels == 1).float()),
+        "quality": F.binary_cross_entropy_with_logits(quality_logit, targets),
         "mask": F.binary_cross_entropy_with_logits(mask_logit, target) + dice.mean(),
     }
 
@@ -249,7 +269,8 @@ def train(model: DemoModel, pool: FramePool, opts: TrainOptions) -> list[dict]:
             images = np.where(flip[:, None, None], pool.images[idx, :, ::-1], pool.images[idx])
             masks = np.where(flip[:, None, None], pool.masks[idx, :, ::-1], pool.masks[idx])
             labels = torch.from_numpy(pool.labels[idx])
-            parts = losses(model, torch.from_numpy(images), torch.from_numpy(masks), labels)
+            parts = losses(model, torch.from_numpy(images), torch.from_numpy(masks), labels,
+                           torch.from_numpy(pool.targets[idx]))
             loss = parts["planes"] + parts["quality"] + parts["mask"]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, opts.lr, warmup=min(100, total // 10 + 1))
@@ -269,24 +290,14 @@ def train(model: DemoModel, pool: FramePool, opts: TrainOptions) -> list[dict]:
 # --------------------------------------------------------------------------- evaluation (pure)
 
 
-def causal_smooth(scores: np.ndarray, window: int = SMOOTHING_FRAMES) -> np.ndarray:
-    """The pipeline's causal moving average: frame i gets the mean of frames max(0, i-w+1)..i."""
-    sums = np.cumsum(np.asarray(scores, np.float64))
-    shifted = np.concatenate([np.zeros(window), sums])[: len(sums)]
-    counts = np.minimum(np.arange(1, len(sums) + 1), window)
-    return (sums - shifted) / counts
-
-
-def pick_frame(scores: np.ndarray, window: int = SMOOTHING_FRAMES, centred: bool = False) -> int:
-    """The sweep's best frame: argmax of the causal moving average (earliest on ties), as the pipeline picks
-    it; ``centred`` moves the pick back by the window's lag ((w - 1) // 2 frames) to the window's centre."""
-    best = int(np.argmax(causal_smooth(scores, window)))
-    return max(0, best - (window - 1) // 2) if centred else best
-
-
-def top_frames(scores: np.ndarray, k: int = TOP_K, window: int = SMOOTHING_FRAMES) -> np.ndarray:
-    """The k frames with the highest causal smoothed score (what the pipeline's robust AC uses)."""
-    return np.argsort(-causal_smooth(scores, window), kind="stable")[:k]
+def pipeline_pick(scores: np.ndarray) -> tuple[int | None, list[int]]:
+    """A sweep's best frame and top-k frames exactly as the live pipeline chooses them (BestFrameSelector
+    with the default [sweep] settings), so the manifest's figures are the pipeline's, not an imitation."""
+    selector = BestFrameSelector(0, SweepConfig())
+    for i, score in enumerate(np.asarray(scores, np.float64)):
+        selector.update(FrameInfo(i, i / 30.0, float(score)))
+    final = selector.finish()
+    return (None if final.best is None else final.best.frame_id), [f.frame_id for f in final.top_k]
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -300,20 +311,6 @@ def f1_score(pred: np.ndarray, truth: np.ndarray) -> float:
     tp = int((pred & truth).sum())
     denominator = int(pred.sum()) + int(truth.sum())
     return 0.0 if denominator == 0 else 2.0 * tp / denominator
-
-
-def to_frame(mask: np.ndarray, geometry: dict, shape: tuple[int, int]) -> np.ndarray:
-    """A model-resolution 0/1 mask mapped back onto the full frame through the inverse of ``letterbox``
-    (bilinear, thresholded at one half); zero outside the region the model saw."""
-    (rx, ry, rw, rh), (ox, oy), (sx, sy) = geometry["roi"], geometry["offset"], geometry["scale"]
-    to_model = np.array([[sx, 0.0, ox + (0.5 - rx) * sx - 0.5], [0.0, sy, oy + (0.5 - ry) * sy - 0.5]])
-    soft = cv2.warpAffine(
-        (mask != 0).astype(np.uint8) * 255, to_model, (shape[1], shape[0]),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
-    )
-    out = np.zeros(shape, np.uint8)
-    out[ry : ry + rh, rx : rx + rw] = soft[ry : ry + rh, rx : rx + rw] >= 128
-    return out
 
 
 def ac_nae(mask: np.ndarray, reference_mm: float) -> float | None:
@@ -362,21 +359,19 @@ def evaluate(onnx_path: Path, seeds: Sequence[int], threads: int = 2, frames_per
             if not (labels == 1).any():
                 continue
             row = {"case_seed": int(seed), "sweep": sweep, "optimal_frames": int((labels == 1).sum())}
-            for name, centred in (("causal", False), ("centred", True)):
-                pick = pick_frame(quality, centred=centred)
-                full = to_frame(masks[pick], prepared[pick][2], frames[pick].shape)
-                row[f"{name}_pick"] = int(pick)
-                row[f"{name}_optimal"] = bool(labels[pick] == 1)
-                row[f"{name}_ac_nae"] = ac_nae(full, reference)
-            naes = [ac_nae(to_frame(masks[i], prepared[i][2], frames[i].shape), reference)
-                    for i in top_frames(quality)]
+            pick, top = pipeline_pick(quality)
+            row["pick"] = pick
+            row["pick_optimal"] = pick is not None and bool(labels[pick] == 1)
+            row["pick_ac_nae"] = None if pick is None else ac_nae(
+                to_frame(masks[pick], prepared[pick][2], frames[pick].shape), reference)
+            naes = [ac_nae(to_frame(masks[i], prepared[i][2], frames[i].shape), reference) for i in top]
             naes = [v for v in naes if v is not None]
             row["top5_median_ac_nae"] = median_or_none(naes)
-            # What an ideal smooth scorer (peaked on the standard plane) would pick: bounds the causal rule.
+            # What an ideal scorer (peaked on the standard plane) gets from the same rule: bounds the rule.
             angle, distance = plane_geometry(case, sweep)
             ideal = (angle <= OPTIMAL_ANGLE_MAX) * np.exp(-0.5 * np.square(distance / OPTIMAL_DISTANCE_MAX))
-            row["ideal_causal_optimal"] = bool(labels[pick_frame(ideal)] == 1)
-            row["ideal_centred_optimal"] = bool(labels[pick_frame(ideal, centred=True)] == 1)
+            ideal_pick, _ = pipeline_pick(ideal)
+            row["ideal_pick_optimal"] = ideal_pick is not None and bool(labels[ideal_pick] == 1)
             sweeps.append(row)
     return summarise(frame_rows, sweeps)
 
@@ -394,12 +389,9 @@ def summarise(frames: dict[str, list], sweeps: list[dict]) -> dict:
     return {
         "frames": len(labels),
         "sweeps_with_optimal": len(sweeps),
-        "pick_optimal_rate_causal": rate("causal_optimal"),
-        "pick_optimal_rate_centred": rate("centred_optimal"),
-        "ideal_scorer_pick_optimal_rate_causal": rate("ideal_causal_optimal"),
-        "ideal_scorer_pick_optimal_rate_centred": rate("ideal_centred_optimal"),
-        "median_ac_nae_causal": nae("causal_ac_nae"),
-        "median_ac_nae_centred": nae("centred_ac_nae"),
+        "pick_optimal_rate": rate("pick_optimal"),
+        "ideal_scorer_pick_optimal_rate": rate("ideal_pick_optimal"),
+        "median_ac_nae_pick": nae("pick_ac_nae"),
         "median_ac_nae_top5": nae("top5_median_ac_nae"),
         "quality_f1": f1_score(quality >= 0.5, labels == 1),
         "plane_accuracy": float(np.mean(frames["plane"])) if frames["plane"] else None,
@@ -438,7 +430,8 @@ def manifest_for(wrapper: FetalClipExport, config: DemoConfig, training: dict) -
     descriptions = {
         "embedding": "L2-normalised image embedding of the demo ViT",
         "planes": "plane class probabilities: softmax of 100 x cosine to learned, L2-normalised prototypes",
-        "quality": "probability that the frame is an optimal abdominal (AC) plane, in [0, 1]",
+        "quality": "closeness of the frame to the standard abdominal (AC) plane in [0, 1], peaked on it; "
+                   ">= 0.5 on optimal frames",
         "mask": "abdomen segmentation at input resolution, 1 inside, 0 outside",
     }
     return {
@@ -484,6 +477,9 @@ def training_record(opts: TrainOptions, command: str, pool: FramePool, history: 
             "per_case": opts.per_case,
             "preprocess": f"pipeline.preprocess.letterbox(frame, {SIZE}, 1, interpolation='{RESIZE}')",
             "augmentation": "left-right flip",
+            "quality_target": f"closeness to the standard plane, exp(-(d/{TARGET_SIGMA_MM} mm)^2/2 - "
+                              f"(angle/{TARGET_SIGMA_DEG} deg)^2/2), >= 0.55 optimal, <= 0.45 suboptimal, "
+                              "0 background",
             "sampling": "fresh class-balanced draw per epoch: a third each optimal, suboptimal, background",
         },
         "schedule": {
