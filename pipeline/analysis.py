@@ -60,7 +60,7 @@ class Finding:
 @dataclass
 class _Kept:
     frame: AnalyzedFrame
-    image: np.ndarray | None = None  # full-resolution copy, only for the sweep's best frame
+    image: np.ndarray | None = None  # full-resolution copy, kept for the best frame and the window only
 
 
 def _gray(view: np.ndarray) -> np.ndarray:
