@@ -98,10 +98,6 @@ def test_selection_helpers() -> None:
     pick, top = tool.pipeline_pick(scores)
     assert pick == 15 and top[0] == 15 and len(set(top)) == len(top) <= 5
     assert tool.pipeline_pick(np.full(20, 0.2)) == (None, [])
-    # Quality targets peak on the standard plane and keep the classes on their side of 0.5.
-    assert tool.quality_target(1, 0.0, 0.0) == 1.0 and tool.quality_target(1, 9.0, 2.0) == 0.55
-    assert tool.quality_target(2, 0.0, 0.5) == 0.45 and tool.quality_target(2, 30.0, 20.0) < 0.01
-    assert tool.quality_target(0, 0.0, 0.0) == 0.0
     assert tool.dice(np.ones(4, bool), np.array([1, 1, 0, 0], bool)) == pytest.approx(2 * 2 / 6)
     assert tool.f1_score(np.array([1, 0, 1], bool), np.array([1, 0, 0], bool)) == pytest.approx(2 / 3)
 

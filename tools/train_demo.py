@@ -54,11 +54,6 @@ SIZE = 224
 RESIZE = "area"
 OPTIMAL_ANGLE_MAX = 12.0  # candidate optimal frames: plane within this of perpendicular to the spine ...
 OPTIMAL_DISTANCE_MAX = 3.0  # ... and this close (mm) to the standard plane; the renderer's truth decides
-# Quality target: how close the plane is to the standard plane, peaked on it (Gaussian widths in mm and deg),
-# so the head's argmax along a sweep lands in the middle of the 2-4 optimal frames instead of anywhere in
-# the look-alike neighbourhood a 0/1 target makes flat.
-TARGET_SIGMA_MM = 2.0
-TARGET_SIGMA_DEG = 8.0
 NEAR_DISTANCE_MM = 25.0  # "near" background / suboptimal frames: within this of the standard plane
 LICENSE_NOTE = (
     "Apache-2.0 (code, manifest and weights, trained here on synthetic phantom sweeps). A demonstration "
@@ -123,13 +118,11 @@ class TrainOptions:
 
 @dataclass
 class FramePool:
-    """Prepared frames: uint8 model inputs [N, S, S], soft abdomen masks 0..255 [N, S, S], labels [N], and
-    the quality targets [N] (:func:`quality_target`)."""
+    """Prepared frames: uint8 model inputs [N, S, S], soft abdomen masks 0..255 [N, S, S], labels [N]."""
 
     images: np.ndarray
     masks: np.ndarray
     labels: np.ndarray
-    targets: np.ndarray
 
     def counts(self) -> dict[str, int]:
         names = ("background", "optimal", "suboptimal")
@@ -173,15 +166,6 @@ def pick_frames(case, rng: np.random.Generator, per_case: int) -> list[tuple[int
     return sorted(chosen)
 
 
-def quality_target(label: int, angle_deg: float, distance_mm: float) -> float:
-    """Closeness to the standard plane for frames that show the abdomen, kept on the right side of 0.5:
-    optimal frames (label 1) score at least 0.55, suboptimal ones at most 0.45, background 0."""
-    if label == 0:
-        return 0.0
-    closeness = math.exp(-0.5 * ((distance_mm / TARGET_SIGMA_MM) ** 2 + (angle_deg / TARGET_SIGMA_DEG) ** 2))
-    return max(closeness, 0.55) if label == 1 else min(closeness, 0.45)
-
-
 def phantom_case(seed: int, frames_per_sweep: int):  # noqa: ANN201  (phantom Case)
     """The one case of a phantom seed (training and validation use one case per seed)."""
     return make_cases(seed, 1, frames_per_sweep)[0]
@@ -190,21 +174,17 @@ def phantom_case(seed: int, frames_per_sweep: int):  # noqa: ANN201  (phantom Ca
 def build_pool(seeds: Sequence[int], frames_per_sweep: int, per_case: int, data_seed: int) -> FramePool:
     """Render and prepare the training frames of the given phantom seeds (deterministic)."""
     rng = np.random.default_rng(data_seed)
-    images, masks, labels, targets = [], [], [], []
+    images, masks, labels = [], [], []
     for seed in tqdm(seeds, desc="render training cases", unit="case"):
         case = phantom_case(seed, frames_per_sweep)
         renderer = Renderer(case)
-        geometry = [plane_geometry(case, sweep) for sweep in range(SWEEPS)]
         for sweep, frame in pick_frames(case, rng, per_case):
             truth = renderer.truth(sweep, frame)
             image, soft, _ = prepare(renderer.render(sweep, frame), truth["mask"])
             images.append(image)
             masks.append(soft)
             labels.append(truth["label"])
-            angle, distance = geometry[sweep]
-            targets.append(quality_target(int(truth["label"]), float(angle[frame]), float(distance[frame])))
-    return FramePool(np.stack(images), np.stack(masks), np.asarray(labels, np.int64),
-                     np.asarray(targets, np.float32))
+    return FramePool(np.stack(images), np.stack(masks), np.asarray(labels, np.int64))
 
 
 def epoch_indices(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -221,10 +201,9 @@ def epoch_indices(labels: np.ndarray, count: int, rng: np.random.Generator) -> n
 # --------------------------------------------------------------------------- training
 
 
-def losses(model: DemoModel, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
-           targets: torch.Tensor) -> dict:
-    """Per-head losses: plane cross-entropy on 100 x cosine logits, quality BCE against the closeness
-    targets, mask BCE plus soft Dice on the abdomen (labels 1 and 2)."""
+def losses(model: DemoModel, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Per-head losses: plane cross-entropy on 100 x cosine logits, quality BCE (optimal = 1), mask BCE
+    plus soft Dice on the abdomen (labels 1 and 2)."""
     _, plane_logits, quality_logit, mask_logit = model(images)
     classes = torch.as_tensor(LABEL_TO_CLASS)[labels]
     target = masks.float() / 255.0
@@ -233,7 +212,7 @@ def losses(model: DemoModel, images: torch.Tensor, masks: torch.Tensor, labels: 
     dice = 1.0 - (2.0 * overlap + 1.0) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1.0)
     return {
         "planes": F.cross_entropy(plane_logits, classes, label_smoothing=0.05),
-        "quality": F.binary_cross_entropy_with_logits(quality_logit, targets),
+        "quality": F.binary_cross_entropy_with_logits(quality_logit, (labels == 1).float()),
         "mask": F.binary_cross_entropy_with_logits(mask_logit, target) + dice.mean(),
     }
 
@@ -269,8 +248,7 @@ def train(model: DemoModel, pool: FramePool, opts: TrainOptions) -> list[dict]:
             images = np.where(flip[:, None, None], pool.images[idx, :, ::-1], pool.images[idx])
             masks = np.where(flip[:, None, None], pool.masks[idx, :, ::-1], pool.masks[idx])
             labels = torch.from_numpy(pool.labels[idx])
-            parts = losses(model, torch.from_numpy(images), torch.from_numpy(masks), labels,
-                           torch.from_numpy(pool.targets[idx]))
+            parts = losses(model, torch.from_numpy(images), torch.from_numpy(masks), labels)
             loss = parts["planes"] + parts["quality"] + parts["mask"]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, opts.lr, warmup=min(100, total // 10 + 1))
@@ -430,8 +408,7 @@ def manifest_for(wrapper: FetalClipExport, config: DemoConfig, training: dict) -
     descriptions = {
         "embedding": "L2-normalised image embedding of the demo ViT",
         "planes": "plane class probabilities: softmax of 100 x cosine to learned, L2-normalised prototypes",
-        "quality": "closeness of the frame to the standard abdominal (AC) plane in [0, 1], peaked on it; "
-                   ">= 0.5 on optimal frames",
+        "quality": "probability that the frame is an optimal abdominal (AC) plane, in [0, 1]",
         "mask": "abdomen segmentation at input resolution, 1 inside, 0 outside",
     }
     return {
@@ -477,9 +454,6 @@ def training_record(opts: TrainOptions, command: str, pool: FramePool, history: 
             "per_case": opts.per_case,
             "preprocess": f"pipeline.preprocess.letterbox(frame, {SIZE}, 1, interpolation='{RESIZE}')",
             "augmentation": "left-right flip",
-            "quality_target": f"closeness to the standard plane, exp(-(d/{TARGET_SIGMA_MM} mm)^2/2 - "
-                              f"(angle/{TARGET_SIGMA_DEG} deg)^2/2), >= 0.55 optimal, <= 0.45 suboptimal, "
-                              "0 background",
             "sampling": "fresh class-balanced draw per epoch: a third each optimal, suboptimal, background",
         },
         "schedule": {
