@@ -264,8 +264,9 @@ class _JournalTail:
         return self.frames
 
 
-def run_pipeline(args: argparse.Namespace) -> dict:
-    """Every frame of every case through the real pipeline (flooded, lossless); writes OUT/predictions."""
+def run_pipeline(args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    """Every frame of every case through the real pipeline (flooded, lossless); writes OUT/predictions.
+    Returns the run's figures and its events (the journal, read once)."""
     import subprocess
 
     shapes = _stack_shapes(args.cases)
@@ -299,9 +300,10 @@ def run_pipeline(args: argparse.Namespace) -> dict:
                          f"of {total} scored, {frames['dropped']} dropped")
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     write_predictions(events, run_dir, args.out / "predictions", shapes)
-    return {"frames": frames["scored"], "dropped": frames["dropped"], "fps": summary.get("throughput_fps"),
-            "engine": summary["stages"]["infer"].get("engine"),
-            "latency_ms": summary["latency_ms"].get("end_to_end")}
+    figures = {"frames": frames["scored"], "dropped": frames["dropped"], "fps": summary.get("throughput_fps"),
+               "engine": summary["stages"]["infer"].get("engine"),
+               "latency_ms": summary["latency_ms"].get("end_to_end")}
+    return figures, events
 
 
 def choose_per_case(events: list[dict]) -> dict[str, dict]:
@@ -352,27 +354,36 @@ def write_predictions(events: list[dict], run_dir: Path, pred_dir: Path,
         (folder / QUALITY_NAME).write_text(json.dumps(frame_quality(events, case, depth)) + "\n")
 
 
-def per_sweep(args: argparse.Namespace) -> list[dict]:
+class CaseLabels:
+    """Per-frame ground-truth labels of each case, read from its mask stack once."""
+
+    def __init__(self, cases_dir: Path) -> None:
+        self.cases_dir = cases_dir
+        self._labels: dict[str, np.ndarray] = {}
+
+    def __call__(self, case: str) -> np.ndarray:
+        if case not in self._labels:
+            self._labels[case] = acouslic.frame_labels(read_mha(self.cases_dir / MASKS_DIR / f"{case}.mha"))
+        return self._labels[case]
+
+
+def per_sweep(args: argparse.Namespace, events: list[dict], case_labels: CaseLabels) -> list[dict]:
     """What the pipeline said of each sweep, against the truth: the final best frame's label and the final
     (median top-k) AC against the sweep's reference AC. The live system's own per-sweep answer, which the
     challenge's one-frame-per-case metrics do not show."""
-    run_dir = args.out / "run"
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     refs = read_reference_acs(args.cases / CSV_PATH)
     finals = {}
     for e in events:
         if e["type"] in ("best_frame", "biometry") and e.get("final"):
             finals.setdefault(e["sweep_id"], {})[e["type"]] = e
     sweep_source = {e["sweep_id"]: e["source"] for e in events if e["type"] == "frame" and e.get("source")}
-    rows, labels_of = [], {}
+    rows = []
     for sweep_id, final in sorted(finals.items()):
         source = sweep_source.get(sweep_id, {})
         case, sweep = source.get("case"), source.get("sweep")
         if case is None or sweep is None:
             continue
-        if case not in labels_of:
-            labels_of[case] = acouslic.frame_labels(read_mha(args.cases / MASKS_DIR / f"{case}.mha"))
-        labels = labels_of[case]
+        labels = case_labels(case)
         size = args.frames_per_sweep or stack_frames_per_sweep(len(labels))
         best, bio = final.get("best_frame", {}), final.get("biometry", {})
         frame = (best.get("source") or {}).get("case_frame")
@@ -399,7 +410,8 @@ def summarize_sweeps(rows: list[dict]) -> dict:
             "max_ac_nae": float(np.max(naes)) if naes else None}
 
 
-def plot_curves(args: argparse.Namespace, rows: list[dict]) -> None:
+def plot_curves(args: argparse.Namespace, rows: list[dict], events: list[dict], case_labels: CaseLabels
+                ) -> None:
     """One PNG per sweep: raw and smoothed score, ground-truth labels shaded, chosen frame marked."""
     import matplotlib
 
@@ -408,7 +420,6 @@ def plot_curves(args: argparse.Namespace, rows: list[dict]) -> None:
 
     run_dir, curves = args.out / "run", args.out / "curves"
     curves.mkdir(parents=True, exist_ok=True)
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     window = int(json.loads((run_dir / "summary.json").read_text())["config"]["sweep"]["smoothing_frames"])
     chosen = {r["case_id"]: r["frame"] for r in rows}
     scores: dict[tuple[str, int], list[tuple[int, float]]] = {}
@@ -417,12 +428,9 @@ def plot_curves(args: argparse.Namespace, rows: list[dict]) -> None:
             src = e["source"]
             scores.setdefault((src["case"], src["sweep"]), []).append((src["sweep_frame"], e["score"]))
     colours = {1: "tab:green", 2: "tab:orange"}
-    labels_of: dict[str, np.ndarray] = {}
     for (case, sweep), points in tqdm(sorted(scores.items()), desc="curves", unit="sweep",
                                       disable=args.quiet):
-        if case not in labels_of:
-            labels_of[case] = acouslic.frame_labels(read_mha(args.cases / MASKS_DIR / f"{case}.mha"))
-        labels = labels_of[case]
+        labels = case_labels(case)
         per_sweep = args.frames_per_sweep or stack_frames_per_sweep(len(labels))
         x, y = (np.array(v) for v in zip(*sorted(points), strict=True))
         smooth = np.array([y[max(0, i - window + 1):i + 1].mean() for i in range(len(y))])
@@ -513,15 +521,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = None
         if args.predictions is None:
-            run = run_pipeline(args)
+            run, events = run_pipeline(args)
             args.predictions = args.out / "predictions"
         rows, summary = evaluate(args)
         if run is not None:
             summary["pipeline"] = run
-            sweeps = per_sweep(args)
+            case_labels = CaseLabels(args.cases)
+            sweeps = per_sweep(args, events, case_labels)
             summary["sweeps"] = summarize_sweeps(sweeps)
             write_csv(args.out / "per_sweep.csv", sweeps, PER_SWEEP_FIELDS)
-            plot_curves(args, rows)
+            plot_curves(args, rows, events, case_labels)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
