@@ -114,6 +114,9 @@ class RunConfig:
     out: str | None = option(None, "run folder for events.jsonl and summary.json (default runs/<time>-<id>)")
     status_interval: float = option(1.0, "seconds between live status lines", min=0.1, max=3600)
     quiet: bool = option(False, "no live status line")
+    health_interval: float = option(
+        5.0, "seconds between `health` events (throughput, e2e latency, drops, stage states) on the events "
+        "socket and in the journal; 0: none", min=0, max=3600)
     stop_timeout: float = option(2.0, "seconds the stages get to drain and exit on shutdown", min=0.1, max=60)
     start_timeout: float = option(120.0, "seconds a stage may take to start (engine load, warm-up)",
                                   min=1, max=3600)

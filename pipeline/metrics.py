@@ -77,20 +77,22 @@ class LatencyHistogram:
 
 class LatencyBook:
     """Histograms for every segment over the run, skipping the first and last `skip` frames (warm-up and
-    shutdown are not the steady state), plus a window that the live status line reads and resets."""
+    shutdown are not the steady state), plus named end-to-end windows that a reader (the live status line,
+    the health events) takes and resets at its own pace."""
 
-    def __init__(self, skip: int = 10) -> None:
+    def __init__(self, skip: int = 10, windows: tuple[str, ...] = ("status",)) -> None:
         self.skip = skip
         self.seen = 0
         self._held: deque[np.ndarray] = deque()
         self.run = {name: LatencyHistogram() for name in SEGMENTS}
-        self.window = LatencyHistogram()
+        self.windows = {name: LatencyHistogram() for name in windows}
 
     def add_rows(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(SEGMENTS))
         if rows.size == 0:
             return
-        self.window.add(rows[:, 0])
+        for window in self.windows.values():
+            window.add(rows[:, 0])
         first = max(0, self.skip - self.seen)
         self.seen += len(rows)
         for row in rows[first:]:
@@ -101,8 +103,8 @@ class LatencyBook:
             for column, hist in enumerate(self.run.values()):
                 hist.add(block[:, column])
 
-    def take_window(self) -> LatencyHistogram:
-        window, self.window = self.window, LatencyHistogram()
+    def take_window(self, name: str = "status") -> LatencyHistogram:
+        window, self.windows[name] = self.windows[name], LatencyHistogram()
         return window
 
     def summary(self) -> dict[str, dict[str, float]]:

@@ -164,6 +164,14 @@ class PostprocessStage(Stage):
                                   frame_id=finding.frame_id, t_capture_ns=finding.t_capture_ns,
                                   latency_ms=latency, **fields))
 
+    def on_control(self, msg: Message) -> None:
+        if msg.kind != "health":
+            super().on_control(msg)
+            return
+        event = make_event("health", self.endpoints.run_id, sweep_id=self.analyzer.tracker.sweep_id,
+                           **msg.header)
+        self._writes.append(self.writer.submit(self.sink.emit, event))
+
     def _serve_operator(self) -> None:
         while self.operator is not None:
             try:

@@ -84,6 +84,10 @@ class Stage:
     def drain(self) -> None:
         """Shutdown asked: stop taking new work, pass the end of stream on."""
 
+    def on_control(self, msg: Message) -> None:
+        """Any other message from the supervisor (postprocess: the pipeline's health, to publish)."""
+        log.debug("%s: ignored control message %r", self.name, msg.kind)
+
     def stop(self) -> None:
         """Release everything opened in start; must tolerate a start that failed half-way."""
 
@@ -292,6 +296,8 @@ def _loop(stage: Stage, control: zmq.Socket) -> None:
                 stage.go()
             elif kind == "drain":
                 stage.drain()
+            elif command is not None:
+                stage.on_control(command)
         if not stage.finished:
             stage.step(any(sock in events for sock in stage.inputs))
         now = time.monotonic()

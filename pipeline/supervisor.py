@@ -30,7 +30,7 @@ from .capture import CaptureStage
 from .config import Config, ConfigError, to_toml
 from .console import EventView
 from .infer import InferStage
-from .metrics import BOUNDARIES, LatencyBook, frame_accounting
+from .metrics import BOUNDARIES, LatencyBook, LatencyHistogram, frame_accounting
 from .postprocess import PostprocessStage
 from .preprocess import PreprocessStage
 from .ring import FrameRing
@@ -63,6 +63,23 @@ class StageFailure(RuntimeError):
     """A stage died, reported an error, hung, or never started; the message names it."""
 
 
+@dataclass(frozen=True)
+class Interval:
+    """Throughput and end-to-end latency since a reader's last look: what a status line or a health
+    event reports, each reader keeping its own pace."""
+
+    seconds: float
+    fps_in: float
+    fps_out: float
+    e2e: LatencyHistogram
+    counters: dict[str, dict[str, int]]
+
+    @property
+    def drops(self) -> dict[str, int]:
+        boundaries = frame_accounting(self.counters)["boundaries"]
+        return {name: boundaries[name]["dropped"] for name in BOUNDARIES}
+
+
 class Supervisor:
     def __init__(self, config: Config, stages: tuple[type[Stage], ...] = PIPELINE) -> None:
         self.config = config
@@ -70,7 +87,8 @@ class Supervisor:
         self.run_id = uuid.uuid4().hex[:12]
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         self.out = Path(config.run.out or Path("runs") / f"{stamp}-{self.run_id}")
-        self.book = LatencyBook(skip=config.run.summary_skip)
+        self.book = LatencyBook(skip=config.run.summary_skip, windows=("status", "health"))
+        self._marks: dict[str, tuple[float, int, int]] = {}  # reader -> (time, frames read, frames scored)
         self.handles: dict[str, StageHandle] = {}
         self.stop_signal: str | None = None
         self.force_stop = False
@@ -166,7 +184,7 @@ class Supervisor:
         cfg = self.config.run
         draining = False
         next_status = time.monotonic() + cfg.status_interval
-        self._last_status = (time.monotonic(), 0, 0)
+        next_health = math.inf  # from the go on
         while not all(h.state == "done" for h in self.handles.values()):
             if self.control.poll(50):
                 self._receive()
@@ -177,6 +195,7 @@ class Supervisor:
                 break  # no frame has moved, so there is nothing to drain
             if self.t_go is None and all(h.state in ("ready", "done") for h in self.handles.values()):
                 self.t_go = now
+                next_health = now + cfg.health_interval
                 events = self.handles["postprocess"].describe.get("events") if not cfg.quiet else None
                 if events:
                     self._view = EventView(self.context, events)
@@ -198,6 +217,9 @@ class Supervisor:
             if not cfg.quiet and now >= next_status:
                 next_status = now + cfg.status_interval
                 self._print_status(now)
+            if cfg.health_interval and now >= next_health:
+                next_health = now + cfg.health_interval
+                self._send_health(now)
         self.t_end = time.monotonic()
 
     def _receive(self) -> None:
@@ -245,9 +267,9 @@ class Supervisor:
                 what = "did not start" if handle.state == "spawned" else "stalled (no report)"
                 raise StageFailure(f"stage '{handle.name}' {what} within {limit:.0f} s")
 
-    def _command(self, name: str, kind: str) -> None:
+    def _command(self, name: str, kind: str, header: dict[str, Any] | None = None) -> None:
         try:
-            wire.send(self.control, Message(kind, {}), to=name.encode())
+            wire.send(self.control, Message(kind, header or {}), to=name.encode())
         except zmq.ZMQError as exc:  # the stage is gone or not yet connected; its exit is handled elsewhere
             log.debug("control: %s to %s not delivered: %s", kind, name, exc)
 
@@ -288,19 +310,45 @@ class Supervisor:
     def _counters(self) -> dict[str, dict[str, int]]:
         return {name: handle.counters for name, handle in self.handles.items()}
 
-    def _print_status(self, now: float) -> None:
+    def _send_health(self, now: float) -> None:
+        """The pipeline's vital signs since the last health event, for postprocess to publish as a
+        `health` event (subscribers see the same figures as the status line, without a terminal)."""
+        if self.handles["postprocess"].state != "ready":
+            return
+        interval = self._interval("health", now)
+        accounting = frame_accounting(interval.counters)
+        e2e = interval.e2e
+
+        def ms(value: float) -> float | None:
+            return round(value, 3) if e2e.count else None
+        self._command("postprocess", "health", {
+            "uptime_s": round(now - self.t_go, 3),
+            "interval_s": round(interval.seconds, 3),
+            "fps_in": round(interval.fps_in, 2),
+            "fps_out": round(interval.fps_out, 2),
+            "e2e_ms": {"count": e2e.count, "p50": ms(e2e.percentile(50)), "p99": ms(e2e.percentile(99)),
+                       "max": ms(e2e.max)},
+            "frames": {k: accounting[k] for k in ("read", "scored", "dropped")},
+            "drops": interval.drops,
+            "stages": {name: handle.state for name, handle in self.handles.items()},
+        })
+
+    def _interval(self, reader: str, now: float) -> Interval:
         counters = self._counters()
         read = counters.get("capture", {}).get("read", 0)
         scored = counters.get("postprocess", {}).get("scored", 0)
-        then, read_then, scored_then = self._last_status
-        self._last_status = (now, read, scored)
+        then, read_then, scored_then = self._marks.get(reader, (self.t_go or self.t_start, 0, 0))
+        self._marks[reader] = (now, read, scored)
         span = max(now - then, 1e-9)
-        window = self.book.take_window()
-        drops = frame_accounting(counters)["boundaries"]
-        drop_text = " ".join(f"{name} {drops[name]['dropped']}" for name in BOUNDARIES)
-        line = (f"[{now - self.t_start:7.1f}s] in {(read - read_then) / span:6.1f} fps  "
-                f"out {(scored - scored_then) / span:6.1f} fps  e2e p50 {window.percentile(50):6.1f} ms  "
-                f"p99 {window.percentile(99):6.1f} ms  drops {drop_text}")
+        return Interval(span, (read - read_then) / span, (scored - scored_then) / span,
+                        self.book.take_window(reader), counters)
+
+    def _print_status(self, now: float) -> None:
+        interval = self._interval("status", now)
+        drop_text = " ".join(f"{name} {count}" for name, count in interval.drops.items())
+        line = (f"[{now - self.t_start:7.1f}s] in {interval.fps_in:6.1f} fps  "
+                f"out {interval.fps_out:6.1f} fps  e2e p50 {interval.e2e.percentile(50):6.1f} ms  "
+                f"p99 {interval.e2e.percentile(99):6.1f} ms  drops {drop_text}")
         if sys.stderr.isatty():
             print("\r" + line, end="", file=sys.stderr, flush=True)
             self._status_open = True

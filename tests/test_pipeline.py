@@ -48,7 +48,8 @@ def _start_until_events(out: Path, *args: str, journal_bytes: int, new_group: bo
 def test_mp4_runs_through_all_four_processes(mp4_60: Path, tmp_path: Path) -> None:
     shm_before, dirs_before = shm_segments(), socket_dirs()
     out = tmp_path / "run"
-    result = run_pipeline("--source", str(mp4_60), "--out", str(out), "--quiet")
+    result = run_pipeline("--source", str(mp4_60), "--out", str(out), "--quiet",
+                          "--set", "run.health_interval=0.5")
     assert result.returncode == 0, result.stderr
     summary = _summary(out)
     frames = summary["frames"]
@@ -71,6 +72,20 @@ def test_mp4_runs_through_all_four_processes(mp4_60: Path, tmp_path: Path) -> No
         assert 0 < stats["p50"] <= stats["p90"] <= stats["p95"] <= stats["p99"] <= stats["max"]
     # Paced at 30 fps, so the run takes about two seconds, not the instant a flood would.
     assert 1.5 < summary["duration_s"] < 10
+    # Health events every 0.5 s while the pipeline runs: the status line's figures, for subscribers.
+    health = read_journal(out, "health")
+    assert len(health) >= 2
+    assert [h["frames"]["read"] for h in health] == sorted(h["frames"]["read"] for h in health)
+    for event in health:
+        assert set(COMMON_FIELDS) <= set(event) and event["run_id"] == summary["run_id"]
+        assert set(event["stages"]) == {"capture", "preprocess", "infer", "postprocess"}
+        assert event["stages"]["postprocess"] == "ready" and event["frames"]["dropped"] == 0
+        assert set(event["drops"]) == set(summary["frames"]["boundaries"])
+        assert not any(event["drops"].values())
+        assert event["interval_s"] > 0 and event["uptime_s"] > 0
+    busy = [h for h in health if h["e2e_ms"]["count"]]
+    assert busy and all(0 < h["e2e_ms"]["p50"] <= h["e2e_ms"]["p99"] <= h["e2e_ms"]["max"] for h in busy)
+    assert any(15 < h["fps_out"] < 45 for h in busy)  # paced at 30 fps
     assert shm_segments() == shm_before and socket_dirs() == dirs_before
 
 
