@@ -123,6 +123,8 @@ class DemoModel(nn.Module):
             channels=config.mask_channels,
         )
         self.prototypes = nn.Parameter(torch.randn(len(config.classes), config.output_dim) * 0.1)
+        # Training only (never exported): regresses the plane's distance and angle to the standard plane.
+        self.geometry = nn.Linear(config.output_dim, 2)
         mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)

@@ -49,7 +49,9 @@ class SweepConfig:
         1.0, "a jump in frame timestamps longer than this ends an automatic sweep (source paused or "
         "reconnected)", min=0.001, max=3600)
     smoothing_frames: int = option(
-        5, "causal moving-average window of the best-frame score, in frames (damps single-frame spikes)",
+        1, "causal moving-average window of the best-frame score, in frames (damps single-frame spikes of "
+        "a noisy scorer; 1, no smoothing, by default: a blind sweep crosses the optimal plane in 1-3 "
+        "frames, so a wider window ranks a long fair stretch above the short true crossing)",
         min=1, max=1000)
     hysteresis_margin: float = option(
         0.02, "a live best_frame update needs a smoothed score above the last one reported by this much",

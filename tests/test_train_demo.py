@@ -93,7 +93,7 @@ def test_bad_options_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_selection_helpers() -> None:
-    # The pipeline's rule: the best 5-frame window, and in it the frame with the best own score.
+    # The pipeline's rule with its default settings: the highest score that reaches min_score.
     scores = np.array([0.1] * 10 + [0.6] * 5 + [0.97, 0.9] + [0.6] * 5 + [0.1] * 10)
     pick, top = tool.pipeline_pick(scores)
     assert pick == 15 and top[0] == 15 and len(set(top)) == len(top) <= 5

@@ -36,7 +36,7 @@ from engines.base import BundleError, write_manifest  # noqa: E402
 from engines.demo import LABEL_TO_CLASS, DemoConfig, DemoModel  # noqa: E402
 from engines.fetalclip import FetalClipExport, export_onnx  # noqa: E402
 from pipeline.biometry import measure  # noqa: E402
-from pipeline.phantom import PIXEL_MM, SWEEPS, Renderer, make_cases  # noqa: E402
+from pipeline.phantom import OPTIMAL_DISTANCE_MM, PIXEL_MM, SWEEPS, Renderer, make_cases  # noqa: E402
 from pipeline.preprocess import letterbox, to_frame  # noqa: E402
 from pipeline.sweep import BestFrameSelector, FrameInfo, SweepConfig  # noqa: E402
 from tools.build_bundle import (  # noqa: E402
@@ -55,6 +55,14 @@ RESIZE = "area"
 OPTIMAL_ANGLE_MAX = 12.0  # candidate optimal frames: plane within this of perpendicular to the spine ...
 OPTIMAL_DISTANCE_MAX = 3.0  # ... and this close (mm) to the standard plane; the renderer's truth decides
 NEAR_DISTANCE_MM = 25.0  # "near" background / suboptimal frames: within this of the standard plane
+HARD_ANGLE_MAX = 20.0  # hard negatives: planes nearly perpendicular to the spine ...
+HARD_DISTANCE_MM = 8.0  # ... and within this of the standard plane, yet not optimal (a few frames away)
+DISTANCE_CLIP_MM, DISTANCE_UNIT_MM = 8.0, 1.0  # auxiliary geometry targets: min(d, clip) / unit ...
+ANGLE_CLIP_DEG, ANGLE_UNIT_DEG = 45.0, 15.0  # ... and min(angle, clip) / unit (angle on labelled frames only)
+IN_BAND_FALLOFF = 0.4  # quality target of an optimal frame: 1 - falloff * (d / 2 mm)^2, 0.6 at the band edge
+PAIR_DISTANCE_MM = 6.0  # ranking pairs: two frames of one sweep crossing, both within this of the plane ...
+PAIR_MIN_GAP_MM = 0.75  # ... and at least this much closer or farther than each other
+EPOCH_SHARES = {"optimal": 0.3, "hard": 0.25, "suboptimal": 0.2, "background": 0.25}
 LICENSE_NOTE = (
     "Apache-2.0 (code, manifest and weights, trained here on synthetic phantom sweeps). A demonstration "
     "model for the pipeline, trained on a phantom: not a medical device, not for clinical use."
@@ -80,6 +88,7 @@ class TrainOptions:
     epochs: int = 8
     samples_per_epoch: int = 4096
     batch: int = 32
+    pairs_per_batch: int = 8
     lr: float = 1.5e-3
     weight_decay: float = 0.05
     threads: int = 2
@@ -107,6 +116,8 @@ class TrainOptions:
         for name, value in positive.items():
             if value < 1:
                 raise TrainError(f"--{name} must be >= 1, got {value}")
+        if self.pairs_per_batch < 0:
+            raise TrainError(f"--pairs-per-batch must be >= 0, got {self.pairs_per_batch}")
         if self.out.exists() and not self.out.is_dir():
             raise TrainError(f"--out {self.out}: exists and is not a directory")
         if not (self.lr > 0 and self.weight_decay >= 0):
@@ -118,15 +129,47 @@ class TrainOptions:
 
 @dataclass
 class FramePool:
-    """Prepared frames: uint8 model inputs [N, S, S], soft abdomen masks 0..255 [N, S, S], labels [N]."""
+    """Prepared frames: uint8 model inputs [N, S, S], soft abdomen masks 0..255 [N, S, S], labels [N], and
+    each frame's plane geometry [N] (distance to the standard plane in mm, angle to it in degrees) and
+    sweep [N] (an id shared by the frames of one sweep of one case)."""
 
     images: np.ndarray
     masks: np.ndarray
     labels: np.ndarray
+    distance: np.ndarray
+    angle: np.ndarray
+    sweep: np.ndarray
+
+    def strata(self) -> dict[str, np.ndarray]:
+        """Indices per sampling stratum. "hard" holds the frames a few mm off the standard plane, optimal
+        or not by a hair: they teach the plane's exact level, and are rare in a blind sweep."""
+        hard = (self.labels != 1) & (self.distance <= HARD_DISTANCE_MM) & (self.angle <= HARD_ANGLE_MAX)
+        return {
+            "optimal": np.flatnonzero(self.labels == 1),
+            "hard": np.flatnonzero(hard),
+            "suboptimal": np.flatnonzero((self.labels == 2) & ~hard),
+            "background": np.flatnonzero((self.labels == 0) & ~hard),
+        }
 
     def counts(self) -> dict[str, int]:
-        names = ("background", "optimal", "suboptimal")
-        return {name: int((self.labels == k).sum()) for k, name in enumerate(names)}
+        return {name: len(indices) for name, indices in self.strata().items()}
+
+    def pairs(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        """[count, 2] indices of frames of the same sweep crossing, both near the standard plane, one
+        clearly closer than the other: what the pipeline must tell apart when it picks a sweep's best frame
+        (empty when the pool has no such frames)."""
+        near = np.flatnonzero((self.distance <= PAIR_DISTANCE_MM) & (self.angle <= HARD_ANGLE_MAX))
+        by_sweep = {s: near[self.sweep[near] == s] for s in np.unique(self.sweep[near])}
+        found: list[tuple[int, int]] = []
+        for _ in range(20 * count):
+            if len(found) == count or not len(near):
+                break
+            anchor = int(rng.choice(near))
+            mates = by_sweep[self.sweep[anchor]]
+            mates = mates[np.abs(self.distance[mates] - self.distance[anchor]) >= PAIR_MIN_GAP_MM]
+            if len(mates):
+                found.append((anchor, int(rng.choice(mates))))
+        return np.asarray(found, np.int64).reshape(-1, 2)
 
 
 def prepare(frame: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -148,17 +191,18 @@ def plane_geometry(case, sweep: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: 
 
 
 def pick_frames(case, rng: np.random.Generator, per_case: int) -> list[tuple[int, int]]:  # noqa: ANN001
-    """(sweep, frame) pairs to train on from one case: every candidate optimal frame, then ``per_case``
-    more, half near the standard plane (hard suboptimal / background) and half anywhere."""
-    optimal, near, anywhere = [], [], []
+    """(sweep, frame) pairs to train on from one case: every frame within a few mm of the standard plane
+    (candidate optimal frames and the hard negatives around them), then ``per_case`` more, half near the
+    standard plane (suboptimal / background) and half anywhere."""
+    close, near, anywhere = [], [], []
     for sweep in range(SWEEPS):
         angle, distance = plane_geometry(case, sweep)
         frames = np.arange(len(angle))
-        candidate = (angle <= OPTIMAL_ANGLE_MAX) & (distance <= OPTIMAL_DISTANCE_MAX)
-        optimal += [(sweep, int(f)) for f in frames[candidate]]
+        candidate = (angle <= HARD_ANGLE_MAX) & (distance <= HARD_DISTANCE_MM)
+        close += [(sweep, int(f)) for f in frames[candidate]]
         near += [(sweep, int(f)) for f in frames[(angle <= 40.0) & (distance <= NEAR_DISTANCE_MM)]]
         anywhere += [(sweep, int(f)) for f in frames]
-    chosen = dict.fromkeys(optimal)
+    chosen = dict.fromkeys(close)
     for group, count in ((near, per_case // 2), (anywhere, per_case - per_case // 2)):
         group = [p for p in group if p not in chosen]
         for i in rng.permutation(len(group))[:count]:
@@ -174,37 +218,78 @@ def phantom_case(seed: int, frames_per_sweep: int):  # noqa: ANN201  (phantom Ca
 def build_pool(seeds: Sequence[int], frames_per_sweep: int, per_case: int, data_seed: int) -> FramePool:
     """Render and prepare the training frames of the given phantom seeds (deterministic)."""
     rng = np.random.default_rng(data_seed)
-    images, masks, labels = [], [], []
-    for seed in tqdm(seeds, desc="render training cases", unit="case"):
+    images, masks, labels, distances, angles, sweeps = [], [], [], [], [], []
+    for number, seed in enumerate(tqdm(seeds, desc="render training cases", unit="case")):
         case = phantom_case(seed, frames_per_sweep)
         renderer = Renderer(case)
         for sweep, frame in pick_frames(case, rng, per_case):
+            sweeps.append(number * SWEEPS + sweep)
             truth = renderer.truth(sweep, frame)
             image, soft, _ = prepare(renderer.render(sweep, frame), truth["mask"])
             images.append(image)
             masks.append(soft)
             labels.append(truth["label"])
-    return FramePool(np.stack(images), np.stack(masks), np.asarray(labels, np.int64))
+            distances.append(truth["distance_mm"])
+            angles.append(truth["angle_deg"])
+    return FramePool(np.stack(images), np.stack(masks), np.asarray(labels, np.int64),
+                     np.asarray(distances, np.float32), np.asarray(angles, np.float32),
+                     np.asarray(sweeps, np.int64))
 
 
-def epoch_indices(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """A class-balanced draw (with replacement) of ``count`` pool indices: a third each of optimal,
-    suboptimal and background frames, whichever classes exist."""
-    groups = [np.flatnonzero(labels == k) for k in (1, 2, 0)]
-    groups = [g for g in groups if len(g)]
-    shares = np.full(len(groups), count // len(groups))
+def epoch_batches(pool: FramePool, steps: int, batch: int, pairs: int, rng: np.random.Generator
+                  ) -> list[tuple[np.ndarray, int]]:
+    """Each batch's pool indices and its number of ranking pairs: first the pairs (frames 2i and 2i + 1),
+    then a stratified draw for the rest of the batch."""
+    pairs = min(pairs, batch // 2)
+    ranked = pool.pairs(steps * pairs, rng)
+    per_batch = len(ranked) // steps
+    rest = epoch_indices(pool, steps * (batch - 2 * per_batch), rng).reshape(steps, -1)
+    return [(np.concatenate([ranked[b * per_batch : (b + 1) * per_batch].ravel(), rest[b]]), per_batch)
+            for b in range(steps)]
+
+
+def epoch_indices(pool: FramePool, count: int, rng: np.random.Generator) -> np.ndarray:
+    """A stratified draw (with replacement) of ``count`` pool indices in the ``EPOCH_SHARES`` proportions,
+    over whichever strata have frames."""
+    strata = {name: indices for name, indices in pool.strata().items() if len(indices)}
+    weights = np.array([EPOCH_SHARES[name] for name in strata])
+    shares = np.floor(count * weights / weights.sum()).astype(int)
     shares[: count - shares.sum()] += 1
-    picks = [rng.choice(g, size=n, replace=True) for g, n in zip(groups, shares, strict=True)]
+    picks = [rng.choice(g, size=n, replace=True) for g, n in zip(strata.values(), shares, strict=True)]
     return rng.permutation(np.concatenate(picks))
 
 
 # --------------------------------------------------------------------------- training
 
 
-def losses(model: DemoModel, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Per-head losses: plane cross-entropy on 100 x cosine logits, quality BCE (optimal = 1), mask BCE
-    plus soft Dice on the abdomen (labels 1 and 2)."""
-    _, plane_logits, quality_logit, mask_logit = model(images)
+def quality_targets(labels: np.ndarray, distance: np.ndarray) -> np.ndarray:
+    """[N] quality targets: 0 off the optimal band, and inside it highest on the standard plane itself, so
+    that of a sweep's two or three optimal frames the most central one scores best (the pipeline picks the
+    sweep's highest score) and a frame just outside the band, which looks much like one at its edge,
+    ranks below the centre."""
+    edge = np.minimum(distance, OPTIMAL_DISTANCE_MM) / OPTIMAL_DISTANCE_MM
+    graded = 1.0 - IN_BAND_FALLOFF * np.square(edge)
+    return np.where(labels == 1, graded, 0.0).astype(np.float32)
+
+
+def geometry_targets(distance: np.ndarray, angle: np.ndarray) -> np.ndarray:
+    """[N, 2] targets of the auxiliary geometry head: clipped distance and angle, in mm and 15 degrees."""
+    return np.stack([np.minimum(distance, DISTANCE_CLIP_MM) / DISTANCE_UNIT_MM,
+                     np.minimum(angle, ANGLE_CLIP_DEG) / ANGLE_UNIT_DEG], axis=1).astype(np.float32)
+
+
+def losses(model: DemoModel, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+           quality: torch.Tensor, geometry: torch.Tensor, closer: torch.Tensor) -> dict:
+    """Per-head losses: plane cross-entropy on 100 x cosine logits, quality BCE (graded optimal targets),
+    mask BCE plus soft Dice on the abdomen (labels 1 and 2), and the auxiliary geometry regression (smooth
+    L1 on distance for every frame, on angle where the abdomen is in view): it makes the embedding measure
+    how far the plane is from the standard level, which the quality target alone teaches only coarsely.
+    Ranking: the first ``2 len(closer)`` frames are pairs from one sweep crossing, and the quality logit of
+    the frame closer to the standard plane must exceed the other's (logistic loss; ``closer`` is +1 when
+    the first frame of the pair is the closer one, else -1) - the order the pipeline's pick depends on."""
+    features, plane_logits, quality_logit, mask_logit = model(images)
+    pairs = len(closer)
+    margin = (quality_logit[0 : 2 * pairs : 2] - quality_logit[1 : 2 * pairs : 2]) * closer
     classes = torch.as_tensor(LABEL_TO_CLASS)[labels]
     target = masks.float() / 255.0
     prob = torch.sigmoid(mask_logit)
@@ -212,8 +297,11 @@ def losses(model: DemoModel, images: torch.Tensor, masks: torch.Tensor, labels: 
     dice = 1.0 - (2.0 * overlap + 1.0) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1.0)
     return {
         "planes": F.cross_entropy(plane_logits, classes, label_smoothing=0.05),
-        "quality": F.binary_cross_entropy_with_logits(quality_logit, (labels == 1).float()),
+        "quality": F.binary_cross_entropy_with_logits(quality_logit, quality),
         "mask": F.binary_cross_entropy_with_logits(mask_logit, target) + dice.mean(),
+        "geometry": (F.smooth_l1_loss(model.geometry(features), geometry, reduction="none")
+                     * torch.stack([torch.ones(len(labels)), (labels > 0).float()], 1)).mean() * 2.0,
+        "ranking": F.softplus(-margin).mean() if pairs else quality_logit.new_zeros(()),
     }
 
 
@@ -238,18 +326,23 @@ def train(model: DemoModel, pool: FramePool, opts: TrainOptions) -> list[dict]:
     history, step = [], 0
     model.train()
     for epoch in range(opts.epochs):
-        order = epoch_indices(pool.labels, steps_per_epoch * opts.batch, rng)
-        flips = rng.random(len(order)) < 0.5  # the sector is left-right symmetric
+        batches = epoch_batches(pool, steps_per_epoch, opts.batch, opts.pairs_per_batch, rng)
         sums: dict[str, float] = {}
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{opts.epochs}", unit="batch")
         for b in bar:
-            idx = order[b * opts.batch : (b + 1) * opts.batch]
-            flip = flips[b * opts.batch : (b + 1) * opts.batch]
+            idx, pairs = batches[b]
+            flip = rng.random(len(idx)) < 0.5  # the sector is left-right symmetric
             images = np.where(flip[:, None, None], pool.images[idx, :, ::-1], pool.images[idx])
             masks = np.where(flip[:, None, None], pool.masks[idx, :, ::-1], pool.masks[idx])
             labels = torch.from_numpy(pool.labels[idx])
-            parts = losses(model, torch.from_numpy(images), torch.from_numpy(masks), labels)
-            loss = parts["planes"] + parts["quality"] + parts["mask"]
+            distance, angle = pool.distance[idx], pool.angle[idx]
+            quality = torch.from_numpy(quality_targets(pool.labels[idx], distance))
+            geometry = torch.from_numpy(geometry_targets(distance, angle))
+            closer = torch.from_numpy(np.where(distance[0 : 2 * pairs : 2] < distance[1 : 2 * pairs : 2],
+                                               1.0, -1.0).astype(np.float32))
+            parts = losses(model, torch.from_numpy(images), torch.from_numpy(masks), labels, quality,
+                           geometry, closer)
+            loss = sum(parts.values())
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, opts.lr, warmup=min(100, total // 10 + 1))
             optimizer.zero_grad(set_to_none=True)
@@ -385,7 +478,7 @@ def command_line(opts: TrainOptions, defaults: TrainOptions) -> str:
     """The exact command that rebuilds this bundle: the tool, --out, and every option not at its default."""
     parts = ["python", "tools/train_demo.py", "--out", str(opts.out)]
     names = ("seed", "cases", "frames_per_sweep", "per_case", "val_seed", "val_cases", "val_frames_per_sweep",
-             "epochs", "samples_per_epoch", "batch", "lr", "weight_decay", "threads")
+             "epochs", "samples_per_epoch", "batch", "pairs_per_batch", "lr", "weight_decay", "threads")
     for name in names:
         value = getattr(opts, name)
         if value != getattr(defaults, name):
@@ -449,17 +542,26 @@ def training_record(opts: TrainOptions, command: str, pool: FramePool, history: 
         },
         "data": {
             "frames": len(pool.labels),
-            "per_class": pool.counts(),
+            "per_stratum": pool.counts(),
             "frames_per_sweep": opts.frames_per_sweep,
             "per_case": opts.per_case,
             "preprocess": f"pipeline.preprocess.letterbox(frame, {SIZE}, 1, interpolation='{RESIZE}')",
             "augmentation": "left-right flip",
-            "sampling": "fresh class-balanced draw per epoch: a third each optimal, suboptimal, background",
+            "quality_target": f"0 outside the optimal band; inside, 1 - {IN_BAND_FALLOFF} * (distance / "
+            f"{OPTIMAL_DISTANCE_MM} mm)^2",
+            "sampling": f"fresh stratified draw per epoch, shares {EPOCH_SHARES}; hard = not optimal, within "
+            f"{HARD_DISTANCE_MM} mm and {HARD_ANGLE_MAX} deg of the standard plane; each batch starts with "
+            f"{opts.pairs_per_batch} ranking pairs: two frames of one sweep within {PAIR_DISTANCE_MM} mm "
+            f"of the standard plane, at least {PAIR_MIN_GAP_MM} mm apart in distance",
+            "auxiliary": f"training-only geometry head (not exported): smooth L1 on min(distance, "
+            f"{DISTANCE_CLIP_MM} mm) / {DISTANCE_UNIT_MM} and min(angle, {ANGLE_CLIP_DEG} deg) / "
+            f"{ANGLE_UNIT_DEG}",
         },
         "schedule": {
             "epochs": opts.epochs,
             "samples_per_epoch": opts.samples_per_epoch,
             "batch": opts.batch,
+            "ranking_pairs_per_batch": opts.pairs_per_batch,
             "optimizer": "AdamW",
             "lr": opts.lr,
             "weight_decay": opts.weight_decay,
@@ -540,6 +642,8 @@ def parse_args(argv: list[str] | None) -> TrainOptions:
         ("--epochs", int, d.epochs, "epochs"),
         ("--samples-per-epoch", int, d.samples_per_epoch, "frames drawn per epoch from the pool"),
         ("--batch", int, d.batch, "batch size"),
+        ("--pairs-per-batch", int, d.pairs_per_batch, "ranking pairs (two frames of one sweep crossing) "
+         "per batch; 0: none"),
         ("--lr", float, d.lr, "peak AdamW learning rate"),
         ("--weight-decay", float, d.weight_decay, "AdamW weight decay"),
         ("--threads", int, d.threads, "torch and ONNX Runtime threads"),
