@@ -100,6 +100,9 @@ class BestFrameSpec:
     output: str
     class_name: str | None
     class_index: int | None = None
+    min_score: float | None = None
+    """The model's own operating point: the score below which a frame is not worth measuring on (the
+    run's ``sweep.min_score`` overrides it; without either the pipeline uses 0.5)."""
 
     def __post_init__(self) -> None:
         if (self.class_name is None) != (self.class_index is None):
@@ -358,6 +361,7 @@ def _parse_best_frame(top: _Section, outputs: dict[str, OutputSpec]) -> BestFram
     sec = top.section("best_frame")
     output_name = sec.get_text("output")
     class_name = sec.get_text("class", None)
+    min_score = sec.get_number("min_score", 0.0, 1.0) if "min_score" in sec.obj else None
     sec.finish()
     out = outputs.get(output_name)
     if out is None:
@@ -366,7 +370,7 @@ def _parse_best_frame(top: _Section, outputs: dict[str, OutputSpec]) -> BestFram
         if class_name is not None:
             problem = f"best_frame.class is not allowed for quality output '{out.name}'"
             raise BundleError.at(top.bundle_path, problem)
-        return BestFrameSpec(output_name, None)
+        return BestFrameSpec(output_name, None, min_score=min_score)
     if out.kind == "planes":
         assert out.classes is not None
         if class_name is None:
@@ -376,7 +380,7 @@ def _parse_best_frame(top: _Section, outputs: dict[str, OutputSpec]) -> BestFram
             raise BundleError.at(
                 top.bundle_path, f"best_frame.class '{class_name}' is not one of {', '.join(out.classes)}"
             )
-        return BestFrameSpec(output_name, class_name, out.classes.index(class_name))
+        return BestFrameSpec(output_name, class_name, out.classes.index(class_name), min_score)
     problem = f"best_frame.output '{output_name}' has kind '{out.kind}'; use a quality or planes output"
     raise BundleError.at(top.bundle_path, problem)
 

@@ -68,7 +68,7 @@ class PostprocessStage(Stage):
         self.sink = EventSink(self.context, self.config.postprocess.events,
                               Path(self.endpoints.out) / "events.jsonl")
         self.best_dir = Path(self.endpoints.out) / BEST_DIR if self.config.postprocess.best_frames else None
-        self.analyzer = SweepAnalyzer(self.config.sweep)
+        self.analyzer = SweepAnalyzer(self.config.sweep.for_bundle(self.bundle.best_frame.min_score))
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess-events")
         self._writes: deque[Future] = deque()
         self._last_t: float | None = None

@@ -28,6 +28,7 @@ from typing import Any
 from .options import option
 
 NO_GOOD_FRAME = "no good frame"
+DEFAULT_MIN_SCORE = 0.5  # for a probability-like score whose bundle declares no operating point
 OPERATOR_COMMANDS = ("start", "stop")
 
 
@@ -58,8 +59,9 @@ class SweepConfig:
         min=0, max=1)
     min_update_interval_frames: int = option(
         5, "frames between two live best_frame updates of a sweep, at least", min=1, max=100000)
-    min_score: float = option(0.5, "smoothed score below which a frame is not worth measuring on",
-                              min=0, max=1)
+    min_score: float | None = option(
+        None, "smoothed score below which a frame is not worth measuring on; none: the bundle's own "
+        f"operating point (best_frame.min_score in bundle.json), else {DEFAULT_MIN_SCORE}", min=0, max=1)
     top_k: int = option(5, "best frames (by smoothed score) per sweep whose median AC is reported",
                         min=1, max=100)
 
@@ -70,6 +72,17 @@ class SweepConfig:
             raise ValueError("smoothing_frames, min_update_interval_frames and top_k must be >= 1")
         if self.hysteresis_margin < 0:
             raise ValueError("hysteresis_margin must be >= 0")
+
+    @property
+    def threshold(self) -> float:
+        """min_score, or the default when neither the run nor the bundle sets one."""
+        return DEFAULT_MIN_SCORE if self.min_score is None else self.min_score
+
+    def for_bundle(self, bundle_min_score: float | None) -> SweepConfig:
+        """These settings with the bundle's operating point where the run leaves min_score unset."""
+        if self.min_score is not None or bundle_min_score is None:
+            return self
+        return dataclasses.replace(self, min_score=bundle_min_score)
 
 
 @dataclass(frozen=True)
@@ -180,12 +193,12 @@ class BestFrameSelector:
         self._count += 1
         if self._best is None or smoothed > self._best.score:
             self._best = scored
-        if smoothed >= cfg.min_score:
+        if smoothed >= cfg.threshold:
             self._rank(scored, index)
             arrived = ScoredFrame(self.sweep_id, frame.frame_id, frame.t, smoothed, float(frame.score))
             self._rank(arrived, index)
         best = self._best
-        if best.score < cfg.min_score:
+        if best.score < cfg.threshold:
             return None
         if self._live is not None and (best.score <= self._live.score + cfg.hysteresis_margin
                                        or index - self._live_index < cfg.min_update_interval_frames):
@@ -224,7 +237,7 @@ class BestFrameSelector:
         if self._finished:
             raise RuntimeError(f"sweep {self.sweep_id} is already finished")
         self._finished = True
-        if self._best is None or self._best.score < self.config.min_score:
+        if self._best is None or self._best.score < self.config.threshold:
             return BestFrameEvent(self.sweep_id, None, final=True, reason=NO_GOOD_FRAME)
         top = tuple(entry[2] for entry in sorted(self._top.values(), key=lambda e: e[:2], reverse=True))
         return BestFrameEvent(self.sweep_id, self._best, final=True, top_k=top)

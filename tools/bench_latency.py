@@ -109,7 +109,7 @@ def run_baseline(args: argparse.Namespace, scenario: dict, workdir: Path) -> tup
     source = open_source(scenario["uri"], args.pixel_format)
     pacer = Pacer(source.fps) if scenario["mode"] == "paced" and not source.live else None
     journal = Journal(workdir / "baseline.jsonl")
-    analyzer = SweepAnalyzer(load_config().sweep)
+    analyzer = SweepAnalyzer(load_config().sweep.for_bundle(bundle.best_frame.min_score))
     mask_output = next((n for n, spec in bundle.outputs.items() if spec.kind == "mask"), None)
     ring_slot = None
     latencies = []
