@@ -156,6 +156,13 @@ def test_best_frame_names_missing_output(copy_dir: Path) -> None:
     assert load_error(copy_dir) == f"bundle {copy_dir}: best_frame.output 'foo' is not an output"
 
 
+def test_best_frame_operating_point(copy_dir: Path) -> None:
+    edit_manifest(copy_dir, lambda m: m.update(best_frame={"output": "quality", "min_score": 0.3}))
+    assert load_bundle(copy_dir).best_frame == BestFrameSpec("quality", None, min_score=0.3)
+    edit_manifest(copy_dir, lambda m: m.update(best_frame={"output": "quality", "min_score": 1.5}))
+    assert load_error(copy_dir).endswith("'best_frame.min_score' must be a number in [0.0, 1.0], got 1.5")
+
+
 def test_best_frame_planes_needs_known_class(copy_dir: Path) -> None:
     edit_manifest(copy_dir, lambda m: m.update(best_frame={"output": "planes", "class": "heart"}))
     assert load_error(copy_dir).endswith("best_frame.class 'heart' is not one of abdomen, brain, other")

@@ -281,3 +281,19 @@ def test_one_final_per_sweep_with_max_smoothed_score(sweeps, window, min_score):
             assert final.best is None and final.reason == NO_GOOD_FRAME
     for e in lives(events):
         assert e.best.score >= min_score
+
+
+def test_min_score_comes_from_the_run_else_the_bundle_else_the_default() -> None:
+    scores = [0.1, 0.35, 0.2]
+
+    def picked(config: SweepConfig) -> int | None:
+        selector = BestFrameSelector(0, config)
+        for i, score in enumerate(scores):
+            selector.update(FrameInfo(i, i / 30, score))
+        final = selector.finish()
+        return None if final.best is None else final.best.frame_id
+
+    assert SweepConfig().threshold == 0.5 and picked(SweepConfig()) is None
+    assert picked(SweepConfig().for_bundle(0.3)) == 1  # the bundle's operating point
+    assert picked(SweepConfig(min_score=0.4).for_bundle(0.3)) is None  # the run's setting wins
+    assert SweepConfig().for_bundle(None) == SweepConfig()

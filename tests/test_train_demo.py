@@ -130,6 +130,7 @@ def test_committed_demo_bundle() -> None:
     assert min(seeds["phantom_train"]) >= 1000 and min(seeds["phantom_validation"]) >= 1000
     assert "quality_f1" in training["metrics"]["validation"]
     assert bundle.best_frame.output == "quality" and bundle.input.resize == "area"
+    assert bundle.best_frame.min_score == tool.MIN_SCORE
 
     renderer, sweep, optimal, background = _held_out_frames()
     frames = (optimal, background)
