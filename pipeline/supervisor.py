@@ -72,11 +72,11 @@ class Interval:
     fps_in: float
     fps_out: float
     e2e: LatencyHistogram
-    counters: dict[str, dict[str, int]]
+    accounting: dict[str, Any]  # frame_accounting() of the stages' counters at this look
 
     @property
     def drops(self) -> dict[str, int]:
-        boundaries = frame_accounting(self.counters)["boundaries"]
+        boundaries = self.accounting["boundaries"]
         return {name: boundaries[name]["dropped"] for name in BOUNDARIES}
 
 
@@ -316,7 +316,6 @@ class Supervisor:
         if self.handles["postprocess"].state != "ready":
             return
         interval = self._interval("health", now)
-        accounting = frame_accounting(interval.counters)
         e2e = interval.e2e
 
         def ms(value: float) -> float | None:
@@ -328,7 +327,7 @@ class Supervisor:
             "fps_out": round(interval.fps_out, 2),
             "e2e_ms": {"count": e2e.count, "p50": ms(e2e.percentile(50)), "p99": ms(e2e.percentile(99)),
                        "max": ms(e2e.max)},
-            "frames": {k: accounting[k] for k in ("read", "scored", "dropped")},
+            "frames": {k: interval.accounting[k] for k in ("read", "scored", "dropped")},
             "drops": interval.drops,
             "stages": {name: handle.state for name, handle in self.handles.items()},
         })
@@ -341,7 +340,7 @@ class Supervisor:
         self._marks[reader] = (now, read, scored)
         span = max(now - then, 1e-9)
         return Interval(span, (read - read_then) / span, (scored - scored_then) / span,
-                        self.book.take_window(reader), counters)
+                        self.book.take_window(reader), frame_accounting(counters))
 
     def _print_status(self, now: float) -> None:
         interval = self._interval("status", now)
