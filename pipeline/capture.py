@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import zmq
 
@@ -18,16 +19,39 @@ log = logging.getLogger("sweepstream")
 # short enough that the capture loop keeps reporting to the supervisor.
 SLOT_WAIT_S = 1.0
 FLOOD_IN_FLIGHT = 4  # frames a flooded source may be ahead of preprocess (all of them get processed)
+READ_WINDOW = 30  # recent read times a paced source's read-ahead is sized on (a second at 30 fps)
+READ_MARGIN_S = 0.002
 
 
 class Pacer:
     """Releases recorded frames at their presentation times. When it falls behind (slow decode) it does not
-    burst to catch up: a late frame re-anchors the schedule, as a live source would behave."""
+    burst to catch up: a late frame re-anchors the schedule, as a live source would behave.
+
+    It also reads each frame just before it is due (by the longest recent read plus a margin), as a live
+    source delivers a frame when it is captured: read straight after the previous release, a decode or a
+    phantom render competes for a core with the previous frame still in the pipeline, which on a 2-core cart
+    put up to 6 ms of queueing between capture and preprocess into the tail latency.
+    """
 
     def __init__(self, fps: float) -> None:
         self.period = 1.0 / fps
         self._due: float | None = None
+        self._step = self.period  # the last interval between releases: the expected next one
         self._last_pts: float | None = None
+        self._read_s: deque[float] = deque(maxlen=READ_WINDOW)
+
+    def read(self, source: Source) -> SourceFrame | None:
+        if self._due is None:
+            return source.read()  # the first read also opens decoders and builds tables: not a sample
+        if self._read_s:
+            lead = max(self._read_s) + READ_MARGIN_S
+            delay = self._due + self._step - lead - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        started = time.monotonic()
+        frame = source.read()
+        self._read_s.append(time.monotonic() - started)
+        return frame
 
     def wait(self, pts: float | None) -> None:
         now = time.monotonic()
@@ -38,6 +62,7 @@ class Pacer:
             if pts is not None and self._last_pts is not None and 0 < pts - self._last_pts < 1.0:
                 step = pts - self._last_pts
             self._due += step
+            self._step = step
             if self._due > now:
                 time.sleep(self._due - now)
             elif now - self._due > self.period:
@@ -72,7 +97,7 @@ class CaptureStage(Stage):
             return
         if self._lossless or self.config.source.flood:
             self._wait_for_reader()  # before reading, so a flooded frame's latency starts when it is read
-        frame = self.source.read()
+        frame = self.pacer.read(self.source) if self.pacer is not None else self.source.read()
         if frame is None and self.config.source.loop:
             self.source.rewind()
             frame = self.source.read()

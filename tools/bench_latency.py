@@ -115,7 +115,7 @@ def run_baseline(args: argparse.Namespace, scenario: dict, workdir: Path) -> tup
     latencies = []
     t_start = time.monotonic()
     for frame_id in range(args.frames):
-        frame = source.read()
+        frame = pacer.read(source) if pacer is not None else source.read()
         if frame is None:
             break
         if pacer is not None:
