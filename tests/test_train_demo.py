@@ -75,11 +75,16 @@ def test_tiny_run_writes_a_loadable_bundle(tiny_runs: tuple[Path, Path, dict]) -
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["sha256"] == bundle.sha256 == metrics["sha256"]
     assert saved["validation"]["frames"] == SWEEPS * 10
+    # The int8 gate decides whether the int8 model ships; either way bundle, file and metrics agree.
+    assert saved["int8"]["kept"] == (out / "model.int8.onnx").is_file() == (bundle.int8_path is not None)
 
 
 def test_same_seed_gives_the_same_model(tiny_runs: tuple[Path, Path, dict]) -> None:
     first, second, _ = tiny_runs
-    assert (first / "model.onnx").read_bytes() == (second / "model.onnx").read_bytes()
+    for name in ("model.onnx", "model.int8.onnx"):
+        assert (first / name).is_file() == (second / name).is_file()
+        if (first / name).is_file():
+            assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
 def test_bad_options_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -131,6 +136,7 @@ def test_committed_demo_bundle() -> None:
     assert "quality_f1" in training["metrics"]["validation"]
     assert bundle.best_frame.output == "quality" and bundle.input.resize == "area"
     assert bundle.best_frame.min_score == tool.MIN_SCORE
+    assert bundle.int8_path is not None and bundle.manifest["model"]["int8"]["gate"]["passed"]
 
     renderer, sweep, optimal, background = _held_out_frames()
     frames = (optimal, background)
