@@ -25,5 +25,6 @@ def test_bench_latency_writes_json_and_png(mp4_60: Path, tmp_path: Path) -> None
         assert baseline["frames"] == 40 and baseline["throughput_fps"] > 0
         assert pipeline["latency_ms"]["end_to_end"]["p50"] > 0
         assert entry["ratio"]["p50"] > 0 and "p99" in entry["overhead_ms"]
+        assert all(0.0 <= entry["host_cpu_steal_pct"][run] <= 100.0 for run in ("pipeline", "baseline"))
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "transport overhead" in result.stdout
+    assert "transport overhead" in result.stdout and "host CPU steal" in result.stdout

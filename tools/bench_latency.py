@@ -17,9 +17,12 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import psutil
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -148,13 +151,29 @@ def run_baseline(args: argparse.Namespace, scenario: dict, workdir: Path) -> tup
     return figures, np.array(latencies)
 
 
+@contextmanager
+def host_steal() -> Iterator[dict]:
+    """Measures the share of the machine's CPU time its hypervisor gave to other guests while the block ran
+    ("steal"; 0 on bare metal). On a shared cloud VM that, not the pipeline, is what moves the tail
+    latencies from one run to the next, so each figure is reported with it."""
+    result: dict = {}
+    before = psutil.cpu_times()
+    yield result
+    after = psutil.cpu_times()
+    fields = [f for f in after._fields if f not in ("guest", "guest_nice")]  # already counted in user time
+    total = sum(getattr(after, f) - getattr(before, f) for f in fields)
+    stolen = getattr(after, "steal", 0.0) - getattr(before, "steal", 0.0)
+    result["steal_pct"] = round(100.0 * stolen / total, 2) if total > 0 else 0.0
+
+
 def stats(values: np.ndarray, skip: int = 10) -> dict:
     hist = LatencyHistogram()
     hist.add(values[skip:len(values) - skip] if len(values) > 2 * skip else values)
     return hist.summary()
 
 
-def compare(scenario: dict, summary: dict, pipe_lat: np.ndarray, base: dict, base_lat: np.ndarray) -> dict:
+def compare(scenario: dict, summary: dict, pipe_lat: np.ndarray, base: dict, base_lat: np.ndarray,
+            steal: dict[str, float]) -> dict:
     pipe, baseline = stats(pipe_lat), stats(base_lat)
     frames = summary["frames"]
     result = {
@@ -164,6 +183,7 @@ def compare(scenario: dict, summary: dict, pipe_lat: np.ndarray, base: dict, bas
                      "drops_per_boundary": {k: v["dropped"] for k, v in frames["boundaries"].items()},
                      "latency_ms": summary["latency_ms"], "end_to_end_events_ms": pipe},
         "baseline": {**base, "latency_ms": baseline},
+        "host_cpu_steal_pct": steal,
     }
     if pipe.get("count") and baseline.get("count"):
         result["overhead_ms"] = {q: round(pipe[q] - baseline[q], 3) for q in ("p50", "p99")}
@@ -186,6 +206,9 @@ def print_result(result: dict) -> None:
     print(f"  throughput: pipeline {pipe['throughput_fps']} fps, baseline {base['throughput_fps']} fps")
     print(f"  frames: read {pipe['read']}, scored {pipe['scored']}, dropped {pipe['dropped']} "
           f"{pipe['drops_per_boundary']}")
+    steal = result["host_cpu_steal_pct"]
+    print(f"  host CPU steal: pipeline {steal['pipeline']:.1f} %, baseline {steal['baseline']:.1f} % "
+          f"(CPU time the hypervisor gave other guests; above ~1 % it shows in the tails)")
     if "overhead_ms" in result:
         print(f"  transport overhead: p50 {result['overhead_ms']['p50']:+.3f} ms, "
               f"p99 {result['overhead_ms']['p99']:+.3f} ms; ratio pipeline/baseline "
@@ -228,9 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         for scenario in tqdm(todo, desc="scenarios", unit="run"):
             workdir = Path(tmp) / str(len(results))
             workdir.mkdir()
-            summary, pipe_lat = run_pipeline(args, scenario, workdir)
-            base, base_lat = run_baseline(args, scenario, workdir)
-            results.append(compare(scenario, summary, pipe_lat, base, base_lat))
+            with host_steal() as pipe_steal:
+                summary, pipe_lat = run_pipeline(args, scenario, workdir)
+            with host_steal() as base_steal:
+                base, base_lat = run_baseline(args, scenario, workdir)
+            steal = {"pipeline": pipe_steal["steal_pct"], "baseline": base_steal["steal_pct"]}
+            results.append(compare(scenario, summary, pipe_lat, base, base_lat, steal))
             curves[scenario["name"]] = (pipe_lat, base_lat)
     for result in results:
         print_result(result)
