@@ -27,7 +27,9 @@ def test_paced_phantom_frames_are_read_just_before_they_are_due() -> None:
     source.close()
     period = 1.0 / FPS
     intervals = np.diff(releases)
-    assert np.all(np.abs(intervals - period) < 0.4 * period), intervals
+    # On schedule, and never a burst; one late release (a busy shared host) is tolerated, not required.
+    assert abs(np.median(intervals) - period) < 0.15 * period, intervals
+    assert np.all(intervals > 0.5 * period), intervals
     # Read straight after the previous release, a frame would wait most of the period to be released; read
     # just in time, it waits the margin and what the slowest recent read took beyond this one.
     held = np.array(releases) - np.array(read_ends)
