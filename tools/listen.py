@@ -1,82 +1,10 @@
 #!/usr/bin/env python3
-"""Subscribe to a running sweepstream pipeline and print its events as they happen.
+"""Print a running pipeline's events as they happen (installed as `sweepstream-listen`; logic in
+pipeline/listen.py)."""
 
-Events are JSON objects published with the event type as the ZeroMQ topic (see the README's event
-schema). By default each event is one readable line; --json prints the raw JSON lines instead.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
-import signal
 import sys
-from pathlib import Path
 
-import zmq
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.events import EVENT_TYPES  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5556",
-                        help="the pipeline's postprocess.events endpoint (default %(default)s)")
-    parser.add_argument("--type", action="append", choices=EVENT_TYPES, dest="types",
-                        help="only these event types (repeatable; default: all)")
-    parser.add_argument("--json", action="store_true", help="print raw JSON lines")
-    parser.add_argument("--count", type=int, help="exit after this many events")
-    parser.add_argument("--timeout", type=float, help="exit after this many seconds without an event")
-    return parser.parse_args(argv)
-
-
-def readable(event: dict) -> str:
-    """One line per event: its type, where it is in the run, and the fields that matter for that type."""
-    skip = {"schema", "type", "run_id", "sweep_id", "frame_id", "t_capture", "latency_ms", "source"}
-    where = f"sweep {event.get('sweep_id')} frame {event.get('frame_id')}"
-    latency = f"{event['latency_ms']:.1f} ms" if event.get("latency_ms") is not None else ""
-    rest = " ".join(f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in event.items()
-                    if key not in skip)
-    return f"{event.get('type', '?'):<13} {where:<24} {latency:>9}  {rest}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    context = zmq.Context()
-    socket = context.socket(zmq.SUB)
-    socket.setsockopt(zmq.LINGER, 0)
-    for kind in args.types or [""]:
-        socket.setsockopt(zmq.SUBSCRIBE, kind.encode())
-    try:
-        socket.connect(args.endpoint)
-    except zmq.ZMQError as exc:
-        print(f"listen: --endpoint {args.endpoint}: {exc}", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
-    seen = 0
-    timeout_ms = None if args.timeout is None else int(args.timeout * 1000)
-    try:
-        while args.count is None or seen < args.count:
-            if not socket.poll(timeout_ms):
-                print(f"listen: no event for {args.timeout} s", file=sys.stderr)
-                return 1
-            topic, payload = socket.recv_multipart()[:2]
-            try:
-                event = json.loads(payload)
-            except json.JSONDecodeError:
-                kind = topic.decode(errors="replace")
-                print(f"listen: skipped a malformed {kind!r} event", file=sys.stderr)
-                continue
-            print(payload.decode() if args.json else readable(event), flush=True)
-            seen += 1
-    finally:
-        socket.close()
-        context.term()
-    return 0
-
+from pipeline.listen import main
 
 if __name__ == "__main__":
     sys.exit(main())
