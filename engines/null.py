@@ -6,7 +6,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from engines.base import Bundle, Engine, EngineError, EngineOptions
+from engines.base import Engine, EngineError, EngineOptions
+from engines.bundle import Bundle
 
 
 class NullEngine(Engine):

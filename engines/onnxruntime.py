@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 import numpy as np
 import onnxruntime as ort
 
-from engines.base import Bundle, Engine, EngineError, EngineOptions, TensorSig, check_model_io
+from engines.base import Engine, EngineError, EngineOptions
+from engines.bundle import Bundle, TensorSig, check_model_io
 
 _CPU = "CPUExecutionProvider"
 _CUDA = "CUDAExecutionProvider"

@@ -39,7 +39,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from tqdm import tqdm
 
-from engines.base import Bundle, BundleError, file_sha256, load_bundle, row_cosines, write_manifest
+from engines.bundle import Bundle, BundleError, file_sha256, load_bundle, write_manifest
 from engines.onnxruntime import session_options
 
 INT8_NAME = "model.int8.onnx"
@@ -238,6 +238,14 @@ def _run_model(bundle: Bundle, path: Path, frames: np.ndarray, progress: tqdm) -
         parts.append([value[: len(chunk)] for value in session.run(names, {bundle.input.name: padded})])
         progress.update(len(chunk))
     return {name: np.concatenate([part[i] for part in parts]) for i, name in enumerate(names)}
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of `a` with the same row of `b` (in float64), e.g. two engines'
+    embeddings of the same batch: the yardstick this gate, the export parity check and the engine
+    benchmark all use."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def compare_outputs(

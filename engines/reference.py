@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.base import write_manifest
+from engines.bundle import write_manifest
 
 OPSET = 17
 IR_VERSION = 9  # ONNX Runtime 1.17 (the oldest we support) reads IR <= 9

@@ -26,7 +26,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from engines.base import Bundle, Engine, EngineError, EngineOptions, TensorSig, check_model_io
+from engines.base import Engine, EngineError, EngineOptions
+from engines.bundle import Bundle, TensorSig, check_model_io
 
 log = logging.getLogger("sweepstream")
 

@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from engines.base import Bundle, BundleError, Engine, EngineError, EngineOptions, check_model_io, file_sha256
+from engines.base import Engine, EngineError, EngineOptions
+from engines.bundle import Bundle, BundleError, check_model_io, file_sha256
 from engines.fetalclip import CheckpointError, FetalClipExport, load_torch_artifact
 
 

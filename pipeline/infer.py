@@ -8,7 +8,8 @@ import os
 import numpy as np
 import zmq
 
-from engines.base import EngineOptions, select_engine
+from engines.base import EngineOptions
+from engines.registry import select_engine
 
 from . import wire
 from .stage import Stage

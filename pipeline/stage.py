@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import zmq
 
-from engines.base import Bundle
+from engines.bundle import Bundle
 
 from . import wire
 from .config import Config

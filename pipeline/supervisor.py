@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import zmq
 
-from engines.base import Bundle, BundleError, EngineError, engine_class, load_bundle
+from engines.base import EngineError
+from engines.bundle import Bundle, BundleError, load_bundle
+from engines.registry import engine_class
 
 from . import wire
 from .capture import CaptureStage

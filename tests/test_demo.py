@@ -14,7 +14,7 @@ import cv2
 import pytest
 from conftest import REPO, read_journal
 
-from engines.base import load_bundle
+from engines.bundle import load_bundle
 from pipeline.config import DEFAULT_BUNDLE, DEFAULT_SOURCE
 from pipeline.phantom import make_cases
 

@@ -13,22 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import engines.base
-from engines.base import (
-    ENGINE_MODULES,
-    BestFrameSpec,
-    Bundle,
-    BundleError,
-    EngineError,
-    EngineOptions,
-    engine_class,
-    load_bundle,
-    select_engine,
-    write_manifest,
-)
+import engines.registry
+from engines.base import EngineError, EngineOptions
+from engines.bundle import BestFrameSpec, Bundle, BundleError, load_bundle, write_manifest
 from engines.null import NullEngine
 from engines.onnxruntime import OrtEngine
 from engines.reference import make_reference_bundle
+from engines.registry import ENGINE_MODULES, engine_class, select_engine
 from engines.tensorrt import TrtEngine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -450,16 +441,17 @@ def test_backend_with_missing_library_is_unavailable(
     with pytest.raises(EngineError) as info:
         engine_class("trt")
     assert str(info.value) == "engine 'trt' is not available: tensorrt_not_installed_here is not installed"
-    monkeypatch.setattr(engines.base, "nvidia_driver_present", lambda: True)  # LABELLED FAKE: no GPU here
+    monkeypatch.setattr(engines.registry, "nvidia_driver_present", lambda: True)  # LABELLED FAKE: no GPU here
     _, reason = select_engine("auto", bundle, EngineOptions())
     assert reason.startswith("auto: chose ort (trt: tensorrt_not_installed_here is not installed; torch: ")
 
 
 def test_auto_without_a_gpu_driver_never_imports_gpu_backends(bundle: Bundle) -> None:
     """On a cart without an NVIDIA driver, auto must not pay for importing torch (seconds) to learn that."""
-    if engines.base.nvidia_driver_present():
+    if engines.registry.nvidia_driver_present():
         pytest.skip("this machine has an NVIDIA driver")
-    code = ("import sys; from engines.base import *; b = load_bundle(sys.argv[1]); "
+    code = ("import sys; from engines.base import EngineOptions; from engines.bundle import load_bundle; "
+            "from engines.registry import select_engine; b = load_bundle(sys.argv[1]); "
             "print(select_engine('auto', b, EngineOptions())[1]); print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code, str(bundle.path)], capture_output=True, text=True,
                             check=True)
@@ -471,7 +463,7 @@ def test_auto_without_a_gpu_driver_never_imports_gpu_backends(bundle: Bundle) ->
 def test_auto_prefers_available_backends_in_order(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bundle: Bundle
 ) -> None:
-    monkeypatch.setattr(engines.base, "nvidia_driver_present", lambda: True)  # LABELLED FAKE: no GPU here
+    monkeypatch.setattr(engines.registry, "nvidia_driver_present", lambda: True)  # LABELLED FAKE: no GPU here
     install_fake(monkeypatch, tmp_path, "torch", FAKE_ENGINE.format(kind="torch", ok=False, reason="no CUDA"))
     _, reason = select_engine("auto", bundle, EngineOptions())
     assert reason == f"auto: chose ort (trt: {TrtEngine.available()[1]}; torch: no CUDA)"

@@ -26,15 +26,8 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from engines.base import (  # noqa: E402
-    Bundle,
-    BundleError,
-    EngineError,
-    EngineOptions,
-    file_sha256,
-    load_bundle,
-    select_engine,
-)
+from engines.base import EngineError, EngineOptions  # noqa: E402
+from engines.bundle import Bundle, BundleError, file_sha256, load_bundle  # noqa: E402
 from engines.fetalclip import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
@@ -61,6 +54,7 @@ from engines.heads import (  # noqa: E402
     save_heads,
 )
 from engines.onnxruntime import OrtEngine  # noqa: E402
+from engines.registry import select_engine  # noqa: E402
 from engines.torch import TorchEngine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,9 +299,9 @@ def test_bad_checkpoint_leaves_an_existing_bundle_intact(plain_bundle: Bundle, w
 
 
 def test_auto_with_int8_never_picks_a_gpu_backend(plain_bundle: Bundle, monkeypatch) -> None:
-    import engines.base
+    import engines.registry
 
-    monkeypatch.setattr(engines.base, "nvidia_driver_present", lambda: True)  # LABELLED FAKE: no GPU here
+    monkeypatch.setattr(engines.registry, "nvidia_driver_present", lambda: True)  # LABELLED FAKE: no GPU here
     suits, why = TorchEngine.suits_auto(plain_bundle, EngineOptions(precision="int8"))
     assert not suits and why == "int8 runs on ort only"
     with pytest.raises(EngineError, match="no int8 path"):

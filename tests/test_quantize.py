@@ -28,15 +28,8 @@ from conftest import run_pipeline  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 import engines.quantize  # noqa: E402
-from engines.base import (  # noqa: E402
-    Bundle,
-    BundleError,
-    EngineError,
-    EngineOptions,
-    file_sha256,
-    load_bundle,
-    write_manifest,
-)
+from engines.base import EngineError, EngineOptions  # noqa: E402
+from engines.bundle import Bundle, BundleError, file_sha256, load_bundle, write_manifest  # noqa: E402
 from engines.fetalclip import build_model, load_config  # noqa: E402
 from engines.heads import MaskDecoder, QualityHead, evenly_spaced_blocks, save_heads  # noqa: E402
 from engines.onnxruntime import OrtEngine  # noqa: E402

@@ -13,7 +13,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("open_clip")
 
-from engines.base import EngineOptions, load_bundle  # noqa: E402
+from engines.base import EngineOptions  # noqa: E402
+from engines.bundle import load_bundle  # noqa: E402
 from engines.onnxruntime import OrtEngine  # noqa: E402
 from pipeline.phantom import SWEEPS, Renderer, make_cases  # noqa: E402
 

@@ -8,7 +8,7 @@ All rows are measured in one process run, in this fixed order (not interleaved):
 3. ONNX Runtime INT8 on CPU (the gated model.int8.onnx; skipped with a note if it has none),
 4. with CUDA: torch eager with fp16 autocast on the GPU.
 
-Each backend is built through engines.base.select_engine with the same EngineOptions the
+Each backend is built through engines.registry.select_engine with the same EngineOptions the
 pipeline uses (so this measures what the pipeline runs), loaded once (load() warms up on
 zero batches), and then, for each --batches size in order, runs --warmup untimed and
 --repeats timed ``engine.infer`` calls on the same frames; it is closed before the next
@@ -41,18 +41,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.base import (  # noqa: E402
-    Bundle,
-    BundleError,
-    EngineError,
-    EngineOptions,
-    engine_class,
-    load_bundle,
-    nvidia_driver_present,
-    row_cosines,
-    select_engine,
-)
-from engines.quantize import sample_frames  # noqa: E402
+from engines.base import EngineError, EngineOptions  # noqa: E402
+from engines.bundle import Bundle, BundleError, load_bundle  # noqa: E402
+from engines.quantize import row_cosines, sample_frames  # noqa: E402
+from engines.registry import engine_class, nvidia_driver_present, select_engine  # noqa: E402
 
 TARGET_SPEEDUP = 3.0
 TARGET_COSINE = 0.999

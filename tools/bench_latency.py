@@ -27,7 +27,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.base import EngineOptions, load_bundle, select_engine  # noqa: E402
+from engines.base import EngineOptions  # noqa: E402
+from engines.bundle import load_bundle  # noqa: E402
+from engines.registry import select_engine  # noqa: E402
 from pipeline.analysis import AnalyzedFrame, SweepAnalyzer, resolve  # noqa: E402
 from pipeline.capture import Pacer  # noqa: E402
 from pipeline.config import ENGINE_CHOICES, REFERENCE_BUNDLE, load_config  # noqa: E402

@@ -19,14 +19,7 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from engines.base import (  # noqa: E402
-    Bundle,
-    BundleError,
-    file_sha256,
-    load_bundle,
-    row_cosines,
-    write_manifest,
-)
+from engines.bundle import Bundle, BundleError, file_sha256, load_bundle, write_manifest  # noqa: E402
 from engines.fetalclip import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
@@ -44,7 +37,13 @@ from engines.fetalclip import (  # noqa: E402
     save_torch_artifact,
 )
 from engines.heads import HeadsError, load_heads, merge_lora  # noqa: E402
-from engines.quantize import INT8_NAME, QuantizationGateError, gate_table, quantize_bundle_int8  # noqa: E402
+from engines.quantize import (  # noqa: E402
+    INT8_NAME,
+    QuantizationGateError,
+    gate_table,
+    quantize_bundle_int8,
+    row_cosines,
+)
 
 ONNX_NAME = "model.onnx"
 TORCH_NAME = "torch_model.pt"

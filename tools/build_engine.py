@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.base import BundleError, EngineError, load_bundle  # noqa: E402  (needs the repo root on sys.path)
+from engines.base import EngineError  # noqa: E402  (needs the repo root on sys.path)
+from engines.bundle import BundleError, load_bundle  # noqa: E402  (needs the repo root on sys.path)
 from engines.tensorrt import (  # noqa: E402
     CACHE_ENV,
     DEFAULT_CACHE_DIR,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.base import load_bundle  # noqa: E402  (needs the repo root on sys.path first)
+from engines.bundle import load_bundle  # noqa: E402  (needs the repo root on sys.path first)
 from engines.reference import make_reference_bundle  # noqa: E402
 
 

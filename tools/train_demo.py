@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from engines.base import BundleError, write_manifest  # noqa: E402
+from engines.bundle import BundleError, write_manifest  # noqa: E402
 from engines.demo import LABEL_TO_CLASS, DemoConfig, DemoModel  # noqa: E402
 from engines.fetalclip import FetalClipExport, export_onnx  # noqa: E402
 from engines.quantize import QuantizationGateError, quantize_bundle_int8  # noqa: E402
