@@ -33,9 +33,9 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from engines.bundle import BundleError, write_manifest  # noqa: E402
-from engines.demo import LABEL_TO_CLASS, DemoConfig, DemoModel  # noqa: E402
-from engines.fetalclip import FetalClipExport, export_onnx  # noqa: E402
-from engines.quantize import QuantizationGateError, quantize_bundle_int8  # noqa: E402
+from engines.export.demo import LABEL_TO_CLASS, DemoConfig, DemoModel  # noqa: E402
+from engines.export.fetalclip import FetalClipExport, export_onnx  # noqa: E402
+from engines.export.quantize import QuantizationGateError, quantize_bundle_int8  # noqa: E402
 from pipeline.biometry import measure  # noqa: E402
 from pipeline.phantom import OPTIMAL_DISTANCE_MM, PIXEL_MM, SWEEPS, Renderer, make_cases  # noqa: E402
 from pipeline.preprocess import letterbox, to_frame  # noqa: E402
