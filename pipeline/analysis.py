@@ -27,7 +27,7 @@ import numpy as np
 
 from .acouslic import convex_fov_mask
 from .biometry import Measurement, measure, robust_ac
-from .preprocess import to_frame
+from .letterbox import Geometry, to_frame
 from .sweep import BestFrameEvent, FrameInfo, SweepConfig, SweepEvent, SweepTracker
 
 
@@ -38,7 +38,7 @@ class AnalyzedFrame:
     info: FrameInfo
     t_capture_ns: int
     mask: np.ndarray | None  # model-resolution 0/1 abdomen mask, None when the bundle has no mask output
-    geometry: dict[str, Any]  # letterbox geometry (pipeline.preprocess.letterbox)
+    geometry: Geometry  # how the model input maps back to the frame
     frame_shape: tuple[int, ...]  # full-resolution frame shape
     spacing_mm: tuple[float, float] | None  # (row, column) mm per pixel, None when uncalibrated
 

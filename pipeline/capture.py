@@ -6,19 +6,17 @@ import logging
 import time
 from collections import deque
 
-import zmq
-
+from .graph import FLOOD_IN_FLIGHT
+from .messages import FrameRef
 from .ring import FrameRing
 from .sources import Source, SourceFrame, open_source
 from .stage import Stage
-from .wire import Message
 
 log = logging.getLogger("sweepstream")
 
 # Longest wait for preprocess to free a ring slot before overwriting it anyway (then counted as a drop);
 # short enough that the capture loop keeps reporting to the supervisor.
 SLOT_WAIT_S = 1.0
-FLOOD_IN_FLIGHT = 4  # frames a flooded source may be ahead of preprocess (all of them get processed)
 READ_WINDOW = 30  # recent read times a paced source's read-ahead is sized on (a second at 30 fps)
 READ_MARGIN_S = 0.002
 
@@ -71,14 +69,15 @@ class Pacer:
 
 
 class CaptureStage(Stage):
-    name = "capture"
+    """Reads the source, writes each frame into the ring and sends a `FrameRef` on its `frames` link."""
+
     stamp_out = "cap_out"
 
     def start(self) -> None:
         cfg = self.config.source
         self.source: Source = open_source(cfg.uri, cfg.pixel_format)
-        self.ring = FrameRing.attach(self.endpoints.ring)
-        self.out = self.socket(zmq.PUSH, self.endpoints.frames, bind=True)
+        self.ring = FrameRing.attach(self.wiring.ring)
+        self.out = self.open("frames")
         self.pacer = None if (cfg.flood or self.source.live) else Pacer(self.source.fps)
         self._next_id = 0
         self._running = False
@@ -121,9 +120,9 @@ class CaptureStage(Stage):
         except ValueError as exc:
             raise ValueError(f"source {self.source.uri}: frame {frame.index}: {exc} "
                              f"(raise ring.slot_mb)") from None
-        header = {"id": frame_id, "slot": slot, "seq": seq, "shape": list(frame.image.shape),
-                  "src": {"index": frame.index, "pts": frame.pts, **frame.meta}, "t": {"cap": t_capture}}
-        if self.push(self.out, Message("frame", header), wait=self.config.source.flood):
+        ref = FrameRef(frame_id, slot, seq, frame.image.shape,
+                       {"index": frame.index, "pts": frame.pts, **frame.meta}, {"cap": t_capture})
+        if self.push(self.out, ref, wait=self.config.source.flood):
             self._in_flight[slot] = frame_id
         else:
             self._in_flight.pop(slot, None)

@@ -6,14 +6,14 @@ import logging
 import os
 
 import numpy as np
-import zmq
 
 from engines.base import EngineOptions
 from engines.registry import select_engine
 
 from . import wire
+from .messages import Kind, PreparedInput, Result, control
 from .stage import Stage
-from .wire import Message
+from .steps import infer_batch
 
 log = logging.getLogger("sweepstream")
 
@@ -27,9 +27,10 @@ def default_threads() -> int:
 
 class InferStage(Stage):
     """Asks preprocess for up to a batch of frames whenever it is idle, runs them as one batch, and passes
-    one result per frame on. Several infer workers may share one preprocess (the scale-out path)."""
+    one result per frame on. Several infer workers may share one preprocess (the scale-out path).
 
-    name = "infer"
+    Links: `inputs` in (asks for work, takes PreparedInput), `results` out (Result)."""
+
     stamp_in = "inf_in"
     stamp_out = "inf_out"
 
@@ -40,23 +41,19 @@ class InferStage(Stage):
         self.engine, self.reason = select_engine(cfg.engine, self.bundle, options)
         self.engine.load()
         log.info("infer: %s", self.reason)
-        self.output_names = list(self.bundle.outputs)
         self.input_shape = self.bundle.input.frame_shape
-        self.work = self.socket(zmq.DEALER, self.endpoints.inputs, bind=False,
-                                hwm=max(self.config.transport.hwm, self.engine.max_batch + 1))
-        # A batch's results leave together; the mark must fit one batch or its tail would be dropped.
-        self.out = self.socket(zmq.PUSH, self.endpoints.results, bind=False,
-                               hwm=max(self.config.transport.hwm, self.engine.max_batch + 1))
+        self.work = self.open("inputs")
+        self.out = self.open("results")
         self._ask()
 
     def _ask(self) -> None:
-        wire.send(self.work, Message("want", {"n": self.engine.max_batch}), block=True)
+        if not wire.send(self.work, control(Kind.WANT, {"n": self.engine.max_batch}), block=True):
+            raise RuntimeError("infer: preprocess did not take a request for work")
 
     def step(self, ready: bool) -> None:
         if not ready:
             return
         frames, end = self.take(self.work, keep=self.engine.max_batch)
-        frames = [msg for msg in frames if self._has_input(msg)]
         if frames:
             self._run(frames)
         if end:
@@ -65,24 +62,18 @@ class InferStage(Stage):
         elif frames:
             self._ask()
 
-    def _run(self, frames: list[Message]) -> None:
-        batch = np.stack([msg.arrays[0] for msg in frames])
-        short = self.bundle.min_batch - len(frames)
-        if short > 0:  # a bundle built for a fixed batch: pad with copies, use only the real rows
-            batch = np.concatenate([batch, np.repeat(batch[-1:], short, axis=0)])
-        outputs = self.engine.infer(batch)
-        for i, msg in enumerate(frames):
-            msg.header["outputs"] = self.output_names
+    def _run(self, frames: list[PreparedInput]) -> None:
+        rows = infer_batch(self.engine, self.bundle, [prepared.pixels for prepared in frames])
+        for prepared, outputs in zip(frames, rows, strict=True):
             # Waiting here (rather than dropping a result already paid for) slows infer's pulling, so an
             # overloaded postprocess makes preprocess drop the oldest unscored frames instead.
-            self.push(self.out, Message("result", msg.header,
-                                        tuple(outputs[name][i] for name in self.output_names)), wait=True)
+            self.push(self.out, Result.of(prepared, outputs), wait=True)
 
-    def _has_input(self, msg: Message) -> bool:
-        array = msg.arrays[0] if len(msg.arrays) == 1 else None
-        if array is None or array.dtype != np.uint8 or array.shape != self.input_shape:
-            got = "no tensor" if array is None else f"{array.dtype}{list(array.shape)}"
-            self.reject(f"frame {msg.header.get('id')}: expected uint8{list(self.input_shape)}, got {got}")
+    def acceptable(self, hop: PreparedInput) -> bool:
+        pixels = hop.pixels
+        if pixels.dtype != np.uint8 or pixels.shape != self.input_shape:
+            self.reject(f"frame {hop.frame.id}: expected uint8{list(self.input_shape)}, "
+                        f"got {pixels.dtype}{list(pixels.shape)}")
             return False
         return True
 

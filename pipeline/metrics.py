@@ -1,4 +1,4 @@
-"""Latency histograms and frame accounting: pure logic shared by the supervisor and the benchmark."""
+"""Latency histograms: pure logic shared by the supervisor and the benchmarks."""
 
 from __future__ import annotations
 
@@ -109,31 +109,3 @@ class LatencyBook:
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {name: hist.summary() for name, hist in self.run.items()}
-
-
-# Per-stage counters each stage reports, and where in the data path a frame can be lost.
-BOUNDARIES: dict[str, tuple[tuple[str, str], ...]] = {
-    "capture>preprocess": (("capture", "drop_send_full"), ("preprocess", "drop_stale"),
-                           ("preprocess", "drop_overwritten")),
-    "preprocess>infer": (("preprocess", "drop_held"), ("preprocess", "drop_send_full"),
-                         ("infer", "drop_stale")),
-    "infer>postprocess": (("infer", "drop_send_full"), ("postprocess", "drop_stale")),
-}
-
-
-def frame_accounting(counters: Mapping[str, Mapping[str, int]]) -> dict:
-    """Per-boundary counts from the stages' counters; `balanced` says read == scored + dropped."""
-    def get(stage: str, key: str) -> int:
-        return int(counters.get(stage, {}).get(key, 0))
-
-    boundaries = {}
-    for name, places in BOUNDARIES.items():
-        sender = name.split(">")[0]
-        drops = {f"{stage}.{key}": get(stage, key) for stage, key in places}
-        boundaries[name] = {"sent": get(sender, "sent"), "dropped": sum(drops.values()), "drops": drops}
-    read = get("capture", "read")
-    scored = get("postprocess", "scored")
-    dropped = sum(b["dropped"] for b in boundaries.values()) + get("infer", "rejected") \
-        + get("postprocess", "rejected") + get("preprocess", "rejected")
-    return {"read": read, "scored": scored, "dropped": dropped, "balanced": read == scored + dropped,
-            "boundaries": boundaries}

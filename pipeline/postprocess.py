@@ -19,12 +19,14 @@ import cv2
 import numpy as np
 import zmq
 
-from .analysis import AnalyzedFrame, Finding, SweepAnalyzer, resolve
+from .analysis import Finding, SweepAnalyzer, resolve
 from .events import EventSink, make_event
+from .messages import Kind, Result, kind_of
 from .metrics import SEGMENTS, segment_row
 from .ring import FrameRing
 from .stage import MAX_TAKE, Stage
-from .sweep import OPERATOR_COMMANDS, FrameInfo
+from .steps import analyzed_frame, frame_score
+from .sweep import OPERATOR_COMMANDS
 from .wire import Message
 
 log = logging.getLogger("sweepstream")
@@ -33,26 +35,23 @@ MAX_PENDING_WRITES = 256  # the frame path waits for the writer beyond this many
 
 
 class PostprocessStage(Stage):
-    name = "postprocess"
+    """Links: `results` in (Result). Also binds the events PUB (`postprocess.events`) and the operator's
+    REP (`postprocess.control`), which face the outside, not another stage."""
+
     stamp_in = "post_in"
     stamp_out = "post_out"
-    needs = ("outputs", "src")
 
-    def acceptable(self, msg: Message) -> bool:
-        if not super().acceptable(msg):
-            return False
-        if msg.header["outputs"] != self.output_names or len(msg.arrays) != len(self.output_names):
-            self.reject(f"frame {msg.header['id']}: outputs {msg.header['outputs']!r} with "
-                        f"{len(msg.arrays)} tensors, expected {self.output_names}")
+    def acceptable(self, hop: Result) -> bool:
+        if list(hop.outputs) != self.output_names:
+            self.reject(f"frame {hop.frame.id}: outputs {list(hop.outputs)}, expected {self.output_names}")
             return False
         return True
 
     def start(self) -> None:
         self.output_names = list(self.bundle.outputs)
         self.mask_output = next((n for n, spec in self.bundle.outputs.items() if spec.kind == "mask"), None)
-        self.ring = FrameRing.attach(self.endpoints.ring)
-        self.results = self.socket(zmq.PULL, self.endpoints.results, bind=True,
-                                   hwm=max(self.config.transport.hwm, self.config.infer.max_batch + 1))
+        self.ring = FrameRing.attach(self.wiring.ring)
+        self.results = self.open("results")
         self.operator = None
         if self.config.postprocess.control is not None:
             self.operator = self.context.socket(zmq.REP)
@@ -66,8 +65,8 @@ class PostprocessStage(Stage):
             self.inputs.append(self.operator)
             self._sockets.append(self.operator)
         self.sink = EventSink(self.context, self.config.postprocess.events,
-                              Path(self.endpoints.out) / "events.jsonl")
-        self.best_dir = Path(self.endpoints.out) / BEST_DIR if self.config.postprocess.best_frames else None
+                              Path(self.wiring.out) / "events.jsonl")
+        self.best_dir = Path(self.wiring.out) / BEST_DIR if self.config.postprocess.best_frames else None
         self.analyzer = SweepAnalyzer(self.config.sweep.for_bundle(self.bundle.best_frame.min_score))
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess-events")
         self._writes: deque[Future] = deque()
@@ -80,49 +79,33 @@ class PostprocessStage(Stage):
             return
         self._serve_operator()
         frames, end = self.take(self.results, keep=MAX_TAKE)
-        for msg in frames:
-            self._score(msg)
+        for result in frames:
+            self._score(result)
         if end:
             self._flush()
             self.finished = True
 
-    def _score(self, msg: Message) -> None:
-        outputs = dict(zip(self.output_names, msg.arrays, strict=True))
-        header = msg.header
-        source = header["src"]
-        score = float(self.bundle.best_frame.score({k: v[None] for k, v in outputs.items()})[0])
-        findings = self._analyze(header, outputs, score)
+    def _score(self, result: Result) -> None:
+        frame = result.frame
+        score = frame_score(self.bundle, result.outputs)
+        analyzed = analyzed_frame(result, score, self.mask_output, self.config.postprocess.pixel_spacing_mm)
+        self._last_t = analyzed.info.t
+        image = self.ring.read(frame.slot, frame.seq) if 0 <= frame.slot < self.ring.slots else None
+        findings = self.analyzer.add(analyzed, image)
+        self.ring.mark_released(frame.id)
+        self.counters["best_image_missed"] = self.analyzer.images_missed
         frame_event = None
         if self.config.postprocess.frame_events:
-            cap = header["t"]["cap"]
-            frame_event = (make_event(
-                "frame", self.endpoints.run_id, sweep_id=self.analyzer.tracker.sweep_id,
-                frame_id=header["id"], t_capture_ns=cap, latency_ms=(time.monotonic_ns() - cap) / 1e6,
-                score=round(score, 6),
-                content=round(float(header.get("content", 1.0)), 4), source_index=source.get("index"),
-                source=source, heads=self._heads(outputs)))
-        self._write(findings, header["t"]["cap"], frame_event)
+            cap = frame.stamps["cap"]
+            frame_event = make_event(
+                "frame", self.wiring.run_id, sweep_id=self.analyzer.tracker.sweep_id, frame_id=frame.id,
+                t_capture_ns=cap, latency_ms=(time.monotonic_ns() - cap) / 1e6, score=round(score, 6),
+                content=round(result.content, 4), source_index=frame.source["index"], source=frame.source,
+                heads=self._heads(result.outputs))
+        self._write(findings, frame.stamps["cap"], frame_event)
         self.counters["scored"] += 1
-        header["t"][self.stamp_out] = time.monotonic_ns()
-        self._rows.append(segment_row(header["t"]))
-
-    def _analyze(self, header: dict[str, Any], outputs: dict[str, np.ndarray], score: float) -> list[Finding]:
-        source = header["src"]
-        # Source time when the source has one: a flooded recording keeps its real pacing for gap rules.
-        pts = source.get("pts")
-        self._last_t = t = pts if isinstance(pts, (int, float)) else header["t"]["cap"] / 1e9
-        spacing = source.get("pixel_spacing_mm") or self.config.postprocess.pixel_spacing_mm
-        frame = AnalyzedFrame(
-            info=FrameInfo(header["id"], t, score, float(header.get("content", 1.0)), source),
-            t_capture_ns=header["t"]["cap"],
-            mask=None if self.mask_output is None else outputs[self.mask_output],
-            geometry=header.get("geom") or {}, frame_shape=tuple(header.get("shape", ())),
-            spacing_mm=None if spacing is None else (float(spacing[0]), float(spacing[1])))
-        image = self.ring.read(header["slot"], header["seq"]) if self._slot_ok(header) else None
-        findings = self.analyzer.add(frame, image)
-        self.ring.mark_released(header["id"])
-        self.counters["best_image_missed"] = self.analyzer.images_missed
-        return findings
+        frame.stamps[self.stamp_out] = time.monotonic_ns()
+        self._rows.append(segment_row(frame.stamps))
 
     def _write(self, findings: list[Finding], trigger_ns: int | None, frame_event: dict | None = None
                ) -> None:
@@ -143,10 +126,6 @@ class PostprocessStage(Stage):
         if frame_event is not None:
             self.sink.emit(frame_event)
 
-    def _slot_ok(self, header: dict[str, Any]) -> bool:
-        slot, seq = header.get("slot"), header.get("seq")
-        return type(slot) is int and type(seq) is int and 0 <= slot < self.ring.slots
-
     def _publish(self, finding: Finding, trigger_ns: int | None) -> None:
         fields = dict(finding.fields)
         if self.best_dir is not None and finding.images:
@@ -160,15 +139,15 @@ class PostprocessStage(Stage):
                     continue
                 fields[f"{name}_png"] = f"{BEST_DIR}/{path.name}"
         latency = None if trigger_ns is None else (time.monotonic_ns() - trigger_ns) / 1e6
-        self.sink.emit(make_event(finding.type, self.endpoints.run_id, sweep_id=finding.sweep_id,
+        self.sink.emit(make_event(finding.type, self.wiring.run_id, sweep_id=finding.sweep_id,
                                   frame_id=finding.frame_id, t_capture_ns=finding.t_capture_ns,
                                   latency_ms=latency, **fields))
 
     def on_control(self, msg: Message) -> None:
-        if msg.kind != "health":
+        if kind_of(msg) is not Kind.HEALTH:
             super().on_control(msg)
             return
-        event = make_event("health", self.endpoints.run_id, sweep_id=self.analyzer.tracker.sweep_id,
+        event = make_event("health", self.wiring.run_id, sweep_id=self.analyzer.tracker.sweep_id,
                            **msg.header)
         self._writes.append(self.writer.submit(self.sink.emit, event))
 
@@ -227,13 +206,16 @@ class PostprocessStage(Stage):
         return {"events": self.sink.bound, "control": control}
 
     def stop(self) -> None:
-        if getattr(self, "sink", None) is not None:
+        """Stopped before the end of stream: the open sweep still gets its final events. If they cannot be
+        written the stage fails (the run exits 1 naming it), after the journal is closed either way."""
+        try:
             if getattr(self, "writer", None) is not None:
-                try:  # stopped before the end of stream: the open sweep still gets its final
+                try:
                     self._flush()
-                except Exception as exc:  # noqa: BLE001 - stopping must release the journal regardless
-                    log.warning("postprocess: could not close the open sweep: %s", exc)
-                self.writer.shutdown(wait=True)
-            self.sink.close()
-        if getattr(self, "ring", None) is not None:
-            self.ring.close()
+                finally:
+                    self.writer.shutdown(wait=True)
+        finally:
+            if getattr(self, "sink", None) is not None:
+                self.sink.close()
+            if getattr(self, "ring", None) is not None:
+                self.ring.close()

@@ -1,184 +1,43 @@
-"""Preprocess: full-resolution frame in the ring -> model input (ROI, pad to square, resize, channels)."""
+"""Preprocess: full-resolution frame in the ring -> model input (ROI, pad to square, resize, channels), held
+until an infer worker asks for work."""
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 
-import cv2
-import numpy as np
 import zmq
-from PIL import Image
 
 from . import wire
-from .capture import FLOOD_IN_FLIGHT
+from .graph import FLOOD_IN_FLIGHT
+from .letterbox import Letterbox
+from .messages import FrameRef, Kind, PreparedInput, kind_of
 from .ring import FrameRing
 from .stage import Stage
-from .wire import Message
 
 log = logging.getLogger("sweepstream")
-
-INTERPOLATION = {"area": cv2.INTER_AREA, "cubic": cv2.INTER_CUBIC, "linear": cv2.INTER_LINEAR,
-                 "nearest": cv2.INTER_NEAREST}
-RESIZE_MODES = ("bicubic", *INTERPOLATION)
-# The manifest's `input.resize` in this module's terms. "bicubic" is the exact antialiased filter open_clip
-# applies (Pillow's); the others are OpenCV filters after a whole-factor box filter (faster, not exact).
-BUNDLE_RESIZE = {"bicubic": "bicubic", "bilinear": "linear", "area": "area", "nearest": "nearest"}
-# Pillow first box-reduces by whole factors while the remaining ratio stays >= this: 3x faster on 1080p,
-# within one grey level of the exact filter.
-PIL_REDUCING_GAP = 3.0
-# Grey level (of 255) above which a model-input pixel counts as content rather than an empty, lifted probe.
-DARK_LEVEL = 16
-
-
-def letterbox(frame: np.ndarray, size: int, channels: int, *, pad_to_square: bool = True,
-              roi: tuple[int, int, int, int] | None = None, interpolation: str = "area"
-              ) -> tuple[np.ndarray, dict]:
-    """Model input of `size` x `size` (x channels) and the geometry that maps it back to the frame.
-
-    The result equals zero-padding the (ROI of the) frame to a centred square and resizing that, without
-    building the padded full-resolution image. A model pixel (u, v) comes from frame pixel
-    (roi_x + (u - offset_x) / scale_x, roi_y + (v - offset_y) / scale_y).
-    """
-    x0, y0 = 0, 0
-    if roi is not None:
-        x0, y0, w, h = roi
-        frame = frame[y0:y0 + h, x0:x0 + w]
-    height, width = frame.shape[:2]
-    if height == 0 or width == 0:
-        raise ValueError(f"empty frame after ROI {roi}")
-    if frame.ndim == 3 and channels == 1:
-        frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)  # before resizing: a third of the pixels to filter
-    if interpolation == "bicubic":
-        out, geometry = _bicubic(frame, size, pad_to_square)
-    else:
-        out, geometry = _opencv(frame, size, pad_to_square, interpolation)
-    geometry["roi"] = [x0 + geometry["roi"][0], y0 + geometry["roi"][1], *geometry["roi"][2:]]
-    if out.ndim == 2 and channels == 3:
-        out = cv2.cvtColor(out, cv2.COLOR_GRAY2BGR)
-    return out, geometry
-
-
-def content_fraction(model_input: np.ndarray, geometry: dict) -> float:
-    """Share of the content box (the model input without its padding) brighter than DARK_LEVEL: near 0 when
-    the probe is off the skin, what sweep tracking uses to end a sweep without the source's help."""
-    (x, y), (w, h) = geometry["offset"], geometry["content"]
-    x0, y0 = math.floor(x), math.floor(y)
-    box = model_input[y0:math.ceil(y + h), x0:math.ceil(x + w)]
-    if box.ndim == 3:
-        box = box[..., 0]
-    return float(np.count_nonzero(box > DARK_LEVEL)) / max(box.size, 1)
-
-
-def to_frame(mask: np.ndarray, geometry: dict, frame_shape: tuple[int, ...]) -> np.ndarray:
-    """A model-resolution 0/1 mask mapped back onto the full frame through the inverse of `letterbox`
-    (bilinear, then thresholded at one half, so edges are not staircased by the resize factor); zero
-    outside the region the model saw (ROI, rows and columns trimmed by the whole-factor shrink)."""
-    (rx, ry, rw, rh), (ox, oy), (sx, sy) = geometry["roi"], geometry["offset"], geometry["scale"]
-    height, width = frame_shape[:2]
-    # Pixel centres: model u + 0.5 = ox + (X + 0.5 - rx) * sx, so u = sx * X + (ox + (0.5 - rx) * sx - 0.5).
-    to_model = np.array([[sx, 0.0, ox + (0.5 - rx) * sx - 0.5],
-                         [0.0, sy, oy + (0.5 - ry) * sy - 0.5]], dtype=np.float64)
-    soft = cv2.warpAffine((np.asarray(mask) != 0).astype(np.uint8) * 255, to_model, (width, height),
-                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT)
-    out = np.zeros((height, width), np.uint8)
-    box = (slice(max(ry, 0), min(ry + rh, height)), slice(max(rx, 0), min(rx + rw, width)))
-    out[box] = soft[box] >= 128
-    return out
-
-
-def _opencv(frame: np.ndarray, size: int, pad_to_square: bool, interpolation: str) -> tuple[np.ndarray, dict]:
-    """Content resized into its place on a zero canvas, with integer placement."""
-    height, width = frame.shape[:2]
-    if pad_to_square:
-        fit = size / max(height, width)
-        new_w, new_h = max(1, round(width * fit)), max(1, round(height * fit))
-    else:
-        new_w, new_h = size, size
-    box = (0, 0, width, height)
-    factor = min(width // new_w, height // new_h)
-    if factor >= 2:
-        frame, box = _shrink_whole(frame, factor, box)
-    resized = cv2.resize(frame, (new_w, new_h), interpolation=INTERPOLATION[interpolation])
-    out = np.zeros((size, size, *frame.shape[2:]), dtype=np.uint8)
-    off_x, off_y = (size - new_w) // 2, (size - new_h) // 2
-    out[off_y:off_y + new_h, off_x:off_x + new_w] = resized
-    return out, {"roi": list(box), "offset": [off_x, off_y], "content": [new_w, new_h],
-                 "scale": [new_w / box[2], new_h / box[3]]}
-
-
-def _bicubic(frame: np.ndarray, size: int, pad_to_square: bool) -> tuple[np.ndarray, dict]:
-    """Pillow's antialiased bicubic on the zero-padded square, as open_clip's transform does, computed on
-    only the band of the square that the content reaches (plus the filter's support)."""
-    height, width = frame.shape[:2]
-    full = (0, 0, width, height)
-    if not pad_to_square or height == width:
-        image = Image.fromarray(frame).resize((size, size), Image.BICUBIC, reducing_gap=PIL_REDUCING_GAP)
-        return np.asarray(image), {"roi": list(full), "offset": [0, 0], "content": [size, size],
-                                   "scale": [size / width, size / height]}
-    transposed = height > width  # work on a horizontal band; a tall frame is transposed and back
-    if transposed:
-        frame = np.swapaxes(frame, 0, 1)
-        height, width = width, height
-    side = width
-    scale = side / size  # source pixels per output pixel
-    top = (side - height) // 2  # the content's first row in the padded square
-    support = 2 * scale  # bicubic reaches two output pixels' worth of source on each side
-    first = max(0, math.floor((top - support) / scale))
-    last = min(size, math.ceil((top + height + support) / scale))
-    lo, hi = math.floor(first * scale), math.ceil(last * scale)
-    band = np.zeros((hi - lo, side, *frame.shape[2:]), dtype=np.uint8)
-    band[max(top, lo) - lo:min(top + height, hi) - lo] = frame[max(lo - top, 0):min(hi, top + height) - top]
-    rows = Image.fromarray(np.ascontiguousarray(band)).resize(
-        (size, last - first), Image.BICUBIC, box=(0, first * scale - lo, side, last * scale - lo),
-        reducing_gap=PIL_REDUCING_GAP)
-    out = np.zeros((size, size, *frame.shape[2:]), dtype=np.uint8)
-    out[first:last] = np.asarray(rows)
-    offset, content = [0.0, top / scale], [size, height / scale]
-    if transposed:
-        out = np.ascontiguousarray(np.swapaxes(out, 0, 1))
-        offset, content, full = offset[::-1], content[::-1], (0, 0, height, width)
-    return out, {"roi": list(full), "offset": offset, "content": content, "scale": [1 / scale, 1 / scale]}
-
-
-def _shrink_whole(frame: np.ndarray, factor: int, box: tuple[int, int, int, int]
-                  ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Box-filter by a whole factor first: OpenCV's area filter is several times faster for an exact
-    integer ratio, so the frame loses its last < `factor` rows and columns (split evenly between both
-    sides, reflected in the returned box) and the remaining < 2x step is cheap."""
-    x0, y0, width, height = box
-    used_w, used_h = width // factor * factor, height // factor * factor
-    cut_x, cut_y = (width - used_w) // 2, (height - used_h) // 2
-    frame = frame[cut_y:cut_y + used_h, cut_x:cut_x + used_w]
-    small = cv2.resize(frame, (used_w // factor, used_h // factor), interpolation=cv2.INTER_AREA)
-    return small, (x0 + cut_x, y0 + cut_y, used_w, used_h)
 
 
 class PreprocessStage(Stage):
     """Prepares every frame it takes and holds the newest `infer.max_batch` of them until an infer worker
     asks for work. Infer pulls, so no prepared frame ever waits in a socket queue behind newer ones: under
-    overload latency stays about one inference plus one frame period, and N workers share the load."""
+    overload latency stays about one inference plus one frame period, and N workers share the load.
 
-    name = "preprocess"
+    Links: `frames` in (FrameRef), `inputs` out (PreparedInput, to workers that ask)."""
+
     stamp_in = "pre_in"
     stamp_out = "pre_out"
-    needs = ("slot", "seq")
 
     def start(self) -> None:
-        self.spec = self.bundle.input
         cfg = self.config.preprocess
-        self.interpolation = cfg.interpolation or BUNDLE_RESIZE[self.spec.resize]
-        self.ring = FrameRing.attach(self.endpoints.ring)
-        self.frames = self.socket(zmq.PULL, self.endpoints.frames, bind=False)
+        self.prepare = Letterbox.for_bundle(self.bundle.input, cfg.roi, cfg.interpolation)
+        self.ring = FrameRing.attach(self.wiring.ring)
+        self.frames = self.open("frames")
         self.hold = self.config.infer.max_batch
         # Workers ask for at most one batch, which bounds this queue; the mark only has to fit it.
-        self.workers = self.socket(zmq.ROUTER, self.endpoints.inputs, bind=True,
-                                   hwm=max(self.config.transport.hwm, self.hold + 1))
-        # A ROUTER silently drops what a full peer cannot take unless told otherwise.
-        self.workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.held: deque[Message] = deque()
+        self.workers = self.open("inputs")
+        self.held: deque[PreparedInput] = deque()
         self.wanted: dict[bytes, int] = {}  # worker -> frames it asked for
         self.known: set[bytes] = set()
         self.end_of_stream = False
@@ -190,10 +49,10 @@ class PreprocessStage(Stage):
             # capture to FLOOD_IN_FLIGHT frames, all of which are wanted.
             keep = FLOOD_IN_FLIGHT if self.config.source.flood else 1
             frames, self.end_of_stream = self.take(self.frames, keep=min(keep, self.hold))
-            for msg in frames:
-                self._prepare(msg)
+            for ref in frames:
+                self._prepare(ref)
             if frames:
-                self.ring.mark_consumed(frames[-1].header["id"])
+                self.ring.mark_consumed(frames[-1].id)
         self._dispatch()
         if self.end_of_stream and not self.held:
             for worker in self.known:
@@ -211,7 +70,7 @@ class PreprocessStage(Stage):
                 return
             worker, msg = routed
             count = msg.header.get("n")
-            if msg.kind != "want" or type(count) is not int or count < 1:
+            if kind_of(msg) is not Kind.WANT or type(count) is not int or count < 1:
                 self.reject(f"a {msg.kind!r} request without a positive count")
                 continue
             self.known.add(worker)
@@ -228,23 +87,17 @@ class PreprocessStage(Stage):
                 self.counters["drop_send_full"] += 1
                 log.warning("preprocess: infer worker %r is gone: %s", worker, exc)
 
-    def _prepare(self, msg: Message) -> None:
-        slot, seq = msg.header["slot"], msg.header["seq"]
-        view = self.ring.borrow(slot, seq) if isinstance(slot, int) and 0 <= slot < self.ring.slots else None
+    def _prepare(self, ref: FrameRef) -> None:
+        view = self.ring.borrow(ref.slot, ref.seq) if 0 <= ref.slot < self.ring.slots else None
         if view is not None:
-            spec, roi = self.spec, self.config.preprocess.roi
-            model_input, geometry = letterbox(view, spec.size, spec.channels, roi=roi,
-                                              pad_to_square=spec.pad_to_square,
-                                              interpolation=self.interpolation)
+            prepared = self.prepare(view)
             del view
-            if self.ring.valid(slot, seq):
-                msg.header["geom"] = geometry
-                msg.header["content"] = content_fraction(model_input, geometry)
-                msg.header["t"][self.stamp_out] = time.monotonic_ns()  # waiting for a worker is transport
+            if self.ring.valid(ref.slot, ref.seq):
+                ref.stamps[self.stamp_out] = time.monotonic_ns()  # waiting for a worker is transport
                 if len(self.held) == self.hold:
                     self.held.popleft()
                     self.counters["drop_held"] += 1
-                self.held.append(Message("input", msg.header, (model_input,)))
+                self.held.append(PreparedInput(ref, prepared.geometry, prepared.content, prepared.pixels))
                 return
         self.counters["drop_overwritten"] += 1
 

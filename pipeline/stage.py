@@ -1,18 +1,18 @@
 """One stage = one OS process. The runner here gives every stage the same life: start (heavy set-up), a loop
 that polls its inputs and the supervisor's control socket, reports from the loop itself (so a report proves
-the loop is alive), and stop. Backpressure is declared once, in `take` and `push`."""
+the loop is alive), and stop. Sockets come from the graph (`pipeline.graph`); backpressure is applied in one
+place, `take` and `push`."""
 
 from __future__ import annotations
 
 import faulthandler
+import importlib
 import logging
 import os
 import shutil
 import signal
 import time
 import traceback
-from collections import Counter
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -22,6 +22,8 @@ from engines.bundle import Bundle
 
 from . import wire
 from .config import Config
+from .graph import ROLES, StageCounters, Wiring
+from .messages import HOPS, FrameRef, Kind, control, kind_of
 from .wire import Message
 
 log = logging.getLogger("sweepstream")
@@ -29,46 +31,38 @@ log = logging.getLogger("sweepstream")
 REPORT_INTERVAL_S = 0.25
 MAX_TAKE = 1024  # messages read in one go at most, so a flooded input cannot starve the control socket
 SEND_RETRY_MS = 100  # a waiting send wakes this often to check its deadline
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    """Where everything of one run lives; built by the supervisor, handed to every stage."""
-
-    control: str  # supervisor ROUTER; each stage is a DEALER named after itself
-    frames: str  # capture -> preprocess (headers; pixels are in the ring)
-    inputs: str  # preprocess ROUTER <- infer DEALERs asking for work (model input tensors)
-    results: str  # infer -> postprocess (head outputs)
-    ring: str  # shared-memory name of the frame ring
-    out: str  # run folder
-    run_id: str
-    supervisor_pid: int
-    socket_dir: str
+CONTROL_SEND_MS = 1000  # a control message not taken within this is a lost supervisor, not a retry
 
 
 class SupervisorGone(RuntimeError):
     """The supervisor died without telling us; nothing downstream can be trusted any more."""
 
 
-class Stage:
-    """Base of the four stages. Subclasses declare `name`, open sockets in `start`, handle input in `step`."""
+class ControlLost(RuntimeError):
+    """A message to the supervisor could not be sent: the run cannot be steered any more."""
 
-    name: ClassVar[str]
+
+class Stage:
+    """Base of the stages. Subclasses open their graph links in `start` and handle input in `step`."""
+
     poll_ms: ClassVar[int] = 100  # how long the runner waits for input or control before calling step()
     stamp_in: ClassVar[str] = ""  # header timestamp set when a frame is taken in (metrics.STAMPS)
     stamp_out: ClassVar[str] = ""  # ... and when it is handed on
-    needs: ClassVar[tuple[str, ...]] = ()  # header fields a frame must carry to be taken in
 
-    def __init__(self, config: Config, endpoints: Endpoints, bundle: Bundle, context: zmq.Context) -> None:
+    def __init__(self, name: str, instance: str, config: Config, wiring: Wiring, bundle: Bundle,
+                 context: zmq.Context) -> None:
+        self.name = name  # the stage in the graph
+        self.instance = instance  # this process: the name, or name-i for a replicated stage
         self.config = config
-        self.endpoints = endpoints
+        self.wiring = wiring
         self.bundle = bundle
         self.context = context
-        self.counters: Counter[str] = Counter()
+        self.counters = StageCounters(name, wiring.graph.counters_of(name))
         self.finished = False
         self.inputs: list[zmq.Socket] = []
         self.outputs: list[zmq.Socket] = []
         self._sockets: list[zmq.Socket] = []
+        self._carries: dict[zmq.Socket, Kind] = {}
         self._lossless = config.transport.policy == "lossless"
 
     # -- life cycle, overridden by stages --------------------------------------------------------------
@@ -99,62 +93,76 @@ class Stage:
         return ()
 
     # -- sockets and backpressure ----------------------------------------------------------------------
-    def socket(self, kind: int, endpoint: str, *, bind: bool, hwm: int | None = None) -> zmq.Socket:
-        """A data socket with the run's backpressure settings (`hwm` overrides the configured mark)."""
+    def open(self, link_name: str, *, hwm: int | None = None) -> zmq.Socket:
+        """This stage's end of a graph link, with the kind, binding and high-water mark the graph declares
+        (`hwm` raises the mark further, e.g. to one engine batch)."""
+        link = self.wiring.graph.link(link_name)
+        side = link.side(self.name)
+        kind = {("push", "sender"): zmq.PUSH, ("push", "receiver"): zmq.PULL,
+                ("work", "sender"): zmq.ROUTER, ("work", "receiver"): zmq.DEALER}[link.pattern, side]
         sock = self.context.socket(kind)
-        hwm = hwm or self.config.transport.hwm
-        sock.setsockopt(zmq.SNDHWM, hwm)
-        sock.setsockopt(zmq.RCVHWM, hwm)
+        marks = [self.config.transport.hwm, hwm or 0]
+        if link.hwm == "batch":
+            marks.append(self.config.infer.max_batch + 1)
+        sock.setsockopt(zmq.SNDHWM, max(marks))
+        sock.setsockopt(zmq.RCVHWM, max(marks))
         sock.setsockopt(zmq.SNDTIMEO, SEND_RETRY_MS)
         sock.setsockopt(zmq.LINGER, int(self.config.run.stop_timeout * 1000))
         sock.setsockopt(zmq.RECONNECT_IVL, 10)  # a peer that binds late is found quickly (local sockets)
         if kind == zmq.DEALER:
-            sock.setsockopt(zmq.ROUTING_ID, f"{self.name}-{os.getpid()}".encode())
-        if kind == zmq.PUSH and not bind:
+            sock.setsockopt(zmq.ROUTING_ID, f"{self.instance}-{os.getpid()}".encode())
+        if kind == zmq.ROUTER:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # else a ROUTER silently drops what a peer cannot take
+        if kind == zmq.PUSH and side != link.bound_by:
             # Otherwise frames queue on a connection not yet made, and overflow before it is.
             sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.bind(endpoint) if bind else sock.connect(endpoint)
+        endpoint = self.wiring.endpoints[link.name]
+        sock.bind(endpoint) if side == link.bound_by else sock.connect(endpoint)
         self._sockets.append(sock)
-        if kind in (zmq.PULL, zmq.ROUTER, zmq.DEALER):
+        if side == "receiver" or kind == zmq.ROUTER:
             self.inputs.append(sock)
         if kind == zmq.PUSH:
             self.outputs.append(sock)
+        if side == "receiver":
+            self._carries[sock] = link.carries
         return sock
 
-    def take(self, sock: zmq.Socket, keep: int) -> tuple[list[Message], bool]:
-        """What is waiting on `sock`: at most `keep` frames, and whether the end of stream came.
+    def take(self, sock: zmq.Socket, keep: int) -> tuple[list[Any], bool]:
+        """The hops waiting on `sock` (decoded to the type its link carries): at most `keep` of them, and
+        whether the end of stream came.
 
-        latest policy: everything waiting is read and only the newest `keep` frames are kept; the older ones
-        are counted as `drop_stale`. lossless policy: at most `keep` are read; the rest wait in the queue.
+        latest policy: everything waiting is read and only the newest `keep` are kept; the older ones are
+        counted as `drop_stale`. lossless policy: at most `keep` are read; the rest wait in the queue.
         """
-        frames: list[Message] = []
+        carries = self._carries[sock]
+        hops: list[Any] = []
         end = False
         limit = keep if self._lossless else MAX_TAKE
-        while len(frames) < limit and not end:
+        while len(hops) < limit and not end:
             try:
                 msg = wire.recv(sock)
+                if msg is None:
+                    break
+                if kind_of(msg) is Kind.EOS:
+                    end = True
+                    continue
+                if msg.kind != carries.value:
+                    raise wire.WireError(f"a {msg.kind!r} message where {carries.value!r} travels")
+                hop = HOPS[carries](msg)
             except wire.WireError as exc:
                 self.reject(f"a malformed message: {exc}")
                 continue
-            if msg is None:
-                break
-            if msg.kind == "eos":
-                end = True
-            elif self.acceptable(msg):
-                msg.header["t"][self.stamp_in] = time.monotonic_ns()
-                frames.append(msg)
-        self.counters["received"] += len(frames)
-        stale = max(0, len(frames) - keep)
+            if self.acceptable(hop):
+                frame_of(hop).stamps[self.stamp_in] = time.monotonic_ns()
+                hops.append(hop)
+        self.counters["received"] += len(hops)
+        stale = max(0, len(hops) - keep)
         self.counters["drop_stale"] += stale
-        return frames[stale:], end
+        return hops[stale:], end
 
-    def acceptable(self, msg: Message) -> bool:
-        """A decodable message can still lack what this stage needs; it is then a counted rejection."""
-        header = msg.header
-        missing = [key for key in ("id", "t", *self.needs) if key not in header]
-        if missing or not isinstance(header["t"], dict) or type(header["id"]) is not int:
-            self.reject(f"a {msg.kind!r} message without a valid {', '.join(missing) or 'id or t'}")
-            return False
+    def acceptable(self, hop: Any) -> bool:
+        """A well-formed hop may still not fit this stage (wrong outputs for its bundle); then it is a
+        counted rejection (see `reject`)."""
         return True
 
     def reject(self, why: str) -> None:
@@ -162,19 +170,20 @@ class Stage:
         if self.counters["rejected"] <= 10 or self.counters["rejected"] % 1000 == 0:
             log.warning("%s: rejected %s (%d so far)", self.name, why, self.counters["rejected"])
 
-    def push(self, sock: zmq.Socket, msg: Message, *, wait: bool = False, to: bytes | None = None,
+    def push(self, sock: zmq.Socket, hop: Any, *, wait: bool = False, to: bytes | None = None,
              stamp: bool = True) -> bool:
-        """Send one frame downstream: never blocks under the latest policy (a full queue is a counted drop);
+        """Send one hop downstream: never blocks under the latest policy (a full queue is a counted drop);
         under lossless, or when the caller asks to `wait`, it waits up to the stall timeout."""
         if stamp:
-            msg.header["t"][self.stamp_out] = time.monotonic_ns()
+            frame_of(hop).stamps[self.stamp_out] = time.monotonic_ns()
+        msg = hop.message()
         if self._lossless or wait:
             deadline = time.monotonic() + self.config.run.stall_timeout
             while time.monotonic() < deadline:
                 if wire.send(sock, msg, block=True, to=to):
                     self.counters["sent"] += 1
                     return True
-                _check_supervisor(self.endpoints)
+                _check_supervisor(self.wiring)
         elif wire.send(sock, msg, to=to):
             self.counters["sent"] += 1
             return True
@@ -184,15 +193,20 @@ class Stage:
     def send_eos(self, sock: zmq.Socket, to: bytes | None = None) -> None:
         """The end of stream must not be dropped: it is what lets the next stage finish cleanly."""
         deadline = time.monotonic() + self.config.run.stop_timeout
-        while not wire.send(sock, Message("eos", {}), block=True, to=to):
+        while not wire.send(sock, control(Kind.EOS), block=True, to=to):
             if time.monotonic() > deadline:
-                log.warning("%s: could not pass the end of stream on", self.name)
-                break
+                raise RuntimeError(f"{self.name}: could not pass the end of stream on within "
+                                   f"{self.config.run.stop_timeout:g} s")
 
     def close_sockets(self) -> None:
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
+
+
+def frame_of(hop: Any) -> FrameRef:
+    """The frame a hop is about (a FrameRef is its own)."""
+    return hop if isinstance(hop, FrameRef) else hop.frame
 
 
 def _configure_child(name: str) -> None:
@@ -212,55 +226,76 @@ def _configure_child(name: str) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name:>11} %(levelname)s %(message)s")
 
 
-def run_stage(stage_cls: type[Stage], config: Config, endpoints: Endpoints, bundle: Bundle) -> None:
+def stage_class(role: str) -> type[Stage]:
+    """The class of a graph role, imported in the child only (a capture process never loads an engine)."""
+    module, _, name = ROLES[role].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_stage(name: str, instance: str, config: Config, wiring: Wiring, bundle: Bundle) -> None:
     """Process entry point (spawned by the supervisor)."""
-    _configure_child(stage_cls.name)
+    _configure_child(instance)
     context = zmq.Context()
-    control = context.socket(zmq.DEALER)
-    control.setsockopt(zmq.ROUTING_ID, stage_cls.name.encode())
-    control.setsockopt(zmq.LINGER, int(config.run.stop_timeout * 1000))
-    control.setsockopt(zmq.SNDTIMEO, 1000)  # a DEALER whose peer died would otherwise block forever
-    control.connect(endpoints.control)
-    stage = stage_cls(config, endpoints, bundle, context)
+    control_socket = context.socket(zmq.DEALER)
+    control_socket.setsockopt(zmq.ROUTING_ID, instance.encode())
+    control_socket.setsockopt(zmq.LINGER, int(config.run.stop_timeout * 1000))
+    control_socket.setsockopt(zmq.SNDTIMEO, CONTROL_SEND_MS)  # a DEALER whose peer died would block forever
+    control_socket.connect(wiring.control)
+    stage = stage_class(wiring.graph.stage(name).role)(name, instance, config, wiring, bundle, context)
     code = 0
     try:
-        _check_supervisor(endpoints)
-        wire.send(control, Message("hello", {"pid": os.getpid()}), block=True)
+        _check_supervisor(wiring)
+        _tell(control_socket, control(Kind.HELLO, {"pid": os.getpid()}))
         stage.start()
-        if _wait_for_peers(stage, control):
-            wire.send(control, Message("ready", {"describe": stage.describe()}), block=True)
-            _loop(stage, control)
+        if _wait_for_peers(stage, control_socket):
+            _tell(control_socket, control(Kind.READY, {"describe": stage.describe()}))
+            _loop(stage, control_socket)
     except SupervisorGone:
-        shutil.rmtree(endpoints.socket_dir, ignore_errors=True)  # nobody else is left to remove it
+        shutil.rmtree(wiring.socket_dir, ignore_errors=True)  # nobody else is left to remove it
         code = 1
     except Exception as exc:  # the stage's last word: reported to the supervisor, which stops the run
         code = 1
-        log.error("%s failed:\n%s", stage.name, traceback.format_exc())
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        wire.send(control, Message("error", {"message": message}), block=True)
+        _last_word(instance, control_socket, exc)
     finally:
-        stage.stop()
+        try:
+            stage.stop()
+        except Exception as exc:  # a failed stop loses work (postprocess: the open sweep's final events)
+            if not code:
+                code = 1
+                _last_word(instance, control_socket, exc)
         stage.close_sockets()
-        control.close()
+        control_socket.close()
         context.term()
     if code:
         raise SystemExit(code)
 
 
-def _check_supervisor(endpoints: Endpoints) -> None:
-    if os.getppid() != endpoints.supervisor_pid:
+def _last_word(instance: str, control_socket: zmq.Socket, exc: Exception) -> None:
+    log.error("%s failed:\n%s", instance, traceback.format_exc())
+    message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if not wire.send(control_socket, control(Kind.ERROR, {"message": message}), block=True):
+        log.error("%s: could not tell the supervisor that it failed", instance)
+
+
+def _tell(control_socket: zmq.Socket, msg: Message) -> None:
+    if not wire.send(control_socket, msg, block=True):
+        raise ControlLost(f"the supervisor did not take a {msg.kind!r} message within {CONTROL_SEND_MS} ms")
+
+
+def _check_supervisor(wiring: Wiring) -> None:
+    if os.getppid() != wiring.supervisor_pid:
         raise SupervisorGone
 
 
-def _exit_requested(control: zmq.Socket) -> bool:
+def _exit_requested(control_socket: zmq.Socket) -> bool:
     """Handle control messages that may arrive before the loop runs; True when told to exit."""
-    while (command := wire.recv(control)) is not None:
-        if command.kind == "exit":
+    while (command := wire.recv(control_socket)) is not None:
+        if kind_of(command) is Kind.EXIT:
             return True
     return False
 
 
-def _wait_for_peers(stage: Stage, control: zmq.Socket) -> bool:
+def _wait_for_peers(stage: Stage, control_socket: zmq.Socket) -> bool:
     """Wait until every output is connected to its next stage (a PUSH with no connection is not writable,
     and frames sent before would be dropped), answering exit meanwhile. False when told to exit first."""
     poller = zmq.Poller()
@@ -268,47 +303,46 @@ def _wait_for_peers(stage: Stage, control: zmq.Socket) -> bool:
         poller.register(sock, zmq.POLLOUT)
     deadline = time.monotonic() + stage.config.run.start_timeout
     while len(dict(poller.poll(50))) < len(stage.outputs):
-        _check_supervisor(stage.endpoints)
-        if _exit_requested(control):
+        _check_supervisor(stage.wiring)
+        if _exit_requested(control_socket):
             return False
         if time.monotonic() > deadline:
             raise RuntimeError(f"next stage did not connect within {stage.config.run.start_timeout:.0f} s")
     return True
 
 
-def _loop(stage: Stage, control: zmq.Socket) -> None:
+def _loop(stage: Stage, control_socket: zmq.Socket) -> None:
     """Runs until the supervisor says exit. A finished stage reports `done` and keeps its sockets open:
     closing them early could discard frames still on their way to the next stage."""
     poller = zmq.Poller()
-    poller.register(control, zmq.POLLIN)
+    poller.register(control_socket, zmq.POLLIN)
     for sock in stage.inputs:
         poller.register(sock, zmq.POLLIN)
     last_report = 0.0
     done_sent = False
     while True:
         events = dict(poller.poll(stage.poll_ms if not stage.finished else 100))
-        if control in events:
-            command = wire.recv(control)
-            kind = command.kind if command is not None else None
-            if kind == "exit":
+        if control_socket in events and (command := wire.recv(control_socket)) is not None:
+            kind = kind_of(command)
+            if kind is Kind.EXIT:
                 return
-            if kind == "go":
+            if kind is Kind.GO:
                 stage.go()
-            elif kind == "drain":
+            elif kind is Kind.DRAIN:
                 stage.drain()
-            elif command is not None:
+            else:
                 stage.on_control(command)
         if not stage.finished:
             stage.step(any(sock in events for sock in stage.inputs))
         now = time.monotonic()
         if stage.finished and not done_sent:
             done_sent = True
-            _report(stage, control, "done")
+            _report(stage, control_socket, Kind.DONE)
         elif now - last_report >= REPORT_INTERVAL_S:
             last_report = now
-            _check_supervisor(stage.endpoints)
-            _report(stage, control, "report")
+            _check_supervisor(stage.wiring)
+            _report(stage, control_socket, Kind.REPORT)
 
 
-def _report(stage: Stage, control: zmq.Socket, kind: str) -> None:
-    wire.send(control, Message(kind, {"counters": dict(stage.counters)}, stage.report_arrays()), block=True)
+def _report(stage: Stage, control_socket: zmq.Socket, kind: Kind) -> None:
+    _tell(control_socket, control(kind, {"counters": dict(stage.counters)}, stage.report_arrays()))

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.analysis import AnalyzedFrame, SweepAnalyzer, resolve
 from pipeline.phantom import PIXEL_MM, iter_case_frames, make_cases
-from pipeline.preprocess import content_fraction, letterbox
+from pipeline.letterbox import content_fraction, letterbox
 from pipeline.sweep import FrameInfo, SweepConfig
 
 FRAMES = 40

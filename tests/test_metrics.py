@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.metrics import SEGMENTS, LatencyBook, LatencyHistogram, frame_accounting, segment_row
+from pipeline.graph import frame_accounting, pipeline_graph
+from pipeline.metrics import SEGMENTS, LatencyBook, LatencyHistogram, segment_row
 
 
 def test_histogram_percentiles_within_one_percent() -> None:
@@ -45,8 +46,8 @@ def test_accounting_balances_only_when_every_frame_is_placed() -> None:
                 "preprocess": {"drop_stale": 3, "drop_overwritten": 2, "sent": 90},
                 "infer": {"drop_stale": 10, "sent": 80},
                 "postprocess": {"scored": 80}}
-    result = frame_accounting(counters)
+    result = frame_accounting(counters, pipeline_graph())
     assert result["balanced"] and result["dropped"] == 20
     assert result["boundaries"]["capture>preprocess"]["dropped"] == 10
     counters["postprocess"]["scored"] = 79
-    assert not frame_accounting(counters)["balanced"]
+    assert not frame_accounting(counters, pipeline_graph())["balanced"]

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.preprocess import letterbox
+from pipeline.letterbox import letterbox
 
 
 def test_pad_square_equals_padding_then_resizing() -> None:
@@ -19,7 +19,7 @@ def test_pad_square_equals_padding_then_resizing() -> None:
     assert out.shape == (224, 224) and out.dtype == np.uint8
     difference = np.abs(out.astype(int) - reference.astype(int))
     assert difference.max() <= 1 and difference.mean() < 0.3
-    assert geometry["content"] == [224, 126] and geometry["offset"] == [0, 49]
+    assert geometry.content == (224, 126) and geometry.offset == (0, 49)
 
 
 def test_color_frame_becomes_gray_and_roi_is_applied() -> None:
@@ -29,13 +29,13 @@ def test_color_frame_becomes_gray_and_roi_is_applied() -> None:
     assert out.shape == (224, 224)
     green_as_gray = cv2.cvtColor(np.array([[[0, 255, 0]]], np.uint8), cv2.COLOR_BGR2GRAY)[0, 0]
     assert np.all(np.abs(out.astype(int) - int(green_as_gray)) <= 1)
-    assert geometry["roi"] == [200, 100, 200, 200] and geometry["scale"] == [1.12, 1.12]
+    assert geometry.roi == (200, 100, 200, 200) and geometry.scale == (1.12, 1.12)
 
 
 def test_three_channel_input_and_no_padding() -> None:
     out, geometry = letterbox(np.full((100, 50), 7, np.uint8), 32, 3, pad_to_square=False)
     assert out.shape == (32, 32, 3) and np.all(out == 7)
-    assert geometry["scale"] == [32 / 50, 32 / 100]
+    assert geometry.scale == (32 / 50, 32 / 100)
 
 
 def test_empty_roi_is_an_error() -> None:
@@ -49,10 +49,10 @@ def test_whole_factor_shrink_keeps_the_geometry_exact() -> None:
     frame = np.zeros((1080, 1925), np.uint8)
     frame[500:540, 1000:1040] = 255
     out, geometry = letterbox(frame, 224, 1)
-    assert geometry["roi"] == [2, 0, 1920, 1080] and geometry["content"] == [224, 126]
+    assert geometry.roi == (2, 0, 1920, 1080) and geometry.content == (224, 126)
     v, u = np.argwhere(out > 128).mean(axis=0)
-    x = geometry["roi"][0] + (u + 0.5 - geometry["offset"][0]) / geometry["scale"][0]
-    y = geometry["roi"][1] + (v + 0.5 - geometry["offset"][1]) / geometry["scale"][1]
+    x = geometry.roi[0] + (u + 0.5 - geometry.offset[0]) / geometry.scale[0]
+    y = geometry.roi[1] + (v + 0.5 - geometry.offset[1]) / geometry.scale[1]
     assert abs(x - 1020) < 4 and abs(y - 520) < 4
 
 
@@ -83,9 +83,9 @@ def test_bicubic_matches_open_clips_transform(height: int, width: int) -> None:
     difference = np.abs(ours.astype(float) - reference)
     assert difference.max() <= 1.0 + 1e-4 and difference.mean() < 0.15
     # The geometry places the content where the padded square put it.
-    scale = geometry["scale"][0]
-    assert np.allclose(geometry["offset"], [left * scale, top * scale])
-    assert np.allclose(geometry["content"], [width * scale, height * scale])
+    scale = geometry.scale[0]
+    assert np.allclose(geometry.offset, [left * scale, top * scale])
+    assert np.allclose(geometry.content, [width * scale, height * scale])
 
 
 def test_in_graph_normalisation_equals_open_clips(tmp_path) -> None:
@@ -96,7 +96,7 @@ def test_in_graph_normalisation_equals_open_clips(tmp_path) -> None:
     import torch
     from PIL import Image
 
-    from engines.fetalclip import CLIP_MEAN, CLIP_STD, FetalClipExport, build_model, load_config
+    from engines.export.fetalclip import CLIP_MEAN, CLIP_STD, FetalClipExport, build_model, load_config
 
     torch.manual_seed(0)
     model = build_model(load_config("tiny"))
@@ -118,7 +118,7 @@ def test_in_graph_normalisation_equals_open_clips(tmp_path) -> None:
 @pytest.mark.parametrize("shape,roi", [((562, 744), None), ((1080, 1920), (100, 50, 1600, 1000)),
                                        ((800, 600), None)])
 def test_mask_maps_back_to_the_full_frame_through_the_inverse_letterbox(shape, roi, interpolation):
-    from pipeline.preprocess import to_frame
+    from pipeline.letterbox import to_frame
 
     full = np.zeros(shape, np.uint8)
     cy, cx = shape[0] // 2, shape[1] // 2
@@ -140,7 +140,7 @@ def test_mask_maps_back_to_the_full_frame_through_the_inverse_letterbox(shape, r
 
 
 def test_content_fraction_tells_a_lifted_probe_from_tissue():
-    from pipeline.preprocess import content_fraction
+    from pipeline.letterbox import content_fraction
 
     rng = np.random.default_rng(0)
     tissue = rng.integers(30, 200, (562, 744), dtype=np.uint8)

@@ -1,0 +1,244 @@
+"""The shape of a run, in one place: the stages, the links between them (socket kinds, which side binds,
+high-water mark, what happens when full), the frame ring with its back-channel, and the counters each
+boundary owns. The supervisor builds a run from a `Graph`; stages open their sockets from it; frame
+accounting (read = scored + dropped) is derived from it.
+
+    capture --frames (push, newest wins)--> preprocess --inputs (infer pulls work)--> infer
+        |                                                                              |
+        +== ring slot: capture writes; preprocess marks consumed, postprocess marks released ==+
+                                                              infer --results (push, waits)--> postprocess
+
+A graph is data: several infer workers are `replicas`, a remote worker is a link with a fixed `endpoint`
+that off-host workers connect to (and `replicas` counting the local ones only), a screening model is one
+more infer stage with links of its own. The stages do not change for any of these.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from .messages import Kind
+
+Side = Literal["sender", "receiver"]
+
+# Frames a flooded recording may be ahead of the ring's first reader: as fast as the pipeline goes, without
+# producing frames only to drop them (all of them get processed; see Ring).
+FLOOD_IN_FLIGHT = 4
+
+# Counters every stage may keep: frames taken in, handed on, and messages refused as malformed.
+COMMON_COUNTERS = ("received", "sent", "rejected")
+
+
+@dataclass(frozen=True)
+class Link:
+    """One data connection between two stages.
+
+    `pattern` push: the sender PUSHes, the receiver PULLs. `pattern` work: the receivers are DEALERs that
+    ask for work (`want n`) and the sender is a ROUTER that answers each with at most n frames, so work
+    goes to whichever worker is idle and never waits in a socket queue behind newer frames.
+    `hwm` "transport" is the run's `transport.hwm`; "batch" is enough for one batch of `infer.max_batch`
+    (a batch's messages leave together and the mark must not cut its tail off).
+    """
+
+    name: str
+    sender: str
+    receiver: str
+    carries: Kind
+    pattern: Literal["push", "work"]
+    bound_by: Side
+    hwm: Literal["transport", "batch"]
+    backpressure: str  # what happens when the receiver is behind, in words (for --describe and docs)
+    drops: tuple[tuple[str, str], ...]  # (stage, counter): the places this boundary loses frames
+    endpoint: str | None = None  # a fixed endpoint (remote workers); None: ipc in the run's socket folder
+
+    @property
+    def boundary(self) -> str:
+        """The boundary's name in summaries and health events: "sender>receiver"."""
+        return f"{self.sender}>{self.receiver}"
+
+    def side(self, stage: str) -> Side:
+        if stage == self.sender:
+            return "sender"
+        if stage == self.receiver:
+            return "receiver"
+        raise KeyError(f"stage {stage!r} is not on link {self.name!r}")
+
+
+@dataclass(frozen=True)
+class Ring:
+    """The shared-memory frame ring and its back-channel: the only path that is not a socket. The first
+    reader marks the frames it is done with (`mark_consumed`), the last reader those it released
+    (`mark_released`); the writer reads both marks before reusing a slot in lossless and flooded runs."""
+
+    writer: str
+    first_reader: str
+    last_reader: str
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the graph. `role` names the stage class (`pipeline.stages.ROLES`); `counters` are the
+    stage's own figures beyond the common ones and the drops its boundaries declare."""
+
+    name: str
+    role: str
+    counters: tuple[str, ...] = ()
+    replicas: int = 1  # processes of this stage on this host
+
+    def instances(self) -> list[str]:
+        """Process names: the stage's name, or name-0, name-1, ... for a replicated stage."""
+        return [self.name] if self.replicas == 1 else [f"{self.name}-{i}" for i in range(self.replicas)]
+
+
+@dataclass(frozen=True)
+class Graph:
+    stages: tuple[StageSpec, ...]
+    links: tuple[Link, ...]
+    ring: Ring
+    # Where the run's frames are counted in and out, for the accounting read = scored + dropped.
+    counted_in: tuple[str, str] = ("capture", "read")
+    counted_out: tuple[str, str] = ("postprocess", "scored")
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"graph: stage names repeat: {names}")
+        for link in self.links:
+            for end in (link.sender, link.receiver):
+                if end not in names:
+                    raise ValueError(f"graph: link {link.name!r} names unknown stage {end!r}")
+            for stage, _ in link.drops:
+                if stage not in (link.sender, link.receiver):
+                    raise ValueError(f"graph: link {link.name!r} counts drops in {stage!r}, not on it")
+
+    @property
+    def source(self) -> StageSpec:
+        """The stage that starts the stream (told `go` and `drain` by the supervisor)."""
+        return self.stages[0]
+
+    def stage(self, name: str) -> StageSpec:
+        return next(s for s in self.stages if s.name == name)
+
+    def link(self, name: str) -> Link:
+        return next(link for link in self.links if link.name == name)
+
+    def links_of(self, stage: str) -> Iterator[Link]:
+        return (link for link in self.links if stage in (link.sender, link.receiver))
+
+    def counters_of(self, stage: str) -> frozenset[str]:
+        """Every counter `stage` may increment: the common ones, its own, and its boundaries' drops."""
+        drops = {key for link in self.links for name, key in link.drops if name == stage}
+        return frozenset((*COMMON_COUNTERS, *self.stage(stage).counters, *drops))
+
+    def with_replicas(self, stage: str, replicas: int) -> Graph:
+        stages = tuple(replace(s, replicas=replicas) if s.name == stage else s for s in self.stages)
+        return replace(self, stages=stages)
+
+
+class StageCounters(Counter):
+    """A stage's counters, refusing any name the graph does not declare for it: a figure that no boundary
+    accounts for would silently unbalance read = scored + dropped."""
+
+    def __init__(self, stage: str, declared: frozenset[str]) -> None:
+        super().__init__()
+        self.stage = stage
+        self.declared = declared
+
+    def __setitem__(self, key: str, value: int) -> None:
+        if key not in self.declared:
+            raise KeyError(f"stage {self.stage!r} counts {key!r}, which the graph does not declare")
+        super().__setitem__(key, value)
+
+
+def sum_counters(per_instance: dict[str, dict[str, int]], graph: Graph) -> dict[str, dict[str, int]]:
+    """Counters per stage of the graph, replicas added up."""
+    out: dict[str, dict[str, int]] = {}
+    for spec in graph.stages:
+        total: Counter[str] = Counter()
+        for name in spec.instances():
+            total.update(per_instance.get(name, {}))
+        out[spec.name] = dict(total)
+    return out
+
+
+def frame_accounting(counters: dict[str, dict[str, int]], graph: Graph) -> dict:
+    """Per-boundary counts from the stages' counters (replicas summed); `balanced` says read == scored +
+    dropped. A message refused as malformed anywhere is a dropped frame too."""
+    def get(stage: str, key: str) -> int:
+        return int(counters.get(stage, {}).get(key, 0))
+
+    boundaries = {}
+    for link in graph.links:
+        drops = {f"{stage}.{key}": get(stage, key) for stage, key in link.drops}
+        boundaries[link.boundary] = {"sent": get(link.sender, "sent"), "dropped": sum(drops.values()),
+                                     "drops": drops}
+    read, scored = get(*graph.counted_in), get(*graph.counted_out)
+    rejected = sum(get(spec.name, "rejected") for spec in graph.stages)
+    dropped = sum(b["dropped"] for b in boundaries.values()) + rejected
+    return {"read": read, "scored": scored, "dropped": dropped, "balanced": read == scored + dropped,
+            "boundaries": boundaries}
+
+
+def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None) -> Graph:
+    """The four-stage pipeline. `infer_workers` local infer processes share the work; `inputs_endpoint`
+    fixes where preprocess serves work, so infer workers on other machines can connect to it too."""
+    return Graph(
+        stages=(
+            StageSpec("capture", "capture", counters=("read",)),
+            StageSpec("preprocess", "preprocess"),
+            StageSpec("infer", "infer", replicas=infer_workers),
+            StageSpec("postprocess", "postprocess",
+                      counters=("scored", "best_image_missed", "operator_start", "operator_stop",
+                                "operator_rejected")),
+        ),
+        links=(
+            Link("frames", "capture", "preprocess", Kind.FRAME, "push", bound_by="sender", hwm="transport",
+                 backpressure="capture never waits on a live source (a full queue is a counted drop); "
+                               "preprocess keeps only the newest frame waiting (older ones: drop_stale); a "
+                               "frame whose ring slot was overwritten before it was read: drop_overwritten",
+                 drops=(("capture", "drop_send_full"), ("preprocess", "drop_stale"),
+                        ("preprocess", "drop_overwritten"))),
+            Link("inputs", "preprocess", "infer", Kind.INPUT, "work", bound_by="sender", hwm="batch",
+                 backpressure="preprocess holds the newest infer.max_batch prepared frames until a worker "
+                              "asks (older ones: drop_held); a worker gone with its frames: drop_send_full",
+                 drops=(("preprocess", "drop_held"), ("preprocess", "drop_send_full"),
+                        ("infer", "drop_stale")),
+                 endpoint=inputs_endpoint),
+            Link("results", "infer", "postprocess", Kind.RESULT, "push", bound_by="receiver", hwm="batch",
+                 backpressure="infer waits for postprocess (a result already paid for is not thrown away), "
+                              "which slows its asking, so preprocess drops the oldest unscored frames",
+                 drops=(("infer", "drop_send_full"), ("postprocess", "drop_stale"))),
+        ),
+        ring=Ring(writer="capture", first_reader="preprocess", last_reader="postprocess"),
+    )
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Where everything of one run lives; built by the supervisor from the graph, handed to every stage."""
+
+    graph: Graph
+    control: str  # supervisor ROUTER; each stage instance is a DEALER named after itself
+    endpoints: dict[str, str] = field(default_factory=dict)  # link name -> endpoint
+    ring: str = ""  # shared-memory name of the frame ring
+    out: str = ""  # run folder
+    run_id: str = ""
+    supervisor_pid: int = 0
+    socket_dir: str = ""
+
+    @classmethod
+    def for_run(cls, graph: Graph, socket_dir: str, **run: object) -> Wiring:
+        endpoints = {link.name: link.endpoint or f"ipc://{socket_dir}/{link.name}" for link in graph.links}
+        return cls(graph, f"ipc://{socket_dir}/control", endpoints, socket_dir=socket_dir, **run)
+
+
+ROLES: dict[str, str] = {
+    "capture": "pipeline.capture:CaptureStage",
+    "preprocess": "pipeline.preprocess:PreprocessStage",
+    "infer": "pipeline.infer:InferStage",
+    "postprocess": "pipeline.postprocess:PostprocessStage",
+}
+"""Stage role -> the class that plays it, imported by the stage's own process only."""

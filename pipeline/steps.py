@@ -1,0 +1,47 @@
+"""The per-frame steps after preparation (`letterbox.Letterbox`): a batch through the engine, the frame's
+best-frame score, and the scored frame as sweep analysis takes it. The stages, the benchmarks' in-process
+baseline and the evaluation all call these, so a figure measured one way means the same in the others."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .analysis import AnalyzedFrame
+from .messages import Result
+from .sweep import FrameInfo
+
+
+def infer_batch(engine: Any, bundle: Any, inputs: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Prepared inputs as one batch through `engine`, one output map per input. A bundle built for a fixed
+    batch gets copies of the last input as padding; only the real rows come back."""
+    batch = np.stack(inputs)
+    short = bundle.min_batch - len(inputs)
+    if short > 0:
+        batch = np.concatenate([batch, np.repeat(batch[-1:], short, axis=0)])
+    outputs = engine.infer(batch)
+    return [{name: outputs[name][i] for name in bundle.outputs} for i in range(len(inputs))]
+
+
+def frame_score(bundle: Any, outputs: dict[str, np.ndarray]) -> float:
+    """The output the bundle says drives best-frame selection, as one number."""
+    return float(bundle.best_frame.score({k: v[None] for k, v in outputs.items()})[0])
+
+
+def analyzed_frame(result: Result, score: float, mask_output: str | None,
+                   spacing_fallback: tuple[float, float] | None) -> AnalyzedFrame:
+    """A scored frame as sweep analysis takes it. Time is the source's own when it has one (a flooded
+    recording keeps its real pacing for the gap rules), else the capture time; pixel spacing is the
+    source's, else the configured fallback, else none (biometry in pixels, flagged uncalibrated)."""
+    frame = result.frame
+    pts = frame.source.get("pts")
+    t = pts if isinstance(pts, (int, float)) else frame.stamps["cap"] / 1e9
+    spacing = frame.source.get("pixel_spacing_mm") or spacing_fallback
+    return AnalyzedFrame(
+        info=FrameInfo(frame.id, t, score, result.content, frame.source),
+        t_capture_ns=frame.stamps["cap"],
+        mask=None if mask_output is None else result.outputs[mask_output],
+        geometry=result.geometry, frame_shape=frame.shape,
+        spacing_mm=None if spacing is None else (float(spacing[0]), float(spacing[1])))
