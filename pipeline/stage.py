@@ -63,6 +63,7 @@ class Stage:
         self.outputs: list[zmq.Socket] = []
         self._sockets: list[zmq.Socket] = []
         self._carries: dict[zmq.Socket, Kind] = {}
+        self._senders: dict[zmq.Socket, int] = {}  # input socket -> sender processes whose end it awaits
         self._lossless = config.transport.policy == "lossless"
 
     # -- life cycle, overridden by stages --------------------------------------------------------------
@@ -125,11 +126,13 @@ class Stage:
             self.outputs.append(sock)
         if side == "receiver":
             self._carries[sock] = link.carries
+            self._senders[sock] = self.wiring.graph.stage(link.sender).replicas
         return sock
 
     def take(self, sock: zmq.Socket, keep: int) -> tuple[list[Any], bool]:
         """The hops waiting on `sock` (decoded to the type its link carries): at most `keep` of them, and
-        whether the end of stream came.
+        whether the end of stream came (from every sender process of the link: each infer worker ends its
+        own stream, and results of the others may still be on their way).
 
         latest policy: everything waiting is read and only the newest `keep` are kept; the older ones are
         counted as `drop_stale`. lossless policy: at most `keep` are read; the rest wait in the queue.
@@ -144,7 +147,8 @@ class Stage:
                 if msg is None:
                     break
                 if kind_of(msg) is Kind.EOS:
-                    end = True
+                    self._senders[sock] -= 1
+                    end = self._senders[sock] <= 0
                     continue
                 if msg.kind != carries.value:
                     raise wire.WireError(f"a {msg.kind!r} message where {carries.value!r} travels")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.analysis import AnalyzedFrame, SweepAnalyzer, resolve
-from pipeline.phantom import PIXEL_MM, iter_case_frames, make_cases
 from pipeline.letterbox import content_fraction, letterbox
+from pipeline.phantom import PIXEL_MM, iter_case_frames, make_cases
 from pipeline.sweep import FrameInfo, SweepConfig
 
 FRAMES = 40

@@ -38,8 +38,9 @@ def test_baseline_scores_every_frame_as_the_pipeline_does(mp4_60: Path, tmp_path
 
     config = load_config(overrides={
         "source.uri": str(mp4_60), "source.flood": True, "source.max_frames": 30,
-        "transport.policy": "lossless", "preprocess.roi": "40,30,200,150", "preprocess.interpolation": "nearest",
-        "infer.bundle": str(REFERENCE_BUNDLE), "infer.engine": "ort", "postprocess.events": "tcp://127.0.0.1:*",
+        "transport.policy": "lossless", "preprocess.roi": "40,30,200,150",
+        "preprocess.interpolation": "nearest", "infer.bundle": str(REFERENCE_BUNDLE), "infer.engine": "ort",
+        "postprocess.events": "tcp://127.0.0.1:*",
         "postprocess.control": None, "run.out": str(tmp_path / "run"), "run.quiet": True})
     run_pipeline(config, {"name": "roi"})
     run_baseline(config, tmp_path)

@@ -293,3 +293,28 @@ def test_bad_phantom_uri_is_one_line(tmp_path: Path) -> None:
     result = run_pipeline("--source", "phantom://3?case=2", "--out", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "unknown parameter 'case'" in result.stderr.strip().splitlines()[-1]
+
+
+def test_unwritable_run_folder_is_one_clear_line(tmp_path: Path) -> None:
+    result = run_pipeline("--out", "/proc/sweepstream-run", "--quiet")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "run.out: cannot write the run folder /proc/sweepstream-run" in lines[0]
+
+
+REFERENCE = REPO / "bundles" / "reference"
+
+
+def test_a_lost_final_best_frame_fails_the_run_naming_the_stage(tmp_path: Path) -> None:
+    """The final best frame's PNG cannot be written (its folder is taken by a file): the run must not end
+    0 as if the sweep had its final event; what was journaled before stays."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "best").write_text("not a folder")
+    result = run_pipeline("--source", "phantom://3?frames=20", "--bundle", str(REFERENCE),
+                          "--out", str(out), "--quiet", "--flood", "--set", "transport.policy=lossless",
+                          "--set", "sweep.min_score=0")  # every frame qualifies: each sweep has a best
+    assert result.returncode == 1
+    assert "stage 'postprocess' failed" in result.stderr.strip().splitlines()[-1]
+    assert read_journal(out, "frame")  # earlier events are kept
+    assert _summary(out)["outcome"] == "failed"
