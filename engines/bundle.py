@@ -262,7 +262,7 @@ def _check_sha256(sec: _Section, key: str) -> None:
 
 
 def _parse_int8(model: _Section, taken: set[str], fp32_sha256: str) -> str:
-    """Check ``model.int8`` (written by engines.quantize) and return its file name.
+    """Check ``model.int8`` (written by engines.export.quantize) and return its file name.
 
     The entry is the int8 file, its sha256, and the accuracy gate it passed against this
     bundle's model.onnx. Only a passing gate is ever recorded, so a gate that misses its

@@ -240,7 +240,7 @@ def build_plan(
 
     ``strongly_typed`` None means: strongly typed on TensorRT >= 11 (its only mode), weakly
     typed with ``BuilderFlag.FP16`` on 10.x. A strongly typed fp16 build parses an fp16 copy
-    of the model made by :func:`engines.fp16.convert_to_fp16`. ``timing_cache`` is read if it
+    of the model made by :func:`engines.export.fp16.convert_to_fp16`. ``timing_cache`` is read if it
     exists and rewritten after the build, so later builds skip kernel timing they already did.
     """
     if precision not in PLAN_PRECISIONS:
@@ -270,7 +270,7 @@ def build_plan(
     with tempfile.TemporaryDirectory(prefix=".onnx-", dir=plan_path.parent) as tmp:
         source = onnx_path
         if typed and precision == "fp16":
-            from engines.fp16 import convert_to_fp16  # deferred: pulls in ONNX Runtime's converter
+            from engines.export.fp16 import convert_to_fp16  # deferred: pulls in ONNX Runtime's converter
 
             source = convert_to_fp16(onnx_path, Path(tmp) / "model.fp16.onnx")
         if not parser.parse_from_file(str(source)):

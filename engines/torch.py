@@ -1,6 +1,6 @@
 """Torch engine: the reference backend, running a bundle's torch model (``model.torch``) instead of its ONNX.
 
-It rebuilds the exact module that was exported (:class:`engines.fetalclip.FetalClipExport`),
+It rebuilds the exact module that was exported (:class:`engines.export.fetalclip.FetalClipExport`),
 so it is the yardstick the ONNX and TensorRT engines are checked against, and a GPU
 fallback (fp16 autocast on CUDA) where TensorRT is missing.
 """
@@ -15,7 +15,7 @@ import torch
 
 from engines.base import Engine, EngineError, EngineOptions
 from engines.bundle import Bundle, BundleError, check_model_io, file_sha256
-from engines.fetalclip import CheckpointError, FetalClipExport, load_torch_artifact
+from engines.export.fetalclip import CheckpointError, FetalClipExport, load_torch_artifact
 
 
 class TorchEngine(Engine):

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("open_clip")
 
-from engines.fetalclip import build_model, load_config  # noqa: E402
+from engines.export.fetalclip import build_model, load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "tools" / "bench_engine.py"

@@ -16,9 +16,9 @@ import pytest
 import engines.registry
 from engines.base import EngineError, EngineOptions
 from engines.bundle import BestFrameSpec, Bundle, BundleError, load_bundle, write_manifest
+from engines.export.reference import make_reference_bundle
 from engines.null import NullEngine
 from engines.onnxruntime import OrtEngine
-from engines.reference import make_reference_bundle
 from engines.registry import ENGINE_MODULES, engine_class, select_engine
 from engines.tensorrt import TrtEngine
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from engines.base import EngineError, EngineOptions  # noqa: E402
 from engines.bundle import Bundle, BundleError, file_sha256, load_bundle  # noqa: E402
-from engines.fetalclip import (  # noqa: E402
+from engines.export.fetalclip import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
     DEFAULT_PROMPTS,
@@ -43,7 +43,7 @@ from engines.fetalclip import (  # noqa: E402
     load_prompts,
     make_tokenizer,
 )
-from engines.heads import (  # noqa: E402
+from engines.export.heads import (  # noqa: E402
     HeadsError,
     MaskDecoder,
     QualityHead,

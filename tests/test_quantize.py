@@ -27,19 +27,19 @@ import onnx  # noqa: E402
 from conftest import run_pipeline  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
-import engines.quantize  # noqa: E402
+import engines.export.quantize  # noqa: E402
 from engines.base import EngineError, EngineOptions  # noqa: E402
 from engines.bundle import Bundle, BundleError, file_sha256, load_bundle, write_manifest  # noqa: E402
-from engines.fetalclip import build_model, load_config  # noqa: E402
-from engines.heads import MaskDecoder, QualityHead, evenly_spaced_blocks, save_heads  # noqa: E402
-from engines.onnxruntime import OrtEngine  # noqa: E402
-from engines.quantize import (  # noqa: E402
+from engines.export.fetalclip import build_model, load_config  # noqa: E402
+from engines.export.heads import MaskDecoder, QualityHead, evenly_spaced_blocks, save_heads  # noqa: E402
+from engines.export.quantize import (  # noqa: E402
     INT8_NAME,
     QuantizationGateError,
     output_layers,
     quantize_bundle_int8,
     sample_frames,
 )
+from engines.onnxruntime import OrtEngine  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.config import load_config as load_run_config  # noqa: E402
 
@@ -169,7 +169,7 @@ def test_gate_passes_and_is_recorded(bundle_copy: Path) -> None:
     assert gate["method"] == "dynamic per-channel QInt8" and gate["fp32_sha256"] == before.sha256
     frames = sample_frames()
     assert gate["frames"]["count"] == 16 and gate["frames"]["source"] == (
-        "engines.quantize.sample_frames(count=16, size=224, seed=0)"
+        "engines.export.quantize.sample_frames(count=16, size=224, seed=0)"
     )
     assert gate["frames"]["sha256"] == hashlib.sha256(frames.tobytes()).hexdigest()
     assert gate["quantization"]["quantized_nodes"] == 4 * 4  # qkv, out, fc, proj of 4 blocks
@@ -226,7 +226,7 @@ def test_failed_gate_keeps_nothing(bundle_copy: Path) -> None:
 
 
 def test_damaged_int8_model_fails_the_gate(bundle_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = engines.quantize.quantize_model
+    real = engines.export.quantize.quantize_model
 
     def quantize_then_damage(src: Path, dst: Path) -> dict:
         info = real(src, dst)
@@ -238,7 +238,7 @@ def test_damaged_int8_model_fails_the_gate(bundle_copy: Path, monkeypatch: pytes
         onnx.save(model, str(dst))
         return info
 
-    monkeypatch.setattr(engines.quantize, "quantize_model", quantize_then_damage)
+    monkeypatch.setattr(engines.export.quantize, "quantize_model", quantize_then_damage)
     manifest = (bundle_copy / "bundle.json").read_bytes()
     with pytest.raises(QuantizationGateError, match=r"embedding cosine min 0\.\d+ .*needs >= 0\.999"):
         quantize_bundle_int8(bundle_copy)

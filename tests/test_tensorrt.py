@@ -23,11 +23,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engines import fp16
 from engines.base import EngineError, EngineOptions
 from engines.bundle import Bundle, load_bundle
+from engines.export import fp16
+from engines.export.reference import make_reference_bundle
 from engines.onnxruntime import OrtEngine
-from engines.reference import make_reference_bundle
 from engines.registry import select_engine
 from engines.tensorrt import (
     CACHE_ENV,

@@ -12,7 +12,7 @@ Each backend is built through engines.registry.select_engine with the same Engin
 pipeline uses (so this measures what the pipeline runs), loaded once (load() warms up on
 zero batches), and then, for each --batches size in order, runs --warmup untimed and
 --repeats timed ``engine.infer`` calls on the same frames; it is closed before the next
-backend loads, so one model is in memory at a time. Frames are engines.quantize.sample_frames
+backend loads, so one model is in memory at a time. Frames are engines.export.quantize.sample_frames
 (ultrasound-like, the int8 gate's kind of input). Latency is the median of the timed calls.
 Accuracy is the lowest per-frame cosine between a row's embeddings (last timed call) and the
 torch fp32 row's at the same batch (ORT fp32's when there is no torch row).
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.base import EngineError, EngineOptions  # noqa: E402
 from engines.bundle import Bundle, BundleError, load_bundle  # noqa: E402
-from engines.quantize import row_cosines, sample_frames  # noqa: E402
+from engines.export.quantize import row_cosines, sample_frames  # noqa: E402
 from engines.registry import engine_class, nvidia_driver_present, select_engine  # noqa: E402
 
 TARGET_SPEEDUP = 3.0
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "order": [backend.label for backend in backends],
         "order_note": "backends in this order, each loaded once; batches in --batches order; not interleaved",
-        "frames": f"engines.quantize.sample_frames(count={len(frames)}, size={bundle.input.size})",
+        "frames": f"engines.export.quantize.sample_frames(count={len(frames)}, size={bundle.input.size})",
         "cosine_vs": reference,
         "gflop_per_image": gflop,
         "int8_gate": bundle.manifest["model"].get("int8", {}).get("gate"),

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from engines.bundle import Bundle, BundleError, file_sha256, load_bundle, write_manifest  # noqa: E402
-from engines.fetalclip import (  # noqa: E402
+from engines.export.fetalclip import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
     DEFAULT_PROMPTS,
@@ -36,8 +36,8 @@ from engines.fetalclip import (  # noqa: E402
     make_tokenizer,
     save_torch_artifact,
 )
-from engines.heads import HeadsError, load_heads, merge_lora  # noqa: E402
-from engines.quantize import (  # noqa: E402
+from engines.export.heads import HeadsError, load_heads, merge_lora  # noqa: E402
+from engines.export.quantize import (  # noqa: E402
     INT8_NAME,
     QuantizationGateError,
     gate_table,
@@ -327,12 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=DEFAULT_PROMPTS,
         help="prompts JSON: plane classes, in output order, with text prompts each (default: the bundled "
-        "engines/prompts/fetal_planes.json, with class 'abdomen' used to pick the best frame)",
+        "engines/export/prompts/fetal_planes.json, with class 'abdomen' used to pick the best frame)",
     )
     parser.add_argument(
         "--heads",
         type=Path,
-        help="heads file from engines.heads.save_heads: quality head, mask decoder and/or LoRA "
+        help="heads file from engines.export.heads.save_heads: quality head, mask decoder and/or LoRA "
         "(LoRA is merged into the weights before export); adds 'quality' / 'mask' outputs",
     )
     parser.add_argument(

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.bundle import load_bundle  # noqa: E402  (needs the repo root on sys.path first)
-from engines.reference import make_reference_bundle  # noqa: E402
+from engines.export.reference import make_reference_bundle  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

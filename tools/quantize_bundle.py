@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.bundle import BundleError  # noqa: E402
-from engines.quantize import (  # noqa: E402
+from engines.export.quantize import (  # noqa: E402
     DEFAULT_MIN_COSINE,
     GATE_FRAMES,
     INT8_NAME,

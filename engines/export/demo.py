@@ -1,10 +1,10 @@
 """The demo model: a small open_clip ViT with a conv stem, the project's heads, and learned plane prototypes.
 
 It is the FetalCLIP family in miniature, so it exports through the very same
-:class:`engines.fetalclip.FetalClipExport` and bundle code: an open_clip
+:class:`engines.export.fetalclip.FetalClipExport` and bundle code: an open_clip
 ``VisionTransformer`` whose patch projection (``visual.conv1``) is replaced by a
-strided conv stack, a :class:`~engines.heads.QualityHead` on the projected features,
-a :class:`~engines.heads.MaskDecoder` on evenly spaced blocks, and one learned,
+strided conv stack, a :class:`~engines.export.heads.QualityHead` on the projected features,
+a :class:`~engines.export.heads.MaskDecoder` on evenly spaced blocks, and one learned,
 L2-normalised prototype per plane class standing in for FetalCLIP's text-derived
 class embeddings (``planes`` = softmax of 100 x cosine, exactly as in the export).
 
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from engines.fetalclip import CLIP_MEAN, CLIP_STD, LOGIT_SCALE, FetalClipExport
-from engines.heads import MaskDecoder, QualityHead, evenly_spaced_blocks
+from engines.export.fetalclip import CLIP_MEAN, CLIP_STD, LOGIT_SCALE, FetalClipExport
+from engines.export.heads import MaskDecoder, QualityHead, evenly_spaced_blocks
 
 DEMO_CLASSES = ("abdomen_optimal", "abdomen_suboptimal", "other")
 """Plane classes, in ``planes`` output order; index = phantom label remapped by :data:`LABEL_TO_CLASS`."""

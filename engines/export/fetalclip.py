@@ -26,7 +26,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 from tqdm import tqdm
 
-from engines.heads import MaskDecoder, QualityHead, read_torch_file, state_mismatch
+from engines.export.heads import MaskDecoder, QualityHead, read_torch_file, state_mismatch
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"

@@ -130,7 +130,7 @@ def _gate_frames(bundle: Bundle, frames: np.ndarray | None) -> tuple[np.ndarray,
         grey = sample_frames(GATE_FRAMES, bundle.input.size, GATE_SEED)
         frames = grey if bundle.input.channels == 1 else np.repeat(grey[..., None], 3, axis=-1)
         arguments = f"count={GATE_FRAMES}, size={bundle.input.size}, seed={GATE_SEED}"
-        source = f"engines.quantize.sample_frames({arguments})"
+        source = f"engines.export.quantize.sample_frames({arguments})"
     else:
         if (
             frames.dtype != np.uint8

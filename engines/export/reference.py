@@ -167,7 +167,8 @@ def make_reference_bundle(
         "source": {
             "checkpoint_sha256": None,
             "built_by": (
-                f"engines.reference.make_reference_bundle(size={size}, channels={channels}, work={work})"
+                "engines.export.reference.make_reference_bundle("
+                f"size={size}, channels={channels}, work={work})"
             ),
         },
         "model": {"onnx": "model.onnx", "sha256": ""},
