@@ -63,8 +63,8 @@ class _Kept:
     image: np.ndarray | None = None  # full-resolution copy, kept for the best frame and the window only
 
 
-def _gray(view: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(view, cv2.COLOR_BGR2GRAY) if view.ndim == 3 else view
+def _gray_copy(image: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image.copy()
 
 
 class SweepAnalyzer:
@@ -79,13 +79,21 @@ class SweepAnalyzer:
         self.images_missed = 0  # final best frames whose ring slot was overwritten before they were copied
 
     def add(self, frame: AnalyzedFrame, image: np.ndarray | None) -> list[Finding]:
-        """One scored frame with a private copy of its full-resolution image (None when the ring slot was
-        overwritten before it could be read)."""
+        """One scored frame with its full-resolution image (None when the ring slot was overwritten before
+        it could be read). The image may be a borrowed view of the ring: the analyzer reads it now and
+        copies only the frames it keeps (the best and the window); if the slot turns out to have been
+        overwritten meanwhile, the caller says so with `discard_image`."""
         if image is not None:
             self._accumulate_fov(frame, image)
         events = self.tracker.update(frame.info)
         self._keep(frame, image)
         return self._findings(events, frame)
+
+    def discard_image(self, frame_id: int) -> None:
+        """The image given with this frame was overwritten while it was read: keep no copy of it."""
+        for kept in self._kept.values():
+            if frame_id in kept:
+                kept[frame_id].image = None
 
     def command(self, name: str, t: float) -> list[Finding]:
         """Operator `start`/`stop` (see SweepTracker.command)."""
@@ -97,28 +105,31 @@ class SweepAnalyzer:
 
     # -- keeping what selection may still need ----------------------------------------------------------
     def _keep(self, frame: AnalyzedFrame, image: np.ndarray | None) -> None:
-        """Near-empty frames the tracker holds back are not kept: they rank too low to matter."""
+        """Near-empty frames the tracker holds back are not kept: they rank too low to matter. Full-resolution
+        copies only where the best frame is or may yet be: itself and the window."""
         selector, sweep_id = self.tracker.selector, self.tracker.sweep_id
         if selector is None or sweep_id is None:
             return
         kept = self._kept.setdefault(sweep_id, {})
-        if selector.keeps(frame.info.frame_id):
-            kept[frame.info.frame_id] = _Kept(frame, image)
+        wanted = selector.window_ids | ({selector.best.frame_id} if selector.best is not None else set())
+        frame_id = frame.info.frame_id
+        if selector.keeps(frame_id):
+            copy = image.copy() if image is not None and frame_id in wanted else None
+            kept[frame_id] = _Kept(frame, copy)
         for old_id in [i for i in kept if not selector.keeps(i)]:
             del kept[old_id]
-        # Full-resolution copies only where the best frame is or may yet be: itself and the window.
-        wanted = selector.window_ids | ({selector.best.frame_id} if selector.best is not None else set())
-        for frame_id, entry in kept.items():
-            if frame_id not in wanted:
+        for kept_id, entry in kept.items():
+            if kept_id not in wanted:
                 entry.image = None
 
     def _accumulate_fov(self, frame: AnalyzedFrame, image: np.ndarray) -> None:
+        """Per-pixel maximum over the session's frames (colour frames per channel, turned grey only when a
+        best frame is measured): one pass over the frame, no copy of it."""
         key = (frame.info.source.get("case"), frame.frame_shape[:2])
-        gray = _gray(image)
-        if key != self._fov_key or self._fov_sum is None:
-            self._fov_key, self._fov_sum = key, gray.copy()
+        if key != self._fov_key or self._fov_sum is None or self._fov_sum.shape != image.shape:
+            self._fov_key, self._fov_sum = key, image.copy()
         else:
-            np.maximum(self._fov_sum, gray, out=self._fov_sum)
+            cv2.max(self._fov_sum, image, dst=self._fov_sum)
 
     # -- events -> findings -------------------------------------------------------------------------------
     def _findings(self, events: list[SweepEvent | BestFrameEvent], trigger: AnalyzedFrame | None
@@ -151,7 +162,7 @@ class SweepAnalyzer:
             self.images_missed += 1
         # Snapshots, so the measuring can run on another thread while this one goes on with the stream.
         ranked = {f.frame_id: kept[f.frame_id].frame for f in event.top_k if f.frame_id in kept}
-        fov_sum = None if self._fov_sum is None else self._fov_sum.copy()
+        fov_sum = None if self._fov_sum is None else _gray_copy(self._fov_sum)
         found.later = partial(_measured, event, found, best.frame, best.image if event.final else None,
                               ranked, fov_sum, self.config.top_k)
         return [found]

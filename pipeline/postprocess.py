@@ -90,8 +90,11 @@ class PostprocessStage(Stage):
         score = frame_score(self.bundle, result.outputs)
         analyzed = analyzed_frame(result, score, self.mask_output, self.config.postprocess.pixel_spacing_mm)
         self._last_t = analyzed.info.t
-        image = self.ring.read(frame.slot, frame.seq) if 0 <= frame.slot < self.ring.slots else None
-        findings = self.analyzer.add(analyzed, image)
+        view = self.ring.borrow(frame.slot, frame.seq) if 0 <= frame.slot < self.ring.slots else None
+        findings = self.analyzer.add(analyzed, view)
+        if view is not None and not self.ring.valid(frame.slot, frame.seq):
+            self.analyzer.discard_image(frame.id)
+        del view
         self.ring.mark_released(frame.id)
         self.counters["best_image_missed"] = self.analyzer.images_missed
         frame_event = None
