@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 from .messages import Kind
@@ -133,9 +133,18 @@ class Graph:
         drops = {key for link in self.links for name, key in link.drops if name == stage}
         return frozenset((*COMMON_COUNTERS, *self.stage(stage).counters, *drops))
 
-    def with_replicas(self, stage: str, replicas: int) -> Graph:
-        stages = tuple(replace(s, replicas=replicas) if s.name == stage else s for s in self.stages)
-        return replace(self, stages=stages)
+    def describe(self) -> dict[str, object]:
+        """The run's shape as plain data, written into summary.json so a reader sees what ran."""
+        return {
+            "stages": {s.name: {"role": s.role, "processes": s.instances()} for s in self.stages},
+            "links": {link.name: {"from": link.sender, "to": link.receiver, "carries": link.carries.value,
+                                  "pattern": link.pattern, "bound_by": link.bound_by, "hwm": link.hwm,
+                                  "backpressure": link.backpressure,
+                                  "drops": [f"{stage}.{key}" for stage, key in link.drops]}
+                      for link in self.links},
+            "ring": {"writer": self.ring.writer, "consumed_by": self.ring.first_reader,
+                     "released_by": self.ring.last_reader},
+        }
 
 
 class StageCounters(Counter):

@@ -119,6 +119,7 @@ class Telemetry:
             "latency_ms": self.book.summary(),
             "latency_skip_frames": self.book.skip,
             "stages": stages,
+            "graph": self.graph.describe(),
             "config": config,
         }
 

@@ -84,6 +84,8 @@ def test_two_infer_workers_share_the_work_with_no_stage_changed(tmp_path: Path) 
                if name.startswith("infer")}
     assert sorted(workers) == ["infer-0", "infer-1"] and sum(workers.values()) == 120
     assert frames["boundaries"]["infer>postprocess"]["sent"] == 120  # replicas add up
+    assert summary["graph"]["stages"]["infer"]["processes"] == ["infer-0", "infer-1"]
+    assert summary["graph"]["links"]["inputs"]["pattern"] == "work"
 
 
 def test_a_worker_can_reach_preprocess_over_tcp(tmp_path: Path) -> None:
