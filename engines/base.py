@@ -58,6 +58,12 @@ class Engine(ABC):
     """
 
     type_key: ClassVar[str]
+    options_type: ClassVar[type | None] = None
+    """The backend's own settings beyond :class:`EngineOptions`, or None when it has none: a frozen
+    dataclass of ``pipeline.options.option`` fields (help text, bounds), which the run config offers as
+    the table ``[infer.<type_key>]``. A backend that declares one takes an instance as the third
+    argument of its constructor. The run config imports every backend module to read these, so a
+    backend module imports its library lazily, never at module import."""
 
     def __init__(self, bundle: Bundle, options: EngineOptions) -> None:
         if options.max_batch < bundle.min_batch:

@@ -1,15 +1,21 @@
-"""ONNX Runtime engine: the portable default that runs a bundle on CPU, or CUDA when present."""
+"""ONNX Runtime engine: the portable default that runs a bundle on CPU, or CUDA when present.
+
+onnxruntime is imported on first use, not at module import: the run config imports every backend
+module to read its options.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import onnxruntime as ort
 
 from engines.base import Engine, EngineError, EngineOptions
 from engines.bundle import Bundle, TensorSig, check_model_io
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 _CPU = "CPUExecutionProvider"
 _CUDA = "CUDAExecutionProvider"
@@ -31,6 +37,8 @@ _ORT_TYPES = {
 
 def session_options(threads: int) -> ort.SessionOptions:
     """The engine's session settings, shared with the int8 gate so it measures the graph the engine runs."""
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -86,9 +94,15 @@ class OrtEngine(Engine):
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
+        try:
+            import onnxruntime as ort
+        except ModuleNotFoundError as exc:
+            return False, f"{(exc.name or 'onnxruntime').split('.')[0]} is not installed"
         return True, f"onnxruntime {ort.__version__} ({', '.join(ort.get_available_providers())})"
 
     def _providers(self) -> list[Any]:
+        import onnxruntime as ort
+
         device = self.options.device
         offered = ort.get_available_providers()
         if device == "cpu" or self.options.precision == "int8" or (device == "auto" and _CUDA not in offered):
@@ -110,6 +124,8 @@ class OrtEngine(Engine):
 
     def load(self) -> None:
         """Create the session, check its signature against the manifest, and warm it up."""
+        import onnxruntime as ort
+
         providers = self._providers()
         precision, model_path = self._model_choice(on_cpu=providers[0] == _CPU)
         session = ort.InferenceSession(
@@ -146,6 +162,8 @@ class OrtEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         """Before load(), ``precision`` is the requested one and ``model`` is None."""
+        import onnxruntime as ort
+
         return {
             "backend": "onnxruntime",
             "version": ort.__version__,

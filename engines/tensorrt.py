@@ -1,12 +1,13 @@
-"""TensorRT engine: the bundle's ONNX built into a plan for this GPU, cached on disk, run on a CUDA stream.
+"""TensorRT engine: the bundle's ONNX as a plan for this GPU, found in the plan cache, run on a CUDA stream.
 
 A plan only runs on the TensorRT version and GPU model that built it, so plans are built
-on the target machine (by ``tools/build_engine.py`` ahead of time, or on first load) and
-cached under a key of everything that makes them differ.
+on the target machine (by ``tools/build_engine.py`` ahead of time, or on first load, by
+:mod:`engines.export.tensorrt_plan`) and cached under a key of everything that makes them differ.
 
 tensorrt and cuda-python are imported only inside functions, and nothing touches CUDA at
 import time: a CUDA context does not survive a fork, so importing a backend must leave no
-CUDA state in a process that may still start others.
+CUDA state in a process that may still start others. The backend's own options
+(:class:`TrtOptions`) are read by the run config, which therefore imports this module.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ import json
 import logging
 import math
 import os
-import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -28,6 +26,7 @@ import numpy as np
 
 from engines.base import Engine, EngineError, EngineOptions
 from engines.bundle import Bundle, TensorSig, check_model_io
+from pipeline.options import option
 
 log = logging.getLogger("sweepstream")
 
@@ -36,24 +35,28 @@ DEFAULT_CACHE_DIR = "~/.cache/sweepstream/trt"
 DEFAULT_PROFILE = (1, 8, 32)
 """Batch (min, opt, max) the plan is tuned for unless asked otherwise; clipped to the bundle's batch range."""
 PLAN_PRECISIONS = ("fp16", "fp32")
+MAX_PROFILE_BATCH = 1024
 
 
 # --------------------------------------------------------------------------- lazy imports
 
 
-def _import_tensorrt() -> Any:
+def import_tensorrt() -> Any:
+    """The tensorrt module, imported on first use (it is large, and optional)."""
     import tensorrt
 
     return tensorrt
 
 
-def _import_cudart() -> Any:
+def import_cudart() -> Any:
+    """cuda-python's runtime API, imported on first use."""
     from cuda.bindings import runtime
 
     return runtime
 
 
-def _trt_major(trt: Any) -> int:
+def trt_major(trt: Any) -> int:
+    """TensorRT's major version, which decides between weakly and strongly typed builds."""
     return int(str(trt.__version__).split(".")[0])
 
 
@@ -80,6 +83,35 @@ def gpu_properties(cudart: Any, device: int) -> tuple[str, tuple[int, int]]:
     prop = _check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
     return name.rstrip("\x00").strip(), (int(prop.major), int(prop.minor))
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _check_profile(profile: tuple[int, int, int]) -> None:
+    lo, opt, hi = profile
+    if not 1 <= lo <= opt <= hi:
+        raise EngineError(f"batch profile must satisfy 1 <= min <= opt <= max, got {tuple(profile)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrtOptions:
+    """The trt backend's own settings: the run config's ``[infer.trt]`` table (``--set infer.trt.KEY=...``).
+
+    Precision, device and max_batch come from the backend-neutral :class:`EngineOptions`.
+    """
+
+    cache_dir: str | None = option(
+        None, f"TensorRT plan cache directory (default ${CACHE_ENV}, else {DEFAULT_CACHE_DIR}); "
+        "tools/build_engine.py --cache fills the same cache ahead of a run")
+    profile: tuple[int, int, int] = option(
+        DEFAULT_PROFILE, "batch min,opt,max the TensorRT plan is tuned for; clipped to the bundle's batch "
+        "range, max raised to infer.max_batch; part of the plan cache key", min=1, max=MAX_PROFILE_BATCH)
+    progress: bool = option(
+        False, "show a TensorRT plan build (minutes, when the cache has no plan) as progress bars")
+
+    def __post_init__(self) -> None:
+        _check_profile(self.profile)
 
 
 # --------------------------------------------------------------------------- plan cache
@@ -144,159 +176,11 @@ def default_cache_dir() -> Path:
 
 def clip_profile(profile: tuple[int, int, int], min_batch: int, max_batch: int) -> tuple[int, int, int]:
     """Fit a (min, opt, max) batch profile inside a bundle's batch range, keeping min <= opt <= max."""
+    _check_profile(profile)
     lo, opt, hi = profile
-    if not 1 <= lo <= opt <= hi:
-        raise EngineError(f"batch profile must satisfy 1 <= min <= opt <= max, got {tuple(profile)}")
     lo = min(max(lo, min_batch), max_batch)
     hi = max(min(hi, max_batch), lo)
     return lo, min(max(opt, lo), hi), hi
-
-
-def _write_atomic(path: Path, data: Any) -> None:
-    """Write bytes-like ``data`` so readers never see a partial file (another process may be loading it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(memoryview(data))
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- build
-
-
-def _progress_monitor(trt: Any) -> Any:
-    """An IProgressMonitor showing each build phase as a tqdm bar, nested by phase depth."""
-    from tqdm import tqdm
-
-    class TqdmMonitor(trt.IProgressMonitor):
-        """TensorRT calls this from several builder threads, hence the lock."""
-
-        def __init__(self) -> None:
-            trt.IProgressMonitor.__init__(self)
-            self._lock = threading.Lock()
-            self._bars: dict[str, Any] = {}
-
-        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            with self._lock:
-                depth = len(self._bars)
-                self._bars[phase_name] = tqdm(
-                    total=num_steps, desc=phase_name, position=depth, leave=depth == 0, unit="step"
-                )
-
-        def step_complete(self, phase_name: str, step: int) -> bool:
-            with self._lock:
-                bar = self._bars.get(phase_name)
-                if bar is not None:
-                    bar.update(step + 1 - bar.n)
-            return True  # False would cancel the build
-
-        def phase_finish(self, phase_name: str) -> None:
-            with self._lock:
-                bar = self._bars.pop(phase_name, None)
-                if bar is not None:
-                    bar.close()
-
-        def close(self) -> None:
-            with self._lock:
-                for bar in self._bars.values():
-                    bar.close()
-                self._bars.clear()
-
-    return TqdmMonitor()
-
-
-def _set_profile(trt: Any, builder: Any, network: Any, config: Any, profile: tuple[int, int, int]) -> None:
-    """Give every input with a dynamic batch dim the (min, opt, max) batch profile."""
-    lo, opt, hi = profile
-    opt_profile = builder.create_optimization_profile()
-    dynamic = False
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        dims = tuple(tensor.shape)
-        if any(d < 0 for d in dims[1:]):
-            raise EngineError(f"input '{tensor.name}' has dynamic dims {dims}; only the batch dim may vary")
-        if dims[0] >= 0:
-            if not lo == hi == dims[0]:
-                raise EngineError(f"input '{tensor.name}' has fixed batch {dims[0]}, profile asks {profile}")
-            continue
-        frame = dims[1:]
-        opt_profile.set_shape(tensor.name, (lo, *frame), (opt, *frame), (hi, *frame))
-        dynamic = True
-    if dynamic:
-        config.add_optimization_profile(opt_profile)
-
-
-def build_plan(
-    onnx_path: Path,
-    plan_path: Path,
-    *,
-    precision: str,
-    profile: tuple[int, int, int] = DEFAULT_PROFILE,
-    timing_cache: Path | None = None,
-    progress: bool = False,
-    strongly_typed: bool | None = None,
-) -> Path:
-    """Build a TensorRT plan from ``onnx_path`` and write it atomically to ``plan_path``.
-
-    ``strongly_typed`` None means: strongly typed on TensorRT >= 11 (its only mode), weakly
-    typed with ``BuilderFlag.FP16`` on 10.x. A strongly typed fp16 build parses an fp16 copy
-    of the model made by :func:`engines.export.fp16.convert_to_fp16`. ``timing_cache`` is read if it
-    exists and rewritten after the build, so later builds skip kernel timing they already did.
-    """
-    if precision not in PLAN_PRECISIONS:
-        raise EngineError(f"precision must be one of {', '.join(PLAN_PRECISIONS)}, got {precision!r}")
-    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
-    if not onnx_path.is_file():
-        raise EngineError(f"ONNX model {onnx_path} not found")
-    trt = _import_tensorrt()
-    major = _trt_major(trt)
-    typed = major >= 11 if strongly_typed is None else strongly_typed
-    if major >= 11 and not typed:
-        raise EngineError(f"TensorRT {trt.__version__} builds only strongly typed networks")
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    # TensorRT 11 is always strongly typed and deprecates the flag; 10.x needs it to opt in.
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if typed and major < 11 else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    config = builder.create_builder_config()
-    if precision == "fp16" and not typed:
-        config.set_flag(trt.BuilderFlag.FP16)
-
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    monitor = _progress_monitor(trt) if progress else None
-    # The fp16 copy must outlive the build: the parser may still read its weights.
-    with tempfile.TemporaryDirectory(prefix=".onnx-", dir=plan_path.parent) as tmp:
-        source = onnx_path
-        if typed and precision == "fp16":
-            from engines.export.fp16 import convert_to_fp16  # deferred: pulls in ONNX Runtime's converter
-
-            source = convert_to_fp16(onnx_path, Path(tmp) / "model.fp16.onnx")
-        if not parser.parse_from_file(str(source)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise EngineError(f"TensorRT could not parse {onnx_path}: {errors or 'no details reported'}")
-        _set_profile(trt, builder, network, config, profile)
-
-        blob = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
-        cache = config.create_timing_cache(blob) or config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-        if monitor is not None:
-            config.progress_monitor = monitor
-        try:
-            serialized = builder.build_serialized_network(network, config)
-        finally:
-            if monitor is not None:
-                monitor.close()
-    if serialized is None:
-        raise EngineError(
-            f"TensorRT could not build the {precision} plan from {onnx_path} for batch profile {profile}; "
-            "its log above says why"
-        )
-    _write_atomic(plan_path, serialized)
-    if timing_cache is not None:
-        _write_atomic(timing_cache, config.get_timing_cache().serialize())
-    return plan_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,7 +209,7 @@ def ensure_plan(
     *,
     precision: str = "fp16",
     profile: tuple[int, int, int] = DEFAULT_PROFILE,
-    cache_dir: Path | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
     progress: bool = False,
     device: int = 0,
@@ -335,11 +219,11 @@ def ensure_plan(
 
     ``profile`` is clipped to the bundle's batch range. ``force`` rebuilds even on a cache hit.
     """
-    trt = _import_tensorrt()
-    cudart = _import_cudart()
+    trt = import_tensorrt()
+    cudart = import_cudart()
     _check(cudart.cudaSetDevice(device), "cudaSetDevice")
     gpu_name, capability = gpu_properties(cudart, device)
-    typed = _trt_major(trt) >= 11 if strongly_typed is None else strongly_typed
+    typed = trt_major(trt) >= 11 if strongly_typed is None else strongly_typed
     key = PlanKey(
         tensorrt_version=str(trt.__version__),
         gpu_name=gpu_name,
@@ -353,32 +237,9 @@ def ensure_plan(
     paths = cache_paths(Path(cache_dir) if cache_dir is not None else default_cache_dir(), key)
     if not force and _cached(paths, key):
         return PlanInfo(paths.plan, key, digest, built=False, seconds=0.0)
+    from engines.export.tensorrt_plan import build_into_cache  # deferred: building is export work
 
-    log.info(
-        "trt: building %s plan for bundle %s, batch profile %s, on %s (sm_%d%d); this can take minutes",
-        precision, bundle.name, key.profile, gpu_name, *capability,
-    )
-    start = time.monotonic()
-    build_plan(
-        bundle.model_path,
-        paths.plan,
-        precision=precision,
-        profile=key.profile,
-        timing_cache=paths.timing_cache,
-        progress=progress,
-        strongly_typed=typed,
-    )
-    seconds = time.monotonic() - start
-    meta = {
-        "key": digest,
-        "key_fields": key.fields(),
-        "bundle": bundle.name,
-        "bundle_version": bundle.version,
-        "onnx": str(bundle.model_path),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "build_seconds": round(seconds, 1),
-    }
-    _write_atomic(paths.meta, (json.dumps(meta, indent=2) + "\n").encode())
+    seconds = build_into_cache(bundle, key, paths, progress=progress)
     return PlanInfo(paths.plan, key, digest, built=True, seconds=seconds)
 
 
@@ -410,7 +271,7 @@ class _Session:
     @classmethod
     def deserialize(cls, plan: Path) -> _Session | None:
         """Load a plan file; None when TensorRT rejects it (corrupt, or from another version)."""
-        trt, cudart = _import_tensorrt(), _import_cudart()
+        trt, cudart = import_tensorrt(), import_cudart()
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(plan.read_bytes())
@@ -520,13 +381,15 @@ class _Session:
 class TrtEngine(Engine):
     """Runs the bundle on one NVIDIA GPU through a TensorRT plan built for it.
 
-    ``precision`` defaults to fp16, where TensorRT's speed comes from; ``profile`` is the
-    (min, opt, max) batch the plan is tuned for, clipped to the bundle and widened to
-    ``max_batch``. A missing plan is built on :meth:`load`, which can take minutes: build it
-    ahead with ``tools/build_engine.py`` so a pipeline start does not wait for it.
+    ``precision`` (from :class:`EngineOptions`) auto means fp16, where TensorRT's speed comes
+    from; :class:`TrtOptions` says where plans are cached and the (min, opt, max) batch they are
+    tuned for, clipped to the bundle and widened to ``max_batch``. A missing plan is built on
+    :meth:`load`, which can take minutes: build it ahead with ``tools/build_engine.py`` so a
+    pipeline start does not wait for it.
     """
 
     type_key: ClassVar[str] = "trt"
+    options_type: ClassVar[type] = TrtOptions
 
     @classmethod
     def suits_auto(cls, bundle: Bundle, options: EngineOptions) -> tuple[bool, str]:
@@ -535,30 +398,18 @@ class TrtEngine(Engine):
         return True, ""
 
     def __init__(
-        self,
-        bundle: Bundle,
-        options: EngineOptions,
-        *,
-        precision: str | None = None,
-        profile: tuple[int, int, int] = DEFAULT_PROFILE,
-        cache_dir: Path | None = None,
-        progress: bool = False,
+        self, bundle: Bundle, options: EngineOptions, backend_options: TrtOptions | None = None
     ) -> None:
         super().__init__(bundle, options)
         if options.device == "cpu":
             raise EngineError("trt engine runs only on a CUDA GPU, but device 'cpu' was requested")
-        # infer.precision: auto means fp16, where TensorRT's speed comes from.
-        precision = precision or ("fp16" if options.precision == "auto" else options.precision)
-        if precision == "int8":
+        if options.precision == "int8":
             raise EngineError("the trt engine builds fp16 or fp32 plans; int8 runs on --engine ort")
-        if precision not in PLAN_PRECISIONS:
-            raise EngineError(f"precision must be one of {', '.join(PLAN_PRECISIONS)}, got {precision!r}")
-        self.precision = precision
+        self.precision = "fp16" if options.precision == "auto" else options.precision
+        self.backend_options = backend_options or TrtOptions()
         self.device_id = int(options.device.partition(":")[2] or 0)
-        lo, opt, hi = clip_profile(profile, bundle.min_batch, bundle.max_batch)
+        lo, opt, hi = clip_profile(self.backend_options.profile, bundle.min_batch, bundle.max_batch)
         self.profile = (lo, opt, max(hi, self.max_batch))
-        self.cache_dir = cache_dir
-        self.progress = progress
         self._plan: PlanInfo | None = None
         self._session: _Session | None = None
 
@@ -568,7 +419,7 @@ class TrtEngine(Engine):
         # initialises the CUDA driver in this process. That is fine: the registry calls this in
         # the infer stage, the process that then loads the engine; stages are spawned, never forked.
         try:
-            trt = _import_tensorrt()
+            trt = import_tensorrt()
         except ModuleNotFoundError as exc:
             if exc.name == "tensorrt":
                 return False, "tensorrt is not installed"
@@ -579,12 +430,12 @@ class TrtEngine(Engine):
         if not hasattr(trt, "Builder"):
             return False, f"tensorrt {version} is a placeholder package without the TensorRT API"
         try:
-            if _trt_major(trt) < 10:
+            if trt_major(trt) < 10:
                 return False, f"tensorrt {version} is too old (need 10 or newer)"
         except ValueError:
             return False, f"tensorrt reports an unreadable version {version!r}"
         try:
-            cudart = _import_cudart()
+            cudart = import_cudart()
         except ModuleNotFoundError as exc:
             if exc.name and exc.name.startswith("cuda.bindings"):
                 return False, "cuda-python is too old (need 12.6 or newer, which provides cuda.bindings)"
@@ -631,9 +482,9 @@ class TrtEngine(Engine):
             self.bundle,
             precision=self.precision,
             profile=self.profile,
-            cache_dir=self.cache_dir,
+            cache_dir=self.backend_options.cache_dir,
             force=force,
-            progress=self.progress,
+            progress=self.backend_options.progress,
             device=self.device_id,
         )
 
@@ -669,6 +520,8 @@ class TrtEngine(Engine):
         session, self._session = self._session, None
         if session is not None:
             session.close()
+
+
 
 
 ENGINE_CLASS = TrtEngine

@@ -3,19 +3,25 @@
 It rebuilds the exact module that was exported (:class:`engines.export.fetalclip.FetalClipExport`),
 so it is the yardstick the ONNX and TensorRT engines are checked against, and a GPU
 fallback (fp16 autocast on CUDA) where TensorRT is missing.
+
+torch and the model code are imported on first use, not at module import: the run config imports
+every backend module to read its options, and importing torch costs seconds on a cart.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from engines.base import Engine, EngineError, EngineOptions
 from engines.bundle import Bundle, BundleError, check_model_io, file_sha256
-from engines.export.fetalclip import CheckpointError, FetalClipExport, load_torch_artifact
+
+if TYPE_CHECKING:
+    import torch
+
+    from engines.export.fetalclip import FetalClipExport
 
 
 class TorchEngine(Engine):
@@ -29,6 +35,8 @@ class TorchEngine(Engine):
     type_key: ClassVar[str] = "torch"
 
     def __init__(self, bundle: Bundle, options: EngineOptions) -> None:
+        import torch
+
         super().__init__(bundle, options)
         if options.precision == "int8":
             raise EngineError("the torch engine has no int8 path; use --engine ort with a gated int8 bundle")
@@ -37,10 +45,20 @@ class TorchEngine(Engine):
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
+        try:
+            import torch
+
+            import engines.export.fetalclip  # noqa: F401  (the model code needs open_clip)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] in ("engines", "pipeline"):
+                raise
+            return False, f"{(exc.name or 'torch').split('.')[0]} is not installed"
         return True, f"torch {torch.__version__}"
 
     @classmethod
     def suits_auto(cls, bundle: Bundle, options: EngineOptions) -> tuple[bool, str]:
+        import torch
+
         if options.precision == "int8":
             return False, "int8 runs on ort only"
         if not torch.cuda.is_available():
@@ -50,6 +68,8 @@ class TorchEngine(Engine):
         return True, ""
 
     def _resolve_device(self) -> torch.device:
+        import torch
+
         device = self.options.device
         if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
             return torch.device("cpu")
@@ -70,6 +90,10 @@ class TorchEngine(Engine):
         ``threads`` > 0 sets torch's intra-op threads, which is process-wide: the
         engine owns its inference process.
         """
+        import torch
+
+        from engines.export.fetalclip import CheckpointError, load_torch_artifact
+
         device = self._resolve_device()
         if device.type == "cpu" and self.options.precision == "fp16":
             raise EngineError("the torch engine runs fp16 only on CUDA; use precision fp32 or auto on CPU")
@@ -112,6 +136,8 @@ class TorchEngine(Engine):
         self.warm_up()
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
         if self._model is None:
             raise EngineError("torch engine is not loaded: call load() first")
         self.check_batch(batch)
@@ -125,6 +151,8 @@ class TorchEngine(Engine):
         }
 
     def describe(self) -> dict[str, Any]:
+        import torch
+
         return {
             "backend": "torch",
             "version": torch.__version__,
@@ -140,6 +168,8 @@ class TorchEngine(Engine):
         on_cuda = self._model is not None and self._device.type == "cuda"
         self._model = None
         if on_cuda:
+            import torch
+
             torch.cuda.empty_cache()
 
 

@@ -3,6 +3,11 @@
 Every option lives in one dataclass field whose metadata carries its help text and bounds, so validation,
 `--help` and the written `config.toml` of a run all come from the same place. Unknown keys and out-of-range
 values are errors raised before any process starts.
+
+Each inference backend declares its own options (`Engine.options_type`, e.g. `engines.tensorrt.TrtOptions`);
+they are the sub-tables of `[infer]` named by engine key (`[infer.trt]`, `--set infer.trt.cache_dir=...`),
+so a backend's settings reach it without this file naming them. Reading them imports each backend module,
+never its library (no tensorrt, torch or onnxruntime).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
+
+from engines.registry import ENGINE_MODULES, backend_options
 
 from .options import option
 from .sweep import SweepConfig
@@ -33,11 +40,15 @@ REFERENCE_BUNDLE = REPO_ROOT / "bundles" / "reference"
 DEFAULT_SOURCE = "phantom://7?cases=1"
 
 
-ENGINE_CHOICES = ("auto", "ort", "trt", "torch", "null")
+ENGINE_CHOICES = ("auto", *ENGINE_MODULES)
 
 
 class ConfigError(ValueError):
     """A configuration problem, worded for the person who wrote the config."""
+
+
+def _default_backend_options() -> dict[str, Any]:
+    return {kind: options_type() for kind, options_type in backend_options().items()}
 
 
 @dataclass
@@ -92,7 +103,10 @@ class InferConfig:
     precision: Literal["auto", "fp32", "fp16", "int8"] = option(
         "auto", "model precision; ort: auto runs the bundle's gated int8 model on CPU when it has one "
         "(tools/quantize_bundle.py), else fp32; int8 fails without one; fp16 is refused (use trt or torch "
-        "on CUDA). trt and torch choose their own precision (fp16 on GPU) and do not read this option")
+        "on CUDA). trt: auto builds an fp16 plan, fp32 an fp32 one. torch: auto and fp16 autocast to fp16 "
+        "on CUDA; CPU runs fp32. int8 runs on ort only")
+    # Each backend's own options by engine key: the sub-tables [infer.trt], ... (see the module docstring).
+    backends: dict[str, Any] = field(default_factory=_default_backend_options, metadata={"tables": True})
 
 
 @dataclass
@@ -137,7 +151,15 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Section -> option -> value; a backend's options nest under its engine key, as in the TOML."""
+        out = {}
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            values = dataclasses.asdict(section)
+            for table_field in (g.name for g in dataclasses.fields(section) if g.metadata.get("tables")):
+                values.update(values.pop(table_field))
+            out[f.name] = values
+        return out
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
@@ -193,15 +215,43 @@ def _coerce(where: str, value: Any, hint: Any, meta: dataclasses.Field) -> Any:
     raise TypeError(f"unsupported config annotation {hint!r} at {where}")
 
 
-def _apply(section: Any, section_name: str, values: dict[str, Any], origin: str) -> None:
-    hints = typing.get_type_hints(type(section))
-    fields = {f.name: f for f in dataclasses.fields(section)}
-    for key, value in values.items():
+def _tables(section: Any) -> dict[str, Any]:
+    """The section's sub-tables by name (the backends' options in [infer]), or none."""
+    found = [getattr(section, f.name) for f in dataclasses.fields(section) if f.metadata.get("tables")]
+    return found[0] if found else {}
+
+
+def _coerced(cls: type, name: str, values: dict[str, Any], origin: str, tables: Any = ()) -> dict[str, Any]:
+    """`values` checked against the option fields of `cls` (a section or a backend's options)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("tables")}
+    for key in values:
         if key not in fields:
-            raise ConfigError(f"{origin}: unknown option {section_name}.{key} "
-                              f"(known: {', '.join(sorted(fields))})")
-        where = f"{origin}: {section_name}.{key}"
-        setattr(section, key, _coerce(where, value, hints[key], fields[key]))
+            raise ConfigError(f"{origin}: unknown option {name}.{key} "
+                              f"(known: {', '.join(sorted([*fields, *tables]))})")
+    return {key: _coerce(f"{origin}: {name}.{key}", value, hints[key], fields[key])
+            for key, value in values.items()}
+
+
+def _apply(section: Any, section_name: str, values: dict[str, Any], origin: str) -> None:
+    tables = _tables(section)
+    plain = {key: value for key, value in values.items() if key not in tables}
+    for key, value in _coerced(type(section), section_name, plain, origin, tables).items():
+        setattr(section, key, value)
+    for key, value in values.items():
+        if key in tables:
+            tables[key] = _apply_table(tables[key], f"{section_name}.{key}", value, origin)
+
+
+def _apply_table(options: Any, name: str, values: Any, origin: str) -> Any:
+    """A backend's (frozen) options with `values` applied; its own cross-field checks become ConfigErrors."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{origin}: {name} is a table of options; set them as {name}.KEY")
+    changes = _coerced(type(options), name, values, origin)
+    try:
+        return dataclasses.replace(options, **changes)
+    except ValueError as exc:  # e.g. an unordered batch profile
+        raise ConfigError(f"{origin}: {name}: {exc}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -225,7 +275,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if name not in SECTIONS or not key:
             known = ", ".join(SECTIONS)
             raise ConfigError(f"override {dotted}: expected section.key, section one of {known}")
-        _apply(getattr(config, name), name, {key: value}, "command line")
+        table, dot, table_key = key.partition(".")  # section.table.key: one option of a sub-table
+        _apply(getattr(config, name), name, {table: {table_key: value}} if dot else {key: value},
+               "command line")
     _check_consistency(config)
     return config
 
@@ -247,16 +299,27 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"infer.bundle: {bundle} has no bundle.json")
 
 
+def _describe(name: str, cls: type) -> list[str]:
+    lines = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("tables"):
+            for table, options in f.default_factory().items():  # type: ignore[misc]
+                lines.extend(_describe(f"{name}.{table}", type(options)))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        bounds = ""
+        if f.metadata.get("min") is not None or f.metadata.get("max") is not None:
+            bounds = f" [{f.metadata.get('min')}..{f.metadata.get('max')}]"
+        lines.append(f"  {name}.{f.name} = {default!r}{bounds}\n      {f.metadata['help']}")
+    return lines
+
+
 def describe_options() -> str:
     """All options with defaults and help, for the end of `--help`."""
-    lines = ["configuration options (TOML section.key; override any with --set section.key=value):"]
+    lines = ["configuration options (TOML section.key, a backend's as [infer.ENGINE] key; override any "
+             "with --set section.key=value or --set infer.ENGINE.key=value):"]
     for name, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            bounds = ""
-            if f.metadata.get("min") is not None or f.metadata.get("max") is not None:
-                bounds = f" [{f.metadata.get('min')}..{f.metadata.get('max')}]"
-            lines.append(f"  {name}.{f.name} = {default!r}{bounds}\n      {f.metadata['help']}")
+        lines.extend(_describe(name, cls))
     return "\n".join(lines)
 
 
@@ -264,7 +327,8 @@ def to_toml(config: Config) -> str:
     """The resolved config, written into the run folder so a run can be repeated exactly."""
     def plain(value: Any) -> Any:
         # TOML has no null: "none" reads back as None for every optional option.
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
         return "none" if value is None else list(value) if isinstance(value, tuple) else value
 
-    return tomli_w.dumps({name: {k: plain(v) for k, v in values.items()}
-                          for name, values in config.as_dict().items()})
+    return tomli_w.dumps(plain(config.as_dict()))

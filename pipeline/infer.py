@@ -38,7 +38,7 @@ class InferStage(Stage):
         cfg = self.config.infer
         options = EngineOptions(threads=cfg.threads or default_threads(), device=cfg.device,
                                 max_batch=cfg.max_batch, precision=cfg.precision)
-        self.engine, self.reason = select_engine(cfg.engine, self.bundle, options)
+        self.engine, self.reason = select_engine(cfg.engine, self.bundle, options, cfg.backends)
         self.engine.load()
         log.info("infer: %s", self.reason)
         self.input_shape = self.bundle.input.frame_shape

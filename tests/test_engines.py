@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from engines.bundle import BestFrameSpec, Bundle, BundleError, load_bundle, writ
 from engines.export.reference import make_reference_bundle
 from engines.null import NullEngine
 from engines.onnxruntime import OrtEngine
-from engines.registry import ENGINE_MODULES, engine_class, select_engine
-from engines.tensorrt import TrtEngine
+from engines.registry import ENGINE_MODULES, backend_options, engine_class, select_engine
+from engines.tensorrt import TrtEngine, TrtOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -471,3 +472,74 @@ def test_auto_prefers_available_backends_in_order(
     install_fake(monkeypatch, tmp_path, "trt", FAKE_ENGINE.format(kind="trt", ok=True, reason="ready"))
     eng, reason = select_engine("auto", bundle, EngineOptions())
     assert eng.type_key == "trt" and reason == "auto: chose trt"
+
+
+# --------------------------------------------------------------------------- each backend's own options
+
+
+def test_backends_declare_their_own_options() -> None:
+    assert backend_options() == {"trt": TrtOptions}
+    assert OrtEngine.options_type is None and NullEngine.options_type is None
+
+
+def test_select_engine_hands_each_backend_its_own_options(
+    bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eng, _ = select_engine("null", bundle, EngineOptions(), {"trt": TrtOptions(profile=(1, 2, 4))})
+    assert isinstance(eng, NullEngine)  # another backend's options are not its business
+    monkeypatch.setattr(TrtEngine, "available", classmethod(lambda cls: (True, "LABELLED FAKE")))
+    own = TrtOptions(cache_dir="/plans", profile=(1, 2, 4))
+    eng, _ = select_engine("trt", bundle, EngineOptions(max_batch=4), {"trt": own})
+    assert isinstance(eng, TrtEngine) and eng.backend_options is own and eng.profile == (1, 2, 4)
+    eng, _ = select_engine("trt", bundle, EngineOptions())
+    assert eng.backend_options == TrtOptions()
+
+
+@pytest.mark.parametrize(("kind", "backend", "message"), [
+    ("null", {"null": {"x": 1}}, "engine 'null' has no options of its own"),
+    ("trt", {"trt": {"cache_dir": "/x"}}, "engine 'trt' takes TrtOptions, got dict"),
+    ("null", {"tflite": {}}, "options for unknown engine 'tflite'"),
+])
+def test_select_engine_refuses_options_that_do_not_fit(
+    bundle: Bundle, monkeypatch: pytest.MonkeyPatch, kind: str, backend: dict, message: str
+) -> None:
+    monkeypatch.setattr(TrtEngine, "available", classmethod(lambda cls: (True, "LABELLED FAKE")))
+    with pytest.raises(EngineError, match=re.escape(message)):
+        select_engine(kind, bundle, EngineOptions(), backend)
+
+
+HEAVY = ("torch", "tensorrt", "cuda", "onnxruntime", "open_clip")
+
+
+def imported_after(code: str, *args: str) -> list[str]:
+    """Modules of HEAVY packages, and of engines.export, that `code` imports in a fresh process."""
+    probe = (f"{code}\nimport json, sys\nprint(json.dumps(sorted(m for m in sys.modules "
+             f"if m.split('.')[0] in {HEAVY!r} or m.startswith('engines.export'))))")
+    result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True,
+                            cwd=REPO)
+    return json.loads(result.stdout)
+
+
+def test_backend_modules_import_no_library() -> None:
+    """The run config imports every backend module for its options: none may import its library."""
+    code = "".join(f"import {module}\n" for module in ENGINE_MODULES.values())
+    assert imported_after(code) == []
+
+
+def test_cart_runtime_imports_no_torch(bundle: Bundle) -> None:
+    """The cart's runtime (the pipeline and the ONNX Runtime engine, loaded and run) needs no torch and no
+    export code."""
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        import pipeline.infer, pipeline.supervisor
+        from engines.base import EngineOptions
+        from engines.bundle import load_bundle
+        from engines.registry import select_engine
+        bundle = load_bundle(sys.argv[1])
+        engine, _ = select_engine("ort", bundle, EngineOptions(max_batch=2))
+        engine.load()
+        engine.infer(np.zeros((2, *bundle.input.frame_shape), np.uint8))
+    """)
+    loaded = imported_after(code, str(bundle.path))
+    assert not [m for m in loaded if not m.startswith("onnxruntime")], loaded

@@ -33,11 +33,13 @@ from engines.tensorrt import (
     CACHE_ENV,
     PlanKey,
     TrtEngine,
+    TrtOptions,
     cache_key,
     cache_paths,
     clip_profile,
     default_cache_dir,
 )
+from pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRT_OK, TRT_REASON = TrtEngine.available()
@@ -310,14 +312,43 @@ def test_engine_options_checked_without_cuda(bundle: Bundle) -> None:
     with pytest.raises(EngineError, match="only on a CUDA GPU"):
         TrtEngine(bundle, EngineOptions(device="cpu"))
     with pytest.raises(EngineError, match="int8 runs on --engine ort"):
-        TrtEngine(bundle, EngineOptions(), precision="int8")
-    with pytest.raises(EngineError, match="int8 runs on --engine ort"):
         TrtEngine(bundle, EngineOptions(precision="int8"))
     assert TrtEngine(bundle, EngineOptions(precision="fp32")).precision == "fp32"
     engine = TrtEngine(bundle, EngineOptions(device="cuda:1", max_batch=8))
     assert engine.device_id == 1 and engine.profile == (1, 8, 32)
     info = engine.describe()
     assert info["backend"] == "tensorrt" and info["plan"] is None and info["precision"] == "fp16"
+
+
+def test_trt_options_shape_the_plan(bundle: Bundle, tmp_path: Path) -> None:
+    own = TrtOptions(cache_dir=str(tmp_path), profile=(1, 2, 4), progress=True)
+    engine = TrtEngine(bundle, EngineOptions(max_batch=8), own)
+    assert engine.backend_options is own
+    assert engine.profile == (1, 2, 8)  # max raised to what infer may send
+    assert TrtEngine(bundle, EngineOptions(max_batch=2), own).profile == (1, 2, 4)
+    assert engine.describe()["profile"] == [1, 2, 8]
+    with pytest.raises(EngineError, match="1 <= min <= opt <= max"):
+        TrtOptions(profile=(4, 2, 8))
+
+
+def test_trt_options_from_the_run_config_reach_the_engine(
+    bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The [infer.trt] table and --set infer.trt.* reach the engine through the call the infer stage makes.
+
+    LABELLED FAKE: `available` is forced true so the engine is built (never loaded) without TensorRT."""
+    monkeypatch.setattr(TrtEngine, "available", classmethod(lambda cls: (True, "LABELLED FAKE")))
+    path = tmp_path / "run.toml"
+    path.write_text(f'[infer]\nengine = "trt"\nbundle = "{bundle.path}"\n'
+                    f'[infer.trt]\ncache_dir = "{tmp_path / "plans"}"\nprofile = [1, 2, 4]\n')
+    config = load_config(path, {"infer.trt.progress": "true"})
+    cfg = config.infer
+    options = EngineOptions(max_batch=cfg.max_batch, device=cfg.device, precision=cfg.precision)
+    engine, reason = select_engine(cfg.engine, bundle, options, cfg.backends)
+    assert reason == "trt: requested" and isinstance(engine, TrtEngine)
+    assert engine.backend_options == TrtOptions(cache_dir=str(tmp_path / "plans"), profile=(1, 2, 4),
+                                                progress=True)
+    assert engine.profile == (1, 2, 8)
 
 
 FAKE_TENSORRT = """
@@ -437,7 +468,8 @@ def plan_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module", params=["fp16", "fp32"])
 def loaded(request: pytest.FixtureRequest, bundle: Bundle, plan_cache: Path) -> Iterator[TrtEngine]:
-    engine = TrtEngine(bundle, EngineOptions(max_batch=8), precision=request.param, cache_dir=plan_cache)
+    options = EngineOptions(max_batch=8, precision=request.param)
+    engine = TrtEngine(bundle, options, TrtOptions(cache_dir=str(plan_cache)))
     engine.load()
     yield engine
     engine.close()
@@ -488,8 +520,8 @@ def test_trt_describe(loaded: TrtEngine, plan_cache: Path) -> None:
 def test_trt_second_load_hits_cache(loaded: TrtEngine, plan_cache: Path) -> None:
     plan = Path(loaded.describe()["plan"])
     before = plan.stat().st_mtime_ns
-    options = EngineOptions(max_batch=8)
-    again = TrtEngine(loaded.bundle, options, precision=loaded.precision, cache_dir=plan_cache)
+    options = EngineOptions(max_batch=8, precision=loaded.precision)
+    again = TrtEngine(loaded.bundle, options, TrtOptions(cache_dir=str(plan_cache)))
     again.load()
     try:
         info = again.describe()
