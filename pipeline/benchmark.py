@@ -23,9 +23,7 @@ import numpy as np
 import psutil
 from tqdm import tqdm
 
-from engines.base import EngineOptions
 from engines.bundle import load_bundle
-from engines.registry import select_engine
 
 from .analysis import SweepAnalyzer, resolve
 from .capture import Pacer
@@ -35,7 +33,7 @@ from .letterbox import Letterbox
 from .messages import FrameRef, Result
 from .metrics import LatencyHistogram
 from .sources import SourceError, check_uri, open_source
-from .steps import analyzed_frame, frame_score, infer_batch
+from .steps import analyzed_frame, frame_score, infer_batch, open_engine
 from .supervisor import Supervisor
 
 TARGETS = {"overhead_p50_ms": 1.0, "overhead_p99_ms": 3.0, "flood_fps": 300.0}
@@ -60,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine", default="null", choices=ENGINE_CHOICES,
                         help="engine for both pipeline and baseline (null measures transport alone)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="engine intra-op threads, pipeline and baseline alike (0 = backend default)")
+                        help="engine intra-op threads, pipeline and baseline alike (0 = the run default: one fewer than the usable cores)")
     parser.add_argument("--policy", choices=["latest", "lossless"], default="latest",
                         help="pipeline backpressure policy")
     parser.add_argument("--json", type=Path, default=Path("bench_latency.json"),
@@ -113,8 +111,7 @@ def run_baseline(config: Config, workdir: Path) -> tuple[dict, np.ndarray]:
     ROI and filter, engine, score, sweep analysis with the pixel-spacing fallback): no ring, no sockets,
     no process hops."""
     bundle = load_bundle(config.infer.bundle)
-    engine, _ = select_engine(config.infer.engine, bundle,
-                              EngineOptions(max_batch=1, threads=config.infer.threads))
+    engine, _ = open_engine(config.infer, bundle, max_batch=1)
     engine.load()
     source = open_source(config.source.uri, config.source.pixel_format)
     pacer = None if config.source.flood or source.live else Pacer(source.fps)

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
-
-from engines.base import EngineOptions
-from engines.registry import select_engine
 
 from . import wire
 from .messages import Kind, PreparedInput, Result, control
 from .stage import Stage
-from .steps import infer_batch
+from .steps import infer_batch, open_engine
 
 log = logging.getLogger("sweepstream")
-
-
-def default_threads() -> int:
-    """One core fewer than the process may use: capture, preprocess and postprocess need one between them,
-    and an engine that spreads over every core stalls behind them (measured on 2 cores with the demo:
-    end-to-end p99 32.0 ms with 2 ORT threads, 27.6 ms with 1)."""
-    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 class InferStage(Stage):
@@ -35,10 +24,7 @@ class InferStage(Stage):
     stamp_out = "inf_out"
 
     def start(self) -> None:
-        cfg = self.config.infer
-        options = EngineOptions(threads=cfg.threads or default_threads(), device=cfg.device,
-                                max_batch=cfg.max_batch, precision=cfg.precision)
-        self.engine, self.reason = select_engine(cfg.engine, self.bundle, options, cfg.backends)
+        self.engine, self.reason = open_engine(self.config.infer, self.bundle)
         self.engine.load()
         log.info("infer: %s", self.reason)
         self.input_shape = self.bundle.input.frame_shape
