@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine", default="null", choices=ENGINE_CHOICES,
                         help="engine for both pipeline and baseline (null measures transport alone)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="engine intra-op threads, pipeline and baseline alike (0 = the run default: one fewer than the usable cores)")
+                        help="engine intra-op threads, pipeline and baseline alike (0 = the run default: one "
+                             "fewer than the usable cores)")
     parser.add_argument("--policy", choices=["latest", "lossless"], default="latest",
                         help="pipeline backpressure policy")
     parser.add_argument("--json", type=Path, default=Path("bench_latency.json"),
