@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -28,6 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from engines.base import EngineError, EngineOptions  # noqa: E402
 from engines.bundle import Bundle, BundleError, file_sha256, load_bundle  # noqa: E402
+from engines.export.build_bundle import build_bundle  # noqa: E402
 from engines.export.fetalclip import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
@@ -60,17 +60,6 @@ from engines.torch import TorchEngine  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "build_bundle.py"
 
-
-def load_tool():
-    """Import tools/build_bundle.py (a script, not a package module) to call build_bundle() in-process."""
-    spec = importlib.util.spec_from_file_location("build_bundle_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = load_tool()
 
 
 def frames(n: int, seed: int = 0) -> np.ndarray:
@@ -146,14 +135,14 @@ def heads_file(workdir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def plain_bundle(workdir: Path, tiny_ckpt: Path) -> Bundle:
-    result = tool.build_bundle(tiny_ckpt, workdir / "plain", config="tiny", check_frames=2)
+    result = build_bundle(tiny_ckpt, workdir / "plain", config="tiny", check_frames=2)
     assert result.parity["embedding_cosine_min"] >= 0.99999
     return result.bundle
 
 
 @pytest.fixture(scope="module")
 def heads_bundle(workdir: Path, tiny_ckpt: Path, heads_file: Path) -> Bundle:
-    return tool.build_bundle(
+    return build_bundle(
         tiny_ckpt, workdir / "heads", config="tiny", heads=heads_file, check_frames=2
     ).bundle
 
@@ -293,7 +282,7 @@ def test_bad_checkpoint_leaves_an_existing_bundle_intact(plain_bundle: Bundle, w
     junk = workdir / "junk.pt"
     junk.write_text("not a checkpoint")
     with pytest.raises(CheckpointError):
-        tool.build_bundle(junk, plain_bundle.path, config="tiny", torch_model=False)
+        build_bundle(junk, plain_bundle.path, config="tiny", torch_model=False)
     assert (plain_bundle.path / "bundle.json").read_bytes() == manifest
     load_bundle(plain_bundle.path)
 
@@ -496,7 +485,7 @@ def test_torch_is_explicit_only_without_cuda(plain_bundle: Bundle) -> None:
 
 
 def test_int8_build_writes_a_gated_int8_model(workdir: Path, tiny_ckpt: Path) -> None:
-    result = tool.build_bundle(tiny_ckpt, workdir / "int8", config="tiny", int8=True, torch_model=False)
+    result = build_bundle(tiny_ckpt, workdir / "int8", config="tiny", int8=True, torch_model=False)
     bundle = result.bundle
     gate = result.int8_gate
     assert gate is not None and gate["passed"]
@@ -516,7 +505,7 @@ def test_int8_build_writes_a_gated_int8_model(workdir: Path, tiny_ckpt: Path) ->
     fp32.load()
     assert cosines(int8_out["embedding"], fp32.infer(batch)["embedding"]).min() >= 0.999
 
-    rebuilt = tool.build_bundle(tiny_ckpt, workdir / "int8", config="tiny", torch_model=False)
+    rebuilt = build_bundle(tiny_ckpt, workdir / "int8", config="tiny", torch_model=False)
     assert rebuilt.int8_gate is None and rebuilt.bundle.int8_path is None
     assert not (workdir / "int8" / "model.int8.onnx").exists()  # no stale int8 file left behind
 
@@ -615,7 +604,7 @@ def test_full_fetalclip_export(tmp_path: Path) -> None:
     weights = tmp_path / "FetalCLIP_weights.pt"
     torch.save({"state_dict": build_model(load_config("fetalclip")).state_dict()}, weights)
     made = time.perf_counter()
-    result = tool.build_bundle(
+    result = build_bundle(
         weights, tmp_path / "bundle", config="fetalclip", torch_model=False, check_frames=2
     )
     built = time.perf_counter()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from onnx import numpy_helper  # noqa: E402
 import engines.export.quantize  # noqa: E402
 from engines.base import EngineError, EngineOptions  # noqa: E402
 from engines.bundle import Bundle, BundleError, file_sha256, load_bundle, write_manifest  # noqa: E402
+from engines.export.build_bundle import build_bundle  # noqa: E402
 from engines.export.fetalclip import build_model, load_config  # noqa: E402
 from engines.export.heads import MaskDecoder, QualityHead, evenly_spaced_blocks, save_heads  # noqa: E402
 from engines.export.quantize import (  # noqa: E402
@@ -44,20 +44,8 @@ from pipeline.config import ConfigError  # noqa: E402
 from pipeline.config import load_config as load_run_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-BUILD_TOOL = REPO / "tools" / "build_bundle.py"
 QUANTIZE_TOOL = REPO / "tools" / "quantize_bundle.py"
 
-
-def load_build_tool():
-    """Import tools/build_bundle.py (a script) to call build_bundle() in-process, as test_fetalclip does."""
-    spec = importlib.util.spec_from_file_location("build_bundle_tool_q", BUILD_TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-build_tool = load_build_tool()
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -81,7 +69,7 @@ def tiny_ckpt(workdir: Path) -> Path:
 @pytest.fixture(scope="module")
 def fp32_bundle(workdir: Path, tiny_ckpt: Path) -> Path:
     """A tiny fp32 bundle, never modified: tests quantize copies of it."""
-    return build_tool.build_bundle(tiny_ckpt, workdir / "fp32", config="tiny", torch_model=False).bundle.path
+    return build_bundle(tiny_ckpt, workdir / "fp32", config="tiny", torch_model=False).bundle.path
 
 
 @pytest.fixture()
@@ -144,7 +132,7 @@ def test_output_layers_are_the_heads_not_the_encoder(
     heads = workdir / "heads.pt"
     mask = MaskDecoder(width=64, grid=7, image_size=224, blocks=evenly_spaced_blocks(4), channels=32)
     save_heads(heads, quality=QualityHead(64).eval(), mask=mask.eval())
-    bundle = build_tool.build_bundle(
+    bundle = build_bundle(
         tiny_ckpt, workdir / "heads", config="tiny", heads=heads, torch_model=False
     ).bundle
     # + the quality linear ([1, 64], a Gemm) and the mask decoder's four token projections ([64, channels])

@@ -1,10 +1,10 @@
-"""tools/train_demo.py end to end on a tiny run, and the committed demo bundle on held-out phantom frames."""
+"""The demo trainer (engines/export/demo_training) end to end on a tiny run, its re-validation, and the
+committed demo bundle on held-out phantom frames."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,28 +15,22 @@ pytest.importorskip("open_clip")
 
 from engines.base import EngineOptions  # noqa: E402
 from engines.bundle import load_bundle  # noqa: E402
+from engines.export.demo_training import cli, run  # noqa: E402
+from engines.export.demo_training.data import plane_geometry, prepare  # noqa: E402
+from engines.export.demo_training.options import TrainOptions  # noqa: E402
+from engines.export.demo_training.validate import MIN_SCORE, pipeline_pick  # noqa: E402
 from engines.onnxruntime import OrtEngine  # noqa: E402
+from pipeline import acouslic  # noqa: E402
 from pipeline.phantom import SWEEPS, Renderer, make_cases  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "bundles" / "demo"
 
 
-def _tool():
-    """Import tools/train_demo.py (a script, not a package module) to call it in-process."""
-    spec = importlib.util.spec_from_file_location("train_demo_tool", REPO / "tools" / "train_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
-
-tool = _tool()
-
-
-def tiny(out: Path) -> object:
+def tiny(out: Path) -> TrainOptions:
     """A run that takes seconds: 2 cases, a few frames each, 2 steps, 1 validation case of 10-frame sweeps."""
-    return tool.TrainOptions(
+    return TrainOptions(
         out=out, cases=2, frames_per_sweep=140, per_case=4, epochs=1, samples_per_epoch=16, batch=8,
         val_cases=1, val_frames_per_sweep=10,
     )
@@ -47,8 +41,8 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
     root = tmp_path_factory.mktemp("train_demo")
     first, second = root / "a", root / "b"
     opts = tiny(first)
-    metrics = tool.run(opts, tool.command_line(opts, tool.TrainOptions(out=first)))
-    tool.run(tiny(second), "same options again")
+    metrics = run.run(opts, run.command_line(opts, TrainOptions(out=first)))
+    run.run(tiny(second), "same options again")
     return first, second, metrics
 
 
@@ -88,12 +82,34 @@ def test_same_seed_gives_the_same_model(tiny_runs: tuple[Path, Path, dict]) -> N
             assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
+def _without(mapping: dict, key: str) -> dict:
+    return {k: v for k, v in mapping.items() if k != key}
+
+
+def test_revalidate_rewrites_only_the_recorded_metrics(tiny_runs: tuple[Path, Path, dict],
+                                                       tmp_path: Path) -> None:
+    first, _, metrics = tiny_runs
+    out = tmp_path / "bundle"
+    shutil.copytree(first, out)
+    models = {p.name: p.read_bytes() for p in out.glob("*.onnx")}
+    before = load_bundle(out).manifest
+    assert cli.main(["--out", str(out), "--revalidate"]) == 0
+    after = load_bundle(out).manifest
+    assert {p.name: p.read_bytes() for p in out.glob("*.onnx")} == models
+    assert _without(after, "training") == _without(before, "training")
+    assert _without(after["training"], "metrics") == _without(before["training"], "metrics")
+    command = f"python tools/train_demo.py --out {out} --revalidate"
+    assert after["training"]["metrics"] == {**before["training"]["metrics"], "revalidated_by": command}
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["validation"] == metrics["validation"] and saved["revalidation"]["command"] == command
+
+
 def test_bad_options_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert tool.main(["--out", str(tmp_path / "x"), "--seed", "5"]) == 1
+    assert cli.main(["--out", str(tmp_path / "x"), "--seed", "5"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     problem = "training seeds start at 1000 (lower ones are left for evaluation)"
     assert err == [f"train_demo: error: --seed 5: {problem}"]
-    assert tool.main(["--out", str(tmp_path / "x"), "--val-seed", "1003"]) == 1
+    assert cli.main(["--out", str(tmp_path / "x"), "--val-seed", "1003"]) == 1
     assert "outside the training seeds" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -101,11 +117,10 @@ def test_bad_options_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFi
 def test_selection_helpers() -> None:
     # The pipeline's rule with its default settings: the highest score that reaches min_score.
     scores = np.array([0.1] * 10 + [0.6] * 5 + [0.97, 0.9] + [0.6] * 5 + [0.1] * 10)
-    pick, top = tool.pipeline_pick(scores)
-    assert pick == 15 and top[0] == 15 and len(set(top)) == len(top) <= 5
-    assert tool.pipeline_pick(np.full(20, 0.2)) == (None, [])
-    assert tool.dice(np.ones(4, bool), np.array([1, 1, 0, 0], bool)) == pytest.approx(2 * 2 / 6)
-    assert tool.f1_score(np.array([1, 0, 1], bool), np.array([1, 0, 0], bool)) == pytest.approx(2 / 3)
+    pick, top = pipeline_pick(scores)
+    ids = [f.frame_id for f in top]
+    assert pick == 15 and ids[0] == 15 and len(set(ids)) == len(ids) <= 5
+    assert pipeline_pick(np.full(20, 0.2)) == (None, ())
 
 
 # --------------------------------------------------------------------------- the committed bundle
@@ -117,7 +132,7 @@ def _held_out_frames() -> tuple[object, int, int, int]:
         case = make_cases(seed, 1)[0]
         renderer = Renderer(case)
         for sweep in range(SWEEPS):
-            angle, distance = tool.plane_geometry(case, sweep)
+            angle, distance = plane_geometry(case, sweep)
             for frame in np.flatnonzero((angle <= 10) & (distance <= 2)):
                 if renderer.truth(sweep, int(frame))["label"] == 1:
                     background = int(np.argmax(distance))  # the far end of the sweep: no abdomen
@@ -136,16 +151,16 @@ def test_committed_demo_bundle() -> None:
     assert min(seeds["phantom_train"]) >= 1000 and min(seeds["phantom_validation"]) >= 1000
     assert "quality_f1" in training["metrics"]["validation"]
     assert bundle.best_frame.output == "quality" and bundle.input.resize == "area"
-    assert bundle.best_frame.min_score == tool.MIN_SCORE
+    assert bundle.best_frame.min_score == MIN_SCORE
     assert bundle.int8_path is not None and bundle.manifest["model"]["int8"]["gate"]["passed"]
 
     renderer, sweep, optimal, background = _held_out_frames()
     frames = (optimal, background)
-    prepared = [tool.prepare(renderer.render(sweep, f), renderer.truth(sweep, f)["mask"]) for f in frames]
+    prepared = [prepare(renderer.render(sweep, f), renderer.truth(sweep, f)["mask"]) for f in frames]
     engine = OrtEngine(bundle, EngineOptions(device="cpu", threads=2, max_batch=2))
     engine.load()
-    got = engine.infer(np.stack([p[0] for p in prepared]))
+    got = engine.infer(np.stack([p.pixels for p, _ in prepared]))
     engine.close()
     assert got["quality"][0] > 0.5 > got["quality"][1]
-    assert tool.dice(got["mask"][0] > 0, prepared[0][1] >= 128) > 0.8
+    assert acouslic.dice(got["mask"][0], prepared[0][1] >= 128) > 0.8
     assert got["mask"][1].sum() < 0.1 * (prepared[0][1] >= 128).sum()
