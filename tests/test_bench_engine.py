@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("open_clip")
 
+from engines.benchmark import vit_gflop  # noqa: E402
+from engines.export.build_bundle import build_bundle  # noqa: E402
 from engines.export.fetalclip import build_model, load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,18 +22,12 @@ BENCH = REPO / "tools" / "bench_engine.py"
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tools/build_bundle.py's build_bundle on the tiny config, with the torch model and --int8."""
+    """build_bundle on the tiny config, with the torch model and --int8."""
     workdir = tmp_path_factory.mktemp("bench_engine")
-    spec = importlib.util.spec_from_file_location(
-        "build_bundle_tool_bench", REPO / "tools" / "build_bundle.py"
-    )
-    tool = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = tool
-    spec.loader.exec_module(tool)
     torch.manual_seed(0)
     weights = workdir / "tiny.pt"
     torch.save({"state_dict": build_model(load_config("tiny")).state_dict()}, weights)
-    return tool.build_bundle(weights, workdir / "bundle", config="tiny", int8=True).bundle.path
+    return build_bundle(weights, workdir / "bundle", config="tiny", int8=True).bundle.path
 
 
 def test_bench_engine_writes_json_and_png(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -87,12 +82,8 @@ def test_bench_engine_writes_json_and_png(tiny_bundle: Path, tmp_path: Path) -> 
 
 def test_vit_flops_match_the_issue_for_vit_l14() -> None:
     """162 GFLOP per image for FetalCLIP's ViT-L/14 at 224, the figure the issue quotes."""
-    spec = importlib.util.spec_from_file_location("bench_engine_tool", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    assert bench.vit_gflop(load_config("fetalclip"), 224) == pytest.approx(162.0, abs=0.1)
-    assert bench.vit_gflop(None, 224) is None
+    assert vit_gflop(load_config("fetalclip"), 224) == pytest.approx(162.0, abs=0.1)
+    assert vit_gflop(None, 224) is None
 
 
 def test_bench_engine_needs_a_bundle(tmp_path: Path) -> None:
