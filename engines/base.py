@@ -24,6 +24,10 @@ class EngineError(ValueError):
     """An engine cannot be selected or used as asked (unavailable backend, bad batch, bad options)."""
 
 
+AUTO = "auto"
+GPU_AUTO_BATCH = 8
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """Backend-neutral engine settings; ``threads`` 0 keeps the backend default.
@@ -35,14 +39,15 @@ class EngineOptions:
 
     threads: int = 0
     device: str = "auto"
-    max_batch: int = 8
+    max_batch: int | str = AUTO  # AUTO: the engine's own choice for its device (Engine.auto_batch)
     precision: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
             raise EngineError(f"threads must be an integer >= 0, got {self.threads!r}")
-        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
-            raise EngineError(f"max_batch must be an integer >= 1, got {self.max_batch!r}")
+        if self.max_batch != AUTO and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
+                                       or self.max_batch < 1):
+            raise EngineError(f"max_batch must be 'auto' or an integer >= 1, got {self.max_batch!r}")
         if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
             raise EngineError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.precision not in ENGINE_PRECISIONS:
@@ -66,7 +71,7 @@ class Engine(ABC):
     backend module imports its library lazily, never at module import."""
 
     def __init__(self, bundle: Bundle, options: EngineOptions) -> None:
-        if options.max_batch < bundle.min_batch:
+        if options.max_batch != AUTO and options.max_batch < bundle.min_batch:
             raise EngineError(
                 f"max_batch {options.max_batch} is below bundle {bundle.name}'s minimum batch "
                 f"{bundle.min_batch}"
@@ -76,8 +81,20 @@ class Engine(ABC):
 
     @property
     def max_batch(self) -> int:
-        """Largest batch ``infer`` accepts: the option, capped by what the bundle supports."""
-        return min(self.options.max_batch, self.bundle.max_batch)
+        """Largest batch ``infer`` accepts: the option (or the engine's own choice), within what the bundle
+        supports."""
+        wanted = self.auto_batch() if self.options.max_batch == AUTO else self.options.max_batch
+        return max(self.bundle.min_batch, min(wanted, self.bundle.max_batch))
+
+    def auto_batch(self) -> int:
+        """The batch limit for `max_batch = "auto"`. On a CPU a batch of N costs N inferences, so a batch
+        only makes frames wait behind each other: 1. On a GPU a batch costs little more than one frame:
+        up to GPU_AUTO_BATCH, so a backlog clears in one call."""
+        return 1 if self.on_cpu() else GPU_AUTO_BATCH
+
+    def on_cpu(self) -> bool:
+        """Whether this engine computes on the CPU (known after load for backends that pick a device)."""
+        return True
 
     @classmethod
     @abstractmethod

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from engines.base import Engine, EngineError, EngineOptions
+from engines.base import GPU_AUTO_BATCH, Engine, EngineError, EngineOptions
 from engines.bundle import Bundle
 
 
@@ -27,6 +27,10 @@ class NullEngine(Engine):
     @classmethod
     def available(cls) -> tuple[bool, str]:
         return True, "null engine needs no backend"
+
+    def auto_batch(self) -> int:
+        """Nothing is computed, so a batch costs nothing and never delays a frame."""
+        return GPU_AUTO_BATCH
 
     def load(self) -> None:
         self._loaded = True

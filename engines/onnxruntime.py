@@ -150,6 +150,9 @@ class OrtEngine(Engine):
         self._session = session
         self.warm_up()
 
+    def on_cpu(self) -> bool:
+        return self._device == "cpu" if self._session is not None else self._providers()[0] == _CPU
+
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if self._session is None:
             raise EngineError("ort engine is not loaded: call load() first")

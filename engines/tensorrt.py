@@ -391,6 +391,9 @@ class TrtEngine(Engine):
     type_key: ClassVar[str] = "trt"
     options_type: ClassVar[type] = TrtOptions
 
+    def on_cpu(self) -> bool:
+        return False
+
     @classmethod
     def suits_auto(cls, bundle: Bundle, options: EngineOptions) -> tuple[bool, str]:
         if options.precision == "int8":

@@ -79,6 +79,10 @@ class TorchEngine(Engine):
             )
         return torch.device("cuda:0" if device == "auto" else device)
 
+    def on_cpu(self) -> bool:
+        device = self._device if self._model is not None else self._resolve_device()
+        return device.type == "cpu"
+
     @property
     def _half(self) -> bool:
         """fp16 autocast on CUDA unless fp32 was asked for; CPU always runs fp32."""
