@@ -10,8 +10,8 @@ class embeddings (``planes`` = softmax of 100 x cosine, exactly as in the export
 
 A conv stem instead of a single 16x16 patch projection gives the tiny ViT local
 edges to work with: on phantom sweeps it lifts mask Dice and frame accuracy at a
-small cost in latency. Training lives in ``tools/train_demo.py``; this module only
-builds modules, so tests and the trainer share one definition.
+small cost in latency. Training lives in :mod:`engines.export.demo_training`; this module
+only builds modules, so tests and the trainer share one definition.
 """
 
 from __future__ import annotations

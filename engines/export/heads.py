@@ -2,7 +2,7 @@
 
 The heads are plain torch modules: a trainer fits them (on FetalCLIP, or on the small
 demo model with any open_clip ViT config), saves them with :func:`save_heads`, and
-``tools/build_bundle.py`` folds them into the exported ONNX graph. Nothing here runs
+:mod:`engines.export.build_bundle` folds them into the exported ONNX graph. Nothing here runs
 at inference time outside that graph.
 
 Heads file (``torch.save`` of a dict, read back with ``weights_only=True``)::
