@@ -33,7 +33,7 @@ from .letterbox import Letterbox
 from .messages import FrameRef, Result
 from .metrics import LatencyHistogram
 from .sources import SourceError, check_uri, open_source
-from .steps import analyzed_frame, frame_score, infer_batch, open_engine
+from .steps import analyzed_frame, frame_score, infer_batch, load_engine
 from .supervisor import Supervisor
 
 TARGETS = {"overhead_p50_ms": 1.0, "overhead_p99_ms": 3.0, "flood_fps": 300.0}
@@ -112,8 +112,7 @@ def run_baseline(config: Config, workdir: Path) -> tuple[dict, np.ndarray]:
     ROI and filter, engine, score, sweep analysis with the pixel-spacing fallback): no ring, no sockets,
     no process hops."""
     bundle = load_bundle(config.infer.bundle)
-    engine, _ = open_engine(config.infer, bundle, max_batch=1)
-    engine.load()
+    engine, _ = load_engine(config.infer, bundle, max_batch=1)
     source = open_source(config.source.uri, config.source.pixel_format)
     pacer = None if config.source.flood or source.live else Pacer(source.fps)
     prepare = Letterbox.for_bundle(bundle.input, config.preprocess.roi, config.preprocess.interpolation)

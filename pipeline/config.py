@@ -40,6 +40,7 @@ REFERENCE_BUNDLE = REPO_ROOT / "bundles" / "reference"
 DEFAULT_SOURCE = "phantom://7?cases=1"
 
 
+MAX_BATCH = 32
 ENGINE_CHOICES = ("auto", *ENGINE_MODULES)
 
 
@@ -95,10 +96,15 @@ class InferConfig:
     bundle: str = option(str(DEFAULT_BUNDLE), "model bundle directory (bundle.json + model files)")
     engine: Literal[ENGINE_CHOICES] = option(  # type: ignore[valid-type]
         "auto", "inference backend; auto tries TensorRT, then torch-CUDA, then ONNX Runtime")
-    max_batch: int = option(8, "largest batch taken from what is waiting (never waits to fill one)",
-                            min=1, max=32)
+    max_batch: int | Literal["auto"] = option(
+        "auto", "largest batch taken from what is waiting (never waits to fill one); auto: 1 on a CPU (a "
+        "batch of N costs N inferences there, so it only makes frames wait behind each other), up to 8 on "
+        "a GPU", min=1, max=MAX_BATCH)
     threads: int = option(0, "intra-op threads for the engine (0 = one fewer than the usable CPU cores, at "
                           "least 1: the other stages need a core)", min=0, max=256)
+    rate_limit_fps: float | None = option(
+        None, "at most this many frames a second through the engine (leaves CPU to other software on a "
+        "shared cart; emulates a slower cart in benchmarks); none: as fast as it goes", min=0.01, max=10000)
     device: Literal["auto", "cpu", "cuda"] = option("auto", "device for backends that have a choice")
     precision: Literal["auto", "fp32", "fp16", "int8"] = option(
         "auto", "model precision; ort: auto runs the bundle's gated int8 model on CPU when it has one "
@@ -174,7 +180,10 @@ def _coerce(where: str, value: Any, hint: Any, meta: dataclasses.Field) -> Any:
                                                      in ("", "none"))):
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(where, value, inner[0], meta)
+        words = [a for a in inner if typing.get_origin(a) is Literal]
+        if words and isinstance(value, str) and value in typing.get_args(words[0]):
+            return value  # a word such as "auto" beside a number
+        return _coerce(where, value, next(a for a in inner if a not in words), meta)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")

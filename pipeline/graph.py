@@ -211,8 +211,9 @@ def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None) -
                  drops=(("capture", "drop_send_full"), ("preprocess", "drop_stale"),
                         ("preprocess", "drop_overwritten"))),
             Link("inputs", "preprocess", "infer", Kind.INPUT, "work", bound_by="sender", hwm="batch",
-                 backpressure="preprocess holds the newest infer.max_batch prepared frames until a worker "
-                              "asks (older ones: drop_held); a worker gone with its frames: drop_send_full",
+                 backpressure="preprocess holds the newest prepared frames, one batch's worth, until a "
+                              "worker asks (older ones: drop_held); a worker gone with its frames: "
+                              "drop_send_full",
                  drops=(("preprocess", "drop_held"), ("preprocess", "drop_send_full"),
                         ("infer", "drop_stale")),
                  endpoint=inputs_endpoint),

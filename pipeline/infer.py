@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 import numpy as np
 
 from . import wire
 from .messages import Kind, PreparedInput, Result, control
 from .stage import Stage
-from .steps import infer_batch, open_engine
+from .steps import infer_batch, load_engine
 
 log = logging.getLogger("sweepstream")
 
@@ -17,6 +19,8 @@ log = logging.getLogger("sweepstream")
 class InferStage(Stage):
     """Asks preprocess for up to a batch of frames whenever it is idle, runs them as one batch, and passes
     one result per frame on. Several infer workers may share one preprocess (the scale-out path).
+    `infer.rate_limit_fps` spaces the batches out (a CPU shared with the machine's own software, or a
+    benchmark emulating a slower cart): the wait is before asking, so what it then gets is the newest.
 
     Links: `inputs` in (asks for work, takes PreparedInput), `results` out (Result)."""
 
@@ -24,12 +28,15 @@ class InferStage(Stage):
     stamp_out = "inf_out"
 
     def start(self) -> None:
-        self.engine, self.reason = open_engine(self.config.infer, self.bundle)
-        self.engine.load()
+        self.engine, self.reason = load_engine(self.config.infer, self.bundle)
         log.info("infer: %s", self.reason)
         self.input_shape = self.bundle.input.frame_shape
         self.work = self.open("inputs")
         self.out = self.open("results")
+        rate = self.config.infer.rate_limit_fps
+        self.min_interval_s = 0.0 if rate is None else 1.0 / rate
+        self._next_ask = 0.0  # when the engine may take its next batch (rate limit)
+        self._asking = True
         self._ask()
 
     def _ask(self) -> None:
@@ -37,6 +44,13 @@ class InferStage(Stage):
             raise RuntimeError("infer: preprocess did not take a request for work")
 
     def step(self, ready: bool) -> None:
+        if not self._asking:
+            wait = self._next_ask - time.monotonic()
+            if wait > 0:
+                self.poll_ms = max(1, min(100, math.ceil(wait * 1000)))  # wake when the limit allows
+            else:
+                self._asking, self.poll_ms = True, type(self).poll_ms
+                self._ask()
         if not ready:
             return
         frames, end = self.take(self.work, keep=self.engine.max_batch)
@@ -46,9 +60,12 @@ class InferStage(Stage):
             self.send_eos(self.out)
             self.finished = True
         elif frames:
-            self._ask()
+            self._asking = False  # asked again in step once the rate limit allows
+            self._next_ask = self._batch_started + self.min_interval_s * len(frames)
+            self.step(False)
 
     def _run(self, frames: list[PreparedInput]) -> None:
+        self._batch_started = time.monotonic()
         rows = infer_batch(self.engine, self.bundle, [prepared.pixels for prepared in frames])
         for prepared, outputs in zip(frames, rows, strict=True):
             # Waiting here (rather than dropping a result already paid for) slows infer's pulling, so an

@@ -20,9 +20,10 @@ log = logging.getLogger("sweepstream")
 
 
 class PreprocessStage(Stage):
-    """Prepares every frame it takes and holds the newest `infer.max_batch` of them until an infer worker
-    asks for work. Infer pulls, so no prepared frame ever waits in a socket queue behind newer ones: under
-    overload latency stays about one inference plus one frame period, and N workers share the load.
+    """Prepares every frame it takes and holds the newest of them (as many as the largest batch a worker
+    has asked for) until an infer worker asks for work. Infer pulls, so no prepared frame ever waits in a
+    socket queue behind newer ones: under overload latency stays about one inference plus one frame
+    period, and N workers share the load.
 
     Links: `frames` in (FrameRef), `inputs` out (PreparedInput, to workers that ask)."""
 
@@ -34,8 +35,7 @@ class PreprocessStage(Stage):
         self.prepare = Letterbox.for_bundle(self.bundle.input, cfg.roi, cfg.interpolation)
         self.ring = FrameRing.attach(self.wiring.ring)
         self.frames = self.open("frames")
-        self.hold = self.config.infer.max_batch
-        # Workers ask for at most one batch, which bounds this queue; the mark only has to fit it.
+        self.hold = 1  # grows to the largest batch a worker asks for (its engine's max_batch)
         self.workers = self.open("inputs")
         self.held: deque[PreparedInput] = deque()
         self.wanted: dict[bytes, int] = {}  # worker -> frames it asked for
@@ -75,6 +75,7 @@ class PreprocessStage(Stage):
                 continue
             self.known.add(worker)
             self.wanted[worker] = count
+            self.hold = max(self.hold, count)
 
     def _dispatch(self) -> None:
         while self.held and self.wanted:

@@ -21,7 +21,7 @@ import zmq
 from engines.bundle import Bundle
 
 from . import wire
-from .config import Config
+from .config import MAX_BATCH, Config
 from .graph import ROLES, StageCounters, Wiring
 from .messages import HOPS, FrameRef, Kind, control, kind_of
 from .wire import Message
@@ -104,7 +104,8 @@ class Stage:
         sock = self.context.socket(kind)
         marks = [self.config.transport.hwm, hwm or 0]
         if link.hwm == "batch":
-            marks.append(self.config.infer.max_batch + 1)
+            batch = self.config.infer.max_batch
+            marks.append((MAX_BATCH if batch == "auto" else batch) + 1)
         sock.setsockopt(zmq.SNDHWM, max(marks))
         sock.setsockopt(zmq.RCVHWM, max(marks))
         sock.setsockopt(zmq.SNDTIMEO, SEND_RETRY_MS)

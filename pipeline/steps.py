@@ -5,6 +5,7 @@ baseline and the evaluation all call these, so a figure measured one way means t
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,14 +23,53 @@ def default_threads() -> int:
     """One core fewer than the process may use: capture, preprocess and postprocess need one between them,
     and an engine that spreads over every core stalls behind them (measured on 2 cores with the demo:
     end-to-end p99 32.0 ms with 2 ORT threads, 27.6 ms with 1)."""
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    return max(1, _cores() - 1)
 
 
-def open_engine(infer: Any, bundle: Any, max_batch: int | None = None) -> tuple[Engine, str]:
-    """The engine the run's `[infer]` section asks for (built, not loaded), and why it was chosen."""
-    options = EngineOptions(threads=infer.threads or default_threads(), device=infer.device,
-                            max_batch=max_batch or infer.max_batch, precision=infer.precision)
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+# A model slower than this many frame periods of a live source (30 fps) scores 1 frame in several: the
+# other stages then have little to do, and the engine gets every core (ViT-L/14 int8 on 2 cores: 239 ms a
+# frame with 1 thread, 132 ms with 2).
+SLOW_MODEL_PERIODS = 2
+NOMINAL_PERIOD_S = 1 / 30
+
+
+def load_engine(infer: Any, bundle: Any, max_batch: int | str | None = None) -> tuple[Engine, str]:
+    """The engine the run's `[infer]` section asks for, loaded, and a line saying what was chosen and why.
+    With `infer.threads = 0` a CPU engine gets one core fewer than there are, unless one frame costs it
+    more than SLOW_MODEL_PERIODS frame periods (measured here): then it gets them all."""
+    engine, reason = _open(infer, bundle, max_batch, infer.threads or default_threads())
+    engine.load()
+    threads = engine.options.threads
+    if infer.threads == 0 and engine.on_cpu() and _cores() > threads:
+        cost = frame_cost_s(engine, bundle)
+        if cost > SLOW_MODEL_PERIODS * NOMINAL_PERIOD_S:
+            engine.close()
+            engine, reason = _open(infer, bundle, max_batch, _cores())
+            engine.load()
+            reason += (f"; {cost * 1e3:.0f} ms a frame on {threads} thread(s) is over {SLOW_MODEL_PERIODS} "
+                       f"frame periods, so it gets all {_cores()} cores")
+    return engine, f"{reason}; batch up to {engine.max_batch}, {engine.options.threads} thread(s)"
+
+
+def _open(infer: Any, bundle: Any, max_batch: int | str | None, threads: int) -> tuple[Engine, str]:
+    options = EngineOptions(threads=threads, device=infer.device, max_batch=max_batch or infer.max_batch,
+                            precision=infer.precision)
     return select_engine(infer.engine, bundle, options, infer.backends)
+
+
+def frame_cost_s(engine: Engine, bundle: Any, repeats: int = 3) -> float:
+    """Median seconds of one frame through a loaded engine (after its warm-up)."""
+    frame = np.zeros((bundle.min_batch, *bundle.input.frame_shape), np.uint8)
+    costs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        engine.infer(frame)
+        costs.append(time.perf_counter() - started)
+    return float(np.median(costs)) / bundle.min_batch
 
 
 def infer_batch(engine: Any, bundle: Any, inputs: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
