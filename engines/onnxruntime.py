@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 _CPU = "CPUExecutionProvider"
 _CUDA = "CUDAExecutionProvider"
+X64_QUANT_PRECISION = ("session.x64quantprecision", "1")
+"""Session config entry: exact int8 products on x86-64 CPUs without VNNI; see session_options."""
 
 # ONNX Runtime reports tensor types as "tensor(<onnx type>)"; map them to numpy dtype names.
 _ORT_TYPES = {
@@ -36,12 +38,21 @@ _ORT_TYPES = {
 
 
 def session_options(threads: int) -> ort.SessionOptions:
-    """The engine's session settings, shared with the int8 gate so it measures the graph the engine runs."""
+    """The engine's session settings, shared with the int8 gate so it measures the graph the engine runs.
+
+    ``session.x64quantprecision`` (:data:`X64_QUANT_PRECISION`): on x86-64 CPUs without VNNI (AVX2 or
+    AVX-512 alone: AMD Zen 2/3, older Intel), ONNX Runtime's uint8 x int8 kernels add pairs of products
+    in int16 (VPMADDUBSW) and saturate at 32767, so an int8 model's outputs depend on the CPU: the tiny
+    FetalCLIP's int8 embeddings fall from cosine 0.99997 to 0.990. With the option on, such CPUs get the
+    int8 weights converted to uint8 at load time (exact uint8 x uint8 kernels); on VNNI and Arm CPUs it
+    changes nothing, nor for float models. The int8 gate and every engine then compute the same numbers.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry(*X64_QUANT_PRECISION)
     opts.inter_op_num_threads = 1
     if threads > 0:
         opts.intra_op_num_threads = threads

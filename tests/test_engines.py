@@ -305,6 +305,33 @@ def test_threads_option(bundle: Bundle) -> None:
         eng.infer(batch)
 
 
+def test_int8_products_are_exact_on_every_cpu() -> None:
+    """uint8 x int8 with the largest values: pairs of products (2 x 255 x 127 = 64770) overflow int16, which
+    ONNX Runtime's VPMADDUBSW kernels on x86-64 CPUs without VNNI saturate unless the session asks for its
+    precise mode, as session_options does; the int8 gate and the engine both build their sessions with it."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engines.onnxruntime import X64_QUANT_PRECISION, session_options
+
+    depth = 64
+    weight = numpy_helper.from_array(np.full((depth, 16), 127, np.int8), "weight")  # constant, as quantized
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "weight"], ["y"])],
+        "int8_products",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, depth])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [None, 16])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    opts = session_options(1)
+    assert opts.get_session_config_entry(X64_QUANT_PRECISION[0]) == X64_QUANT_PRECISION[1]
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"a": np.full((2, depth), 255, np.uint8)})[0]
+    assert (got == depth * 255 * 127).all()  # saturated: depth / 2 * 32767
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"threads": -1}, "threads"), ({"max_batch": 0}, "max_batch"), ({"device": "gpu"}, "device")],
