@@ -150,10 +150,8 @@ def heads_bundle(workdir: Path, tiny_ckpt: Path, heads_file: Path) -> Bundle:
 def run_engines(bundle: Bundle, batch: np.ndarray) -> tuple[dict, dict]:
     """The same batch through OrtEngine and TorchEngine (CPU)."""
     results = []
-    for engine in (
-        OrtEngine(bundle, EngineOptions(device="cpu")),
-        TorchEngine(bundle, EngineOptions(device="cpu")),
-    ):
+    options = EngineOptions(device="cpu", max_batch=len(batch))  # one batch, not the CPU's auto batch of 1
+    for engine in (OrtEngine(bundle, options), TorchEngine(bundle, options)):
         engine.load()
         results.append(engine.infer(batch))
         engine.close()
@@ -433,7 +431,7 @@ def test_heads_bundle_outputs_match_torch(heads_bundle: Bundle, plain_bundle: Bu
     np.testing.assert_allclose(ort_out["quality"], torch_out["quality"], atol=1e-5)
     assert np.mean(ort_out["mask"] == torch_out["mask"]) >= 0.999
     # The LoRA was merged: the same checkpoint gives a different image embedding with it.
-    plain = OrtEngine(plain_bundle, EngineOptions(device="cpu"))
+    plain = OrtEngine(plain_bundle, EngineOptions(device="cpu", max_batch=len(batch)))
     plain.load()
     assert cosines(plain.infer(batch)["embedding"], ort_out["embedding"]).max() < 0.9999
 
@@ -496,12 +494,13 @@ def test_int8_build_writes_a_gated_int8_model(workdir: Path, tiny_ckpt: Path) ->
     assert bundle.manifest["model"]["int8"]["sha256"] == file_sha256(bundle.int8_path)
     assert bundle.precision == "fp32" and "int8 quantize and gate" in result.timings
 
-    engine, _ = select_engine("ort", bundle, EngineOptions(device="cpu"))  # auto precision on CPU: int8
+    batch = frames(4, seed=6)
+    options = EngineOptions(device="cpu", max_batch=len(batch))
+    engine, _ = select_engine("ort", bundle, options)  # auto precision on CPU: int8
     engine.load()
     assert (engine.describe()["precision"], engine.describe()["model"]) == ("int8", "model.int8.onnx")
-    batch = frames(4, seed=6)
     int8_out = engine.infer(batch)
-    fp32 = OrtEngine(bundle, EngineOptions(device="cpu", precision="fp32"))
+    fp32 = OrtEngine(bundle, EngineOptions(device="cpu", precision="fp32", max_batch=len(batch)))
     fp32.load()
     assert cosines(int8_out["embedding"], fp32.infer(batch)["embedding"]).min() >= 0.999
 

@@ -181,7 +181,8 @@ def test_ort_engine_runs_the_int8_model(int8_bundle: Bundle) -> None:
     batch = sample_frames(count=6, seed=5)
     outputs, infos = {}, {}
     for precision in ("int8", "auto", "fp32"):
-        engine = OrtEngine(int8_bundle, EngineOptions(device="cpu", precision=precision))
+        options = EngineOptions(device="cpu", precision=precision, max_batch=len(batch))
+        engine = OrtEngine(int8_bundle, options)
         assert engine.describe()["precision"] == precision and engine.describe()["model"] is None
         engine.load()
         outputs[precision], infos[precision] = engine.infer(batch), engine.describe()
