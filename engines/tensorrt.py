@@ -15,10 +15,12 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -36,6 +38,27 @@ DEFAULT_PROFILE = (1, 8, 32)
 """Batch (min, opt, max) the plan is tuned for unless asked otherwise; clipped to the bundle's batch range."""
 PLAN_PRECISIONS = ("fp16", "fp32")
 MAX_PROFILE_BATCH = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Parity:
+    """How close a plan's outputs must come to ONNX Runtime fp32 on the same frames, for one precision."""
+
+    score_atol: float
+    """Largest absolute difference of a score in [0, 1] (``quality``, ``planes``)."""
+    min_cosine: float
+    """Lowest per-frame cosine of an ``embedding`` output."""
+    min_mask_agreement: float
+    """Lowest share of equal ``mask`` pixels (a pixel flips where its logit lies within rounding of 0)."""
+
+
+PARITY: dict[str, Parity] = {
+    # fp32 plans are built with TF32 off, so they differ from ORT only by summation order.
+    "fp32": Parity(score_atol=1e-4, min_cosine=0.99999, min_mask_agreement=0.999),
+    # fp16 keeps 11 significant bits (2**-11 = 4.9e-4 per rounding) and a few roundings chain.
+    "fp16": Parity(score_atol=1e-2, min_cosine=0.999, min_mask_agreement=0.99),
+}
+"""The parity each plan precision is held to against ORT fp32 (the GPU tests and tools/gpu_check.py)."""
 
 
 # --------------------------------------------------------------------------- lazy imports
@@ -85,6 +108,49 @@ def gpu_properties(cudart: Any, device: int) -> tuple[str, tuple[int, int]]:
     return name.rstrip("\x00").strip(), (int(prop.major), int(prop.minor))
 
 
+def set_device(cudart: Any, device: int) -> None:
+    """Make ``device`` current for the calling thread: CUDA keeps the current device per thread, and an
+    engine may be loaded on one thread and run on another."""
+    _check(cudart.cudaSetDevice(device), "cudaSetDevice")
+
+
+_TRT_WHEEL = re.compile(r"tensorrt[-_.]cu(\d+)(?:[-_.](?:libs|bindings))?")
+
+
+def tensorrt_cuda_major() -> int | None:
+    """The CUDA major the installed TensorRT wheels are built for (``tensorrt-cu12`` -> 12), or None when
+    TensorRT came another way (a tar or deb install names no CUDA major)."""
+    majors = {int(match.group(1)) for dist in importlib.metadata.distributions()
+              if (match := _TRT_WHEEL.fullmatch(str(dist.metadata["Name"] or "").lower()))}
+    return max(majors) if len(majors) == 1 else None
+
+
+def cuda_mismatch(cudart: Any) -> str | None:
+    """Why the CUDA driver, cuda-python and TensorRT's wheels cannot work together, or None.
+
+    The driver must support the CUDA major of both cuda-python and TensorRT's wheels, and those two
+    must share one major (the ``gpu-cu12`` and ``gpu-cu13`` extras pin matching pairs). Without this
+    check a CUDA-13 cuda-python on a CUDA-12 driver reports only "no CUDA GPU".
+    """
+    err, driver = cudart.cudaDriverGetVersion()
+    if getattr(err, "value", err) != 0 or not driver:
+        return None  # no driver at all: the device query says so in its own words
+    err, runtime = cudart.cudaRuntimeGetVersion()
+    runtime_major = runtime // 1000 if getattr(err, "value", err) == 0 else None
+    driver_major, trt_cuda = driver // 1000, tensorrt_cuda_major()
+    driver_text = f"the NVIDIA driver supports CUDA up to {driver_major}.{driver % 1000 // 10}"
+    if runtime_major is not None and runtime_major > driver_major:
+        return (f"{driver_text} but cuda-python is built for CUDA {runtime_major}: install the "
+                f"gpu-cu{driver_major} extra or a newer driver")
+    if trt_cuda is not None and trt_cuda > driver_major:
+        return (f"{driver_text} but TensorRT's wheels are tensorrt-cu{trt_cuda}: install the "
+                f"gpu-cu{driver_major} extra or a newer driver")
+    if trt_cuda is not None and runtime_major is not None and trt_cuda != runtime_major:
+        return (f"TensorRT's wheels are tensorrt-cu{trt_cuda} but cuda-python is built for CUDA "
+                f"{runtime_major}: install one extra, gpu-cu{trt_cuda} or gpu-cu{runtime_major}")
+    return None
+
+
 # --------------------------------------------------------------------------- options
 
 
@@ -106,7 +172,8 @@ class TrtOptions:
         "tools/build_engine.py --cache fills the same cache ahead of a run")
     profile: tuple[int, int, int] = option(
         DEFAULT_PROFILE, "batch min,opt,max the TensorRT plan is tuned for; clipped to the bundle's batch "
-        "range, max raised to infer.max_batch; part of the plan cache key", min=1, max=MAX_PROFILE_BATCH)
+        "range, min lowered to the bundle's min batch and max raised to infer.max_batch so every batch the "
+        "engine takes fits; part of the plan cache key", min=1, max=MAX_PROFILE_BATCH)
     progress: bool = option(
         False, "show a TensorRT plan build (minutes, when the cache has no plan) as progress bars")
 
@@ -128,6 +195,9 @@ class PlanKey:
     profile: tuple[int, int, int]
     bundle_sha256: str
     strongly_typed: bool
+    recipe: str
+    """How the plan is made from the ONNX (builder settings, fp16 conversion): see
+    :func:`engines.export.tensorrt_plan.build_recipe`."""
 
     def fields(self) -> dict[str, Any]:
         """The key as JSON-native values, as written beside the plan."""
@@ -139,6 +209,7 @@ class PlanKey:
             "profile": list(self.profile),
             "bundle_sha256": self.bundle_sha256,
             "strongly_typed": self.strongly_typed,
+            "recipe": self.recipe,
         }
 
 
@@ -183,6 +254,20 @@ def clip_profile(profile: tuple[int, int, int], min_batch: int, max_batch: int) 
     return lo, min(max(opt, lo), hi), hi
 
 
+def engine_profile(
+    profile: tuple[int, int, int], bundle_min: int, bundle_max: int, max_batch: int
+) -> tuple[int, int, int]:
+    """The batch profile of the plan for an engine that takes batches of ``bundle_min..max_batch``.
+
+    ``profile`` (the ``[infer.trt]`` option) is clipped to the bundle's batch range, then its min is
+    lowered to ``bundle_min`` and its max raised to ``max_batch``: the engine is sent every size in that
+    range (warm-up runs both ends), and a plan whose profile misses one fails there. The engine and
+    tools/build_engine.py both resolve the profile here, so a plan built ahead is the one a run asks for.
+    """
+    _, opt, hi = clip_profile(profile, bundle_min, bundle_max)
+    return bundle_min, opt, max(hi, max_batch)
+
+
 @dataclasses.dataclass(frozen=True)
 class PlanInfo:
     """A plan ready on disk: where, under which key, and whether this call built it."""
@@ -204,6 +289,31 @@ def _cached(paths: CachePaths, key: PlanKey) -> bool:
     return isinstance(meta, dict) and meta.get("key_fields") == key.fields()
 
 
+def plan_key(
+    bundle: Bundle,
+    *,
+    precision: str,
+    profile: tuple[int, int, int],
+    tensorrt_version: str,
+    gpu_name: str,
+    compute_capability: tuple[int, int],
+    strongly_typed: bool,
+) -> PlanKey:
+    """The key of the plan for ``bundle`` built this way on this TensorRT and GPU (no CUDA call)."""
+    from engines.export.tensorrt_plan import build_recipe  # the recipe is the build's; its module is light
+
+    return PlanKey(
+        tensorrt_version=tensorrt_version,
+        gpu_name=gpu_name,
+        compute_capability=compute_capability,
+        precision=precision,
+        profile=clip_profile(profile, bundle.min_batch, bundle.max_batch),
+        bundle_sha256=bundle.sha256,
+        strongly_typed=strongly_typed,
+        recipe=build_recipe(precision, strongly_typed),
+    )
+
+
 def ensure_plan(
     bundle: Bundle,
     *,
@@ -221,17 +331,12 @@ def ensure_plan(
     """
     trt = import_tensorrt()
     cudart = import_cudart()
-    _check(cudart.cudaSetDevice(device), "cudaSetDevice")
+    set_device(cudart, device)
     gpu_name, capability = gpu_properties(cudart, device)
-    typed = trt_major(trt) >= 11 if strongly_typed is None else strongly_typed
-    key = PlanKey(
-        tensorrt_version=str(trt.__version__),
-        gpu_name=gpu_name,
-        compute_capability=capability,
-        precision=precision,
-        profile=clip_profile(profile, bundle.min_batch, bundle.max_batch),
-        bundle_sha256=bundle.sha256,
-        strongly_typed=typed,
+    key = plan_key(
+        bundle, precision=precision, profile=profile, tensorrt_version=str(trt.__version__),
+        gpu_name=gpu_name, compute_capability=capability,
+        strongly_typed=trt_major(trt) >= 11 if strongly_typed is None else strongly_typed,
     )
     digest = cache_key(key)
     paths = cache_paths(Path(cache_dir) if cache_dir is not None else default_cache_dir(), key)
@@ -258,10 +363,11 @@ class _Buffer:
 
 
 class _Session:
-    """A deserialized plan with its execution context, stream and buffers; owns all CUDA memory it uses."""
+    """A deserialized plan with its execution context, stream and buffers on one CUDA device; owns all CUDA
+    memory it uses. Every method first makes that device current, since the calling thread may differ."""
 
-    def __init__(self, trt: Any, cudart: Any, engine: Any, runtime: Any, logger: Any) -> None:
-        self.trt, self.cudart = trt, cudart
+    def __init__(self, trt: Any, cudart: Any, device: int, engine: Any, runtime: Any, logger: Any) -> None:
+        self.trt, self.cudart, self.device = trt, cudart, device
         self.logger, self.runtime, self.engine = logger, runtime, engine
         self.context: Any = None
         self.stream: Any = None
@@ -269,13 +375,14 @@ class _Session:
         self.buffers: list[_Buffer] = []
 
     @classmethod
-    def deserialize(cls, plan: Path) -> _Session | None:
-        """Load a plan file; None when TensorRT rejects it (corrupt, or from another version)."""
+    def deserialize(cls, plan: Path, device: int) -> _Session | None:
+        """Load a plan file onto ``device``; None when TensorRT rejects it (corrupt, or another version's)."""
         trt, cudart = import_tensorrt(), import_cudart()
+        set_device(cudart, device)
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(plan.read_bytes())
-        return None if engine is None else cls(trt, cudart, engine, runtime, logger)
+        return None if engine is None else cls(trt, cudart, device, engine, runtime, logger)
 
     def signature(self) -> tuple[dict[str, TensorSig], dict[str, TensorSig]]:
         """(inputs, outputs) as numpy dtype names and dims, None for dynamic dims."""
@@ -301,6 +408,7 @@ class _Session:
     def allocate(self, input_name: str, max_shape: tuple[int, ...]) -> None:
         """Create the context and stream, and buffers for every I/O tensor at the largest input shape."""
         cudart = self.cudart
+        set_device(cudart, self.device)
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise EngineError("tensorrt could not create an execution context (out of GPU memory?)")
@@ -324,6 +432,7 @@ class _Session:
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run one batch; returns views of the pinned output buffers, valid until the next run."""
         cudart, context = self.cudart, self.context
+        set_device(cudart, self.device)
         to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         to_host = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         views: dict[str, np.ndarray] = {}
@@ -336,7 +445,8 @@ class _Session:
                 if not context.set_input_shape(buf.name, batch.shape):
                     raise EngineError(f"tensorrt rejected input shape {batch.shape} for '{buf.name}'")
         for buf in self.buffers:
-            context.set_tensor_address(buf.name, buf.device_ptr)
+            if not context.set_tensor_address(buf.name, buf.device_ptr):
+                raise EngineError(f"tensorrt rejected the address of '{buf.name}'; its log above says why")
         if not context.execute_async_v3(self.stream_handle):
             raise EngineError("tensorrt execute_async_v3 failed; its log above says why")
         for buf in self.buffers:
@@ -360,6 +470,8 @@ class _Session:
                 _check(result, call)
             except EngineError as exc:
                 failures.append(str(exc))
+
+        attempt(cudart.cudaSetDevice(self.device), "cudaSetDevice")
 
         if self.stream is not None:
             attempt(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
@@ -411,8 +523,8 @@ class TrtEngine(Engine):
         self.precision = "fp16" if options.precision == "auto" else options.precision
         self.backend_options = backend_options or TrtOptions()
         self.device_id = int(options.device.partition(":")[2] or 0)
-        lo, opt, hi = clip_profile(self.backend_options.profile, bundle.min_batch, bundle.max_batch)
-        self.profile = (lo, opt, max(hi, self.max_batch))
+        self.profile = engine_profile(self.backend_options.profile, bundle.min_batch, bundle.max_batch,
+                                      self.max_batch)
         self._plan: PlanInfo | None = None
         self._session: _Session | None = None
 
@@ -446,6 +558,9 @@ class TrtEngine(Engine):
         except Exception as exc:  # e.g. ImportError for a missing CUDA runtime library
             return False, f"cuda-python cannot be imported ({type(exc).__name__}: {exc})"
         try:
+            mismatch = cuda_mismatch(cudart)
+            if mismatch is not None:
+                return False, mismatch
             err, count = cudart.cudaGetDeviceCount()
             if getattr(err, "value", err) != 0:
                 return False, f"no CUDA GPU ({getattr(err, 'name', err)})"
@@ -462,12 +577,12 @@ class TrtEngine(Engine):
         ok, reason = self.available()
         if not ok:
             raise EngineError(f"engine 'trt' is not available: {reason}")
-        plan = self._ensure_plan(force=False)
-        session = _Session.deserialize(plan.path)
+        plan = self.ensure_plan()
+        session = _Session.deserialize(plan.path, self.device_id)
         if session is None and not plan.built:
             log.warning("trt: cached plan %s does not load; rebuilding it", plan.path)
-            plan = self._ensure_plan(force=True)
-            session = _Session.deserialize(plan.path)
+            plan = self.ensure_plan(force=True)
+            session = _Session.deserialize(plan.path, self.device_id)
         if session is None:
             raise EngineError(f"tensorrt could not deserialize the plan it just built: {plan.path}")
         try:
@@ -480,7 +595,9 @@ class TrtEngine(Engine):
         self._plan, self._session = plan, session
         self.warm_up()
 
-    def _ensure_plan(self, *, force: bool) -> PlanInfo:
+    def ensure_plan(self, *, force: bool = False) -> PlanInfo:
+        """The plan this engine loads, from the cache or built now; tools/build_engine.py calls this too,
+        so the plan it builds ahead is the one a run with the same settings asks for."""
         return ensure_plan(
             self.bundle,
             precision=self.precision,
@@ -523,8 +640,6 @@ class TrtEngine(Engine):
         session, self._session = self._session, None
         if session is not None:
             session.close()
-
-
 
 
 ENGINE_CLASS = TrtEngine

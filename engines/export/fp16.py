@@ -8,9 +8,11 @@ module only chooses what stays fp32 and checks the result.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import onnx
+import onnxruntime
 from onnx.external_data_helper import uses_external_data
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 from onnxruntime.transformers.onnx_model import OnnxModel
@@ -31,6 +33,13 @@ exported as primitive ops (older opsets)."""
 IN_MEMORY_LIMIT = 1_800_000_000
 """Models stored in fewer bytes are typed in memory. Protobuf cannot serialise a message of 2 GiB or
 more, which in-memory shape inference needs to do; the margin covers what the converter adds."""
+
+
+def recipe() -> str:
+    """What decides the converted graph, for the TensorRT plan key: the converter (ONNX Runtime's, by
+    version) and the ops it keeps fp32, so editing either rebuilds plans made from the old conversion."""
+    kept = ",".join(sorted({*DEFAULT_OP_BLOCK_LIST, *FP32_OPS}))
+    return f"ort-float16-{onnxruntime.__version__}-{hashlib.sha256(kept.encode()).hexdigest()[:8]}"
 
 
 def _stored_size(src: Path, model: onnx.ModelProto) -> int:

@@ -30,6 +30,22 @@ from engines.tensorrt import (
 
 log = logging.getLogger("sweepstream")
 
+BUILD_RECIPE = 2
+"""Version of what :func:`build_plan` asks of the builder: network flags, precision flags (TF32 cleared
+for fp32 since recipe 2), the optimisation profile. Bump it with any change there: it is part of every plan
+key (:func:`build_recipe`), so plans built the old way are rebuilt instead of silently reused."""
+
+
+def build_recipe(precision: str, strongly_typed: bool) -> str:
+    """How a plan of this precision and typing is made from the bundle's ONNX, for the plan key: the
+    builder recipe, plus the fp16 conversion's recipe where a strongly typed fp16 build parses its copy."""
+    recipe = f"build-{BUILD_RECIPE}"
+    if strongly_typed and precision == "fp16":
+        from engines.export.fp16 import recipe as fp16_recipe  # deferred: imports ONNX Runtime's converter
+
+        recipe += f"+{fp16_recipe()}"
+    return recipe
+
 
 def _write_atomic(path: Path, data: Any) -> None:
     """Write bytes-like ``data`` so readers never see a partial file (another process may be loading it)."""
@@ -98,8 +114,23 @@ def _set_profile(trt: Any, builder: Any, network: Any, config: Any, profile: tup
         frame = dims[1:]
         opt_profile.set_shape(tensor.name, (lo, *frame), (opt, *frame), (hi, *frame))
         dynamic = True
-    if dynamic:
-        config.add_optimization_profile(opt_profile)
+    if dynamic and config.add_optimization_profile(opt_profile) < 0:
+        raise EngineError(f"TensorRT refused the batch profile {profile} for this network's inputs")
+
+
+def _attach_timing_cache(config: Any, path: Path | None) -> Any:
+    """Give the build the timing cache stored at ``path`` when this TensorRT and GPU accept it, else a fresh
+    one (a cache from another device or version, or a damaged file, is refused, not fatal); returns it."""
+    blob = path.read_bytes() if path is not None and path.is_file() else b""
+    if blob:
+        cache = config.create_timing_cache(blob)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+        log.warning("trt: timing cache %s does not fit this TensorRT and GPU; starting a fresh one", path)
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise EngineError("TensorRT could not create an empty timing cache; its log above says why")
+    return cache
 
 
 def build_plan(
@@ -116,8 +147,9 @@ def build_plan(
 
     ``strongly_typed`` None means: strongly typed on TensorRT >= 11 (its only mode), weakly
     typed with ``BuilderFlag.FP16`` on 10.x. A strongly typed fp16 build parses an fp16 copy
-    of the model made by :func:`engines.export.fp16.convert_to_fp16`. ``timing_cache`` is read if it
-    exists and rewritten after the build, so later builds skip kernel timing they already did.
+    of the model made by :func:`engines.export.fp16.convert_to_fp16`. An fp32 plan is true fp32
+    (TF32 cleared), held to :data:`engines.tensorrt.PARITY`. ``timing_cache`` is read if it exists
+    and fits, and rewritten after the build, so later builds skip kernel timing they already did.
     """
     if precision not in PLAN_PRECISIONS:
         raise EngineError(f"precision must be one of {', '.join(PLAN_PRECISIONS)}, got {precision!r}")
@@ -139,6 +171,9 @@ def build_plan(
     config = builder.create_builder_config()
     if precision == "fp16" and not typed:
         config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "fp32":
+        # TF32 is on by default: fp32 matmuls and convolutions would round their inputs to 10-bit mantissas.
+        config.clear_flag(trt.BuilderFlag.TF32)
 
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     monitor = _progress_monitor(trt) if progress else None
@@ -154,9 +189,7 @@ def build_plan(
             raise EngineError(f"TensorRT could not parse {onnx_path}: {errors or 'no details reported'}")
         _set_profile(trt, builder, network, config, profile)
 
-        blob = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
-        cache = config.create_timing_cache(blob) or config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        cache = _attach_timing_cache(config, timing_cache)
         if monitor is not None:
             config.progress_monitor = monitor
         try:
@@ -171,7 +204,7 @@ def build_plan(
         )
     _write_atomic(plan_path, serialized)
     if timing_cache is not None:
-        _write_atomic(timing_cache, config.get_timing_cache().serialize())
+        _write_atomic(timing_cache, cache.serialize())  # the builder added this build's timings to it
     return plan_path
 
 
