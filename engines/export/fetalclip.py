@@ -312,7 +312,8 @@ class FetalClipExport(nn.Module):
         if self.quality is not None:
             outputs.append(self.quality(features))
         if self.mask is not None:
-            outputs.append((self.mask(tokens) > 0).to(torch.uint8))
+            # Through float: TensorRT converts uint8 only from or to float/half, never from bool.
+            outputs.append((self.mask(tokens) > 0).to(torch.float32).to(torch.uint8))
         return tuple(outputs)
 
 

@@ -63,7 +63,9 @@ def build_reference_model(size: int = 224, channels: int = 1, work: int = 0) -> 
     nodes += [
         helper.make_node("ReduceMean", [brightness], ["mean_keep"], axes=[1, 2], keepdims=1),
         helper.make_node("Greater", [brightness, "mean_keep"], ["mask_bool"]),
-        helper.make_node("Cast", ["mask_bool"], ["mask"], to=TensorProto.UINT8),
+        # Through FLOAT: TensorRT converts UINT8 only from or to FLOAT/FLOAT16, never from BOOL.
+        helper.make_node("Cast", ["mask_bool"], ["mask_float"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["mask_float"], ["mask"], to=TensorProto.UINT8),
         helper.make_node("ReduceMean", [brightness], ["mean"], axes=[1, 2], keepdims=0),
         helper.make_node("Div", ["mean", "scale"], [quality_base]),
         helper.make_node("Mul", [brightness, brightness], ["squares"]),
@@ -157,7 +159,7 @@ def make_reference_bundle(
         "format": "sweepstream-bundle",
         "format_version": 1,
         "name": name,
-        "version": "1.0.0",
+        "version": "1.1.0",  # 1.1: the mask leaves the graph as BOOL -> FLOAT -> UINT8 (TensorRT-documented)
         "description": (
             "Reference bundle for sweepstream pipeline tests, not a medical model: quality is mean "
             "intensity / 255, mask marks pixels brighter than the frame mean, planes is a softmax of "
