@@ -28,6 +28,7 @@ import numpy as np
 from .acouslic import convex_fov_mask
 from .biometry import Measurement, measure, robust_ac
 from .letterbox import Geometry, to_frame
+from .refine import SweepScores, plan
 from .sweep import BestFrameEvent, FrameInfo, SweepConfig, SweepEvent, SweepTracker
 
 
@@ -55,6 +56,8 @@ class Finding:
     images: dict[str, np.ndarray] = field(default_factory=dict)
     # Set on a best_frame whose measuring is deferred: returns it completed, with its biometry finding.
     later: Callable[[], list[Finding]] | None = None
+    # On a final best_frame held for refinement: when its sweep was seen to end (monotonic ns).
+    ended_ns: int | None = None
 
 
 @dataclass
@@ -70,24 +73,80 @@ def _gray_copy(image: np.ndarray) -> np.ndarray:
 class SweepAnalyzer:
     """Feeds a :class:`SweepTracker` and turns its events into findings with biometry attached."""
 
-    def __init__(self, config: SweepConfig | None = None) -> None:
+    def __init__(self, config: SweepConfig | None = None, refine: bool = False) -> None:
         self.config = config or SweepConfig()
-        self.tracker = SweepTracker(self.config)
+        self.tracker = SweepTracker(self.config, hold_finals=refine)
+        self.scores: dict[int, SweepScores] = {}  # sweep id -> its scored frames, for refinement planning
+        self._closing_since: dict[int, int] = {}  # sweep id -> when it was seen waiting for its final
+        self._candidates: dict[int, np.ndarray] = {}  # frame id -> full-resolution copy, while planned
         self._kept: dict[int, dict[int, _Kept]] = {}  # sweep id -> frame id -> what is kept of it
         self._fov_sum: np.ndarray | None = None
         self._fov_key: tuple[Any, tuple[int, ...]] | None = None
         self.images_missed = 0  # final best frames whose ring slot was overwritten before they were copied
 
-    def add(self, frame: AnalyzedFrame, image: np.ndarray | None) -> list[Finding]:
+    def add(self, frame: AnalyzedFrame, image: np.ndarray | None, refined: bool = False) -> list[Finding]:
         """One scored frame with its full-resolution image (None when the ring slot was overwritten before
         it could be read). The image may be a borrowed view of the ring: the analyzer reads it now and
         copies only the frames it keeps (the best and the window); if the slot turns out to have been
-        overwritten meanwhile, the caller says so with `discard_image`."""
-        if image is not None:
-            self._accumulate_fov(frame, image)
-        events = self.tracker.update(frame.info)
-        self._keep(frame, image)
+        overwritten meanwhile, the caller says so with `discard_image`. A `refined` frame was scored late,
+        out of capture order (see pipeline.refine); its image may come from `hold_candidate`."""
+        frame_id = frame.info.frame_id
+        if refined:
+            candidate = self._candidates.pop(frame_id, None)
+            image = candidate if image is None else image
+            events = self.tracker.add_refined(frame.info)
+            sweep_id = self.tracker.sweep_of(frame_id)
+        else:
+            if image is not None:
+                self._accumulate_fov(frame, image)
+            events = self.tracker.update(frame.info)
+            sweep_id = self.tracker.sweep_id
+        if sweep_id is not None:
+            scores = self.scores.setdefault(sweep_id, SweepScores(frame_id, frame_id))
+            scores.add(frame_id, frame.info.score, frame.t_capture_ns)
+            self._keep(frame, image, sweep_id)
         return self._findings(events, frame)
+
+    # -- lookback refinement ------------------------------------------------------------------------------
+    def refine_plan(self, held_since_ns: int, limit: int) -> list[int]:
+        """Unscored frame ids to score next (pipeline.refine.plan): sweeps waiting for their final first."""
+        order = [*sorted(self.tracker.closing), *([] if self.tracker.sweep_id is None
+                                                  else [self.tracker.sweep_id])]
+        planned = plan([self.scores[i] for i in order if i in self.scores], held_since_ns, limit)
+        for frame_id in [i for i in self._candidates if i not in planned]:
+            del self._candidates[frame_id]
+        return planned
+
+    def wants_image(self, frame_id: int) -> bool:
+        return frame_id not in self._candidates
+
+    def hold_candidate(self, frame_id: int, image: np.ndarray) -> None:
+        """A planned frame's full-resolution image, copied while the ring still has it: it may become the
+        best frame, whose PNG needs it."""
+        self._candidates[frame_id] = image.copy()
+
+    def discard_candidate(self, frame_id: int) -> None:
+        """The candidate's slot was overwritten while it was copied."""
+        self._candidates.pop(frame_id, None)
+
+    def due_finals(self, now_ns: int, held_since_ns: int, timeout_ns: int) -> list[Finding]:
+        """Finals of the sweeps waiting for refinement that is complete, or that waited `timeout_ns`."""
+        findings: list[Finding] = []
+        for sweep_id in sorted(self.tracker.closing):
+            since = self._closing_since.setdefault(sweep_id, now_ns)
+            scores = self.scores.get(sweep_id)
+            if scores is None or scores.complete(held_since_ns) or now_ns - since >= timeout_ns:
+                findings += self._close(sweep_id)
+        return findings
+
+    def _close(self, sweep_id: int) -> list[Finding]:
+        since = self._closing_since.pop(sweep_id, None)
+        findings = self._findings(self.tracker.close(sweep_id), None)
+        for finding in findings:
+            if finding.type == "best_frame":
+                finding.ended_ns = since
+        self.scores.pop(sweep_id, None)
+        return findings
 
     def discard_image(self, frame_id: int) -> None:
         """The image given with this frame was overwritten while it was read: keep no copy of it."""
@@ -100,15 +159,18 @@ class SweepAnalyzer:
         return self._findings(self.tracker.command(name, t), None)
 
     def flush(self, t: float) -> list[Finding]:
-        """End of stream: the open sweep's final best frame, biometry and end."""
-        return self._findings(self.tracker.flush(t), None)
+        """End of stream: every sweep's final best frame, biometry and end (refinement is over)."""
+        findings = self._findings(self.tracker.flush(t), None)
+        for sweep_id in sorted(self.tracker.closing):
+            findings += self._close(sweep_id)
+        return findings
 
     # -- keeping what selection may still need ----------------------------------------------------------
-    def _keep(self, frame: AnalyzedFrame, image: np.ndarray | None) -> None:
+    def _keep(self, frame: AnalyzedFrame, image: np.ndarray | None, sweep_id: int) -> None:
         """Near-empty frames the tracker holds back are not kept: they rank too low to matter. Full-resolution
         copies only where the best frame is or may yet be: itself and the window."""
-        selector, sweep_id = self.tracker.selector, self.tracker.sweep_id
-        if selector is None or sweep_id is None:
+        selector = self.tracker.selector_of(sweep_id)
+        if selector is None:
             return
         kept = self._kept.setdefault(sweep_id, {})
         wanted = selector.window_ids | ({selector.best.frame_id} if selector.best is not None else set())

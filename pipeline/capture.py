@@ -113,6 +113,11 @@ class CaptureStage(Stage):
             cfg.duration is not None and time.monotonic() - self._started >= cfg.duration)
 
     def _publish(self, frame: SourceFrame, t_capture: int) -> None:
+        if self._next_id == 0 and (lacking := self.ring.shortfall(frame.image.nbytes)):
+            size = frame.image.nbytes / 2**20
+            raise ValueError(f"source {self.source.uri}: {self.ring.slots} ring slots of {size:.1f} MiB "
+                             f"frames need {lacking / 2**20:.0f} MiB more shared memory (/dev/shm) than is "
+                             "free: lower ring.slots (and infer.refine_window_s with it) or enlarge /dev/shm")
         frame_id, self._next_id = self._next_id, self._next_id + 1
         self.counters["read"] += 1
         try:

@@ -69,8 +69,10 @@ class SourceConfig:
 
 @dataclass
 class RingConfig:
-    slots: int = option(8, "full-resolution frame slots in shared memory (bounds memory use)",
-                        min=2, max=1024)
+    slots: int = option(96, "full-resolution frame slots in shared memory (bounds memory use: slots x "
+                        "frame size, 40 MB for 562 x 744 grey frames; 96 hold 3.2 s of 30 fps video, so a "
+                        "frame scored late by lookback refinement still has its full-resolution image for "
+                        "the best-frame PNG)", min=2, max=1024)
     slot_mb: float = option(8.0, "capacity of one slot in MiB (a 1080p BGR frame needs 5.9)",
                             min=0.01, max=512)
 
@@ -102,6 +104,17 @@ class InferConfig:
         "a GPU", min=1, max=MAX_BATCH)
     threads: int = option(0, "intra-op threads for the engine (0 = one fewer than the usable CPU cores, at "
                           "least 1: the other stages need a core)", min=0, max=256)
+    refine: Literal["auto", "on", "off"] = option(
+        "auto", "lookback refinement: when the engine cannot score every frame, spare engine time scores the "
+        "skipped frames around each sweep's best ones (the newest frame keeps priority: at most one "
+        "refinement between two newest frames), and a sweep's final best_frame waits for it; auto is on "
+        "(it does nothing while every frame is scored); off: newest frames only")
+    refine_window_s: float = option(
+        3.0, "how far back prepared model inputs are kept for refinement (about 50 kB a frame at 224 x 224)",
+        min=0.5, max=60)
+    refine_timeout_s: float = option(
+        1.0, "longest a sweep's final best_frame waits for its refinement after the sweep ends",
+        min=0, max=60)
     rate_limit_fps: float | None = option(
         None, "at most this many frames a second through the engine (leaves CPU to other software on a "
         "shared cart; emulates a slower cart in benchmarks); none: as fast as it goes", min=0.01, max=10000)
@@ -306,6 +319,16 @@ def _check_consistency(config: Config) -> None:
     bundle = Path(config.infer.bundle)
     if not (bundle / "bundle.json").is_file():
         raise ConfigError(f"infer.bundle: {bundle} has no bundle.json")
+    window = config.infer.refine_window_s
+    if config.infer.refine != "off" and config.ring.slots < window * NOMINAL_FPS:
+        raise ConfigError(
+            f"ring.slots: {config.ring.slots} slots hold {config.ring.slots / NOMINAL_FPS:.2f} s of "
+            f"{NOMINAL_FPS} fps video, less than infer.refine_window_s ({window:g} s): frames refined late "
+            "would have no full-resolution image; raise ring.slots, shorten the window, or set "
+            "infer.refine=off")
+
+
+NOMINAL_FPS = 30  # what a live ultrasound video output gives, for sizes stated in seconds
 
 
 def _describe(name: str, cls: type) -> list[str]:

@@ -55,6 +55,11 @@ class Link:
     endpoint: str | None = None  # a fixed endpoint (remote workers); None: ipc in the run's socket folder
 
     @property
+    def carries_frames(self) -> bool:
+        """Whether frames cross this link (and are accounted at its boundary), not requests about them."""
+        return self.carries in (Kind.FRAME, Kind.INPUT, Kind.RESULT)
+
+    @property
     def boundary(self) -> str:
         """The boundary's name in summaries and health events: "sender>receiver"."""
         return f"{self.sender}>{self.receiver}"
@@ -180,7 +185,7 @@ def frame_accounting(counters: dict[str, dict[str, int]], graph: Graph) -> dict:
         return int(counters.get(stage, {}).get(key, 0))
 
     boundaries = {}
-    for link in graph.links:
+    for link in (link for link in graph.links if link.carries_frames):
         drops = {f"{stage}.{key}": get(stage, key) for stage, key in link.drops}
         boundaries[link.boundary] = {"sent": get(link.sender, "sent"), "dropped": sum(drops.values()),
                                      "drops": drops}
@@ -191,37 +196,46 @@ def frame_accounting(counters: dict[str, dict[str, int]], graph: Graph) -> dict:
             "boundaries": boundaries}
 
 
-def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None) -> Graph:
+def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, refine: bool = True) -> Graph:
     """The four-stage pipeline. `infer_workers` local infer processes share the work; `inputs_endpoint`
-    fixes where preprocess serves work, so infer workers on other machines can connect to it too."""
+    fixes where preprocess serves work, so infer workers on other machines can connect to it too; `refine`
+    adds the back link on which postprocess asks preprocess for frames to score late (pipeline.refine)."""
+    links = [
+        Link("frames", "capture", "preprocess", Kind.FRAME, "push", bound_by="sender", hwm="transport",
+             backpressure="capture never waits on a live source (a full queue is a counted drop); "
+                           "preprocess keeps only the newest frame waiting (older ones: drop_stale); a "
+                           "frame whose ring slot was overwritten before it was read: drop_overwritten",
+             drops=(("capture", "drop_send_full"), ("preprocess", "drop_stale"),
+                    ("preprocess", "drop_overwritten"))),
+        Link("inputs", "preprocess", "infer", Kind.INPUT, "work", bound_by="sender", hwm="batch",
+             backpressure="preprocess holds the newest prepared frames, one batch's worth, until a "
+                          "worker asks (older ones: drop_held); a worker gone with its frames: "
+                          "drop_send_full",
+             drops=(("preprocess", "drop_held"), ("preprocess", "drop_send_full"),
+                    ("infer", "drop_stale")),
+             endpoint=inputs_endpoint),
+        Link("results", "infer", "postprocess", Kind.RESULT, "push", bound_by="receiver", hwm="batch",
+             backpressure="infer waits for postprocess (a result already paid for is not thrown away), "
+                          "which slows its asking, so preprocess drops the oldest unscored frames",
+             drops=(("infer", "drop_send_full"), ("postprocess", "drop_stale"))),
+    ]
+    if refine:
+        links.append(Link(
+            "refine", "postprocess", "preprocess", Kind.REFINE, "push", bound_by="receiver", hwm="transport",
+            backpressure="each request replaces the one before, so a full queue loses nothing that the next "
+                         "request does not carry (counted: refine_requests_lost); refined frames are extra "
+                         "to the frame accounting (preprocess refine_sent, postprocess refined)",
+            drops=()))
     return Graph(
         stages=(
             StageSpec("capture", "capture", counters=("read",)),
-            StageSpec("preprocess", "preprocess"),
+            StageSpec("preprocess", "preprocess", counters=("refine_sent", "refine_gone")),
             StageSpec("infer", "infer", replicas=infer_workers),
             StageSpec("postprocess", "postprocess",
-                      counters=("scored", "best_image_missed", "operator_start", "operator_stop",
-                                "operator_rejected")),
+                      counters=("scored", "refined", "refine_requests_lost", "best_image_missed",
+                                "operator_start", "operator_stop", "operator_rejected")),
         ),
-        links=(
-            Link("frames", "capture", "preprocess", Kind.FRAME, "push", bound_by="sender", hwm="transport",
-                 backpressure="capture never waits on a live source (a full queue is a counted drop); "
-                               "preprocess keeps only the newest frame waiting (older ones: drop_stale); a "
-                               "frame whose ring slot was overwritten before it was read: drop_overwritten",
-                 drops=(("capture", "drop_send_full"), ("preprocess", "drop_stale"),
-                        ("preprocess", "drop_overwritten"))),
-            Link("inputs", "preprocess", "infer", Kind.INPUT, "work", bound_by="sender", hwm="batch",
-                 backpressure="preprocess holds the newest prepared frames, one batch's worth, until a "
-                              "worker asks (older ones: drop_held); a worker gone with its frames: "
-                              "drop_send_full",
-                 drops=(("preprocess", "drop_held"), ("preprocess", "drop_send_full"),
-                        ("infer", "drop_stale")),
-                 endpoint=inputs_endpoint),
-            Link("results", "infer", "postprocess", Kind.RESULT, "push", bound_by="receiver", hwm="batch",
-                 backpressure="infer waits for postprocess (a result already paid for is not thrown away), "
-                              "which slows its asking, so preprocess drops the oldest unscored frames",
-                 drops=(("infer", "drop_send_full"), ("postprocess", "drop_stale"))),
-        ),
+        links=tuple(links),
         ring=Ring(writer="capture", first_reader="preprocess", last_reader="postprocess"),
     )
 

@@ -1,6 +1,7 @@
 """What travels between stages: one enumeration of message kinds and a frozen type per data hop.
 
     capture --FrameRef--> preprocess --PreparedInput--> infer --Result--> postprocess
+                              ^-------------------- RefineRequest --------------------'
 
 Each hop type encodes itself into a `wire.Message` and decodes one strictly: a missing field, a wrong type
 or a timestamp the hop must carry but does not is a `WireError` (a rejected, counted message), never a
@@ -29,6 +30,7 @@ class Kind(str, Enum):
     FRAME = "frame"  # capture -> preprocess
     INPUT = "input"  # preprocess -> infer
     RESULT = "result"  # infer -> postprocess
+    REFINE = "refine"  # postprocess -> preprocess: the unscored frames to score next (lookback refinement)
     # flow control on data sockets
     WANT = "want"  # infer -> preprocess: "send me up to n frames"
     EOS = "eos"  # end of stream, passed down the graph
@@ -118,17 +120,18 @@ class PreparedInput:
     geometry: Geometry
     content: float  # share of the model input that is tissue (letterbox.content_fraction)
     pixels: np.ndarray
+    refined: bool = False  # sent again from preprocess's history (lookback refinement), not as the newest
 
     def message(self) -> Message:
         return Message(Kind.INPUT.value, {**self.frame.header(), "geom": self.geometry.as_wire(),
-                                          "content": self.content}, (self.pixels,))
+                                          "content": self.content, "refined": self.refined}, (self.pixels,))
 
     @classmethod
     def from_message(cls, msg: Message) -> PreparedInput:
-        frame, geometry, content = _prepared_fields(msg, Kind.INPUT)
+        frame, geometry, content, refined = _prepared_fields(msg, Kind.INPUT)
         if len(msg.arrays) != 1:
             raise WireError(f"an input message carries one tensor, got {len(msg.arrays)}")
-        return cls(frame, geometry, content, msg.arrays[0])
+        return cls(frame, geometry, content, msg.arrays[0], refined)
 
 
 @dataclass(frozen=True)
@@ -139,28 +142,50 @@ class Result:
     geometry: Geometry
     content: float
     outputs: dict[str, np.ndarray]
+    refined: bool = False
 
     @classmethod
     def of(cls, prepared: PreparedInput, outputs: dict[str, np.ndarray]) -> Result:
-        return cls(prepared.frame, prepared.geometry, prepared.content, outputs)
+        return cls(prepared.frame, prepared.geometry, prepared.content, outputs, prepared.refined)
 
     def message(self) -> Message:
         return Message(Kind.RESULT.value, {**self.frame.header(), "geom": self.geometry.as_wire(),
-                                           "content": self.content, "outputs": list(self.outputs)},
+                                           "content": self.content, "refined": self.refined,
+                                           "outputs": list(self.outputs)},
                        tuple(self.outputs.values()))
 
     @classmethod
     def from_message(cls, msg: Message) -> Result:
-        frame, geometry, content = _prepared_fields(msg, Kind.RESULT)
+        frame, geometry, content, refined = _prepared_fields(msg, Kind.RESULT)
         names = _field(msg.header, "outputs", (list,), "a list")
         if not all(type(n) is str for n in names) or len(set(names)) != len(names):
             raise WireError(f"field 'outputs' must be distinct names, got {names!r}")
         if len(names) != len(msg.arrays):
             raise WireError(f"{len(names)} output names for {len(msg.arrays)} tensors")
-        return cls(frame, geometry, content, dict(zip(names, msg.arrays, strict=True)))
+        return cls(frame, geometry, content, dict(zip(names, msg.arrays, strict=True)), refined)
 
 
-def _prepared_fields(msg: Message, kind: Kind) -> tuple[FrameRef, Geometry, float]:
+@dataclass(frozen=True)
+class RefineRequest:
+    """The frames postprocess wants scored next, most wanted first; each request replaces the last. It also
+    says how many refined frames postprocess has scored, so preprocess knows how many are in flight."""
+
+    frame_ids: tuple[int, ...]
+    scored: int
+
+    def message(self) -> Message:
+        return Message(Kind.REFINE.value, {"ids": list(self.frame_ids), "scored": self.scored})
+
+    @classmethod
+    def from_message(cls, msg: Message) -> RefineRequest:
+        ids = _field(msg.header, "ids", (list,), "a list")
+        if not all(type(i) is int and i >= 0 for i in ids):
+            raise WireError(f"field 'ids' must be frame ids, got {ids!r}")
+        scored = _field(msg.header, "scored", (int,), "an int")
+        return cls(tuple(ids), scored)
+
+
+def _prepared_fields(msg: Message, kind: Kind) -> tuple[FrameRef, Geometry, float, bool]:
     if msg.kind != kind.value:
         raise WireError(f"expected a {kind.value} message, got {msg.kind!r}")
     frame = FrameRef.from_header(msg.header, kind)
@@ -171,12 +196,13 @@ def _prepared_fields(msg: Message, kind: Kind) -> tuple[FrameRef, Geometry, floa
     content = _field(msg.header, "content", (float, int), "a number")
     if not 0.0 <= content <= 1.0:
         raise WireError(f"field 'content' must lie in [0, 1], got {content!r}")
-    return frame, geometry, float(content)
+    return frame, geometry, float(content), _field(msg.header, "refined", (bool,), "true or false")
 
 
 HOPS: dict[Kind, Any] = {
     Kind.FRAME: lambda msg: FrameRef.from_header(msg.header, Kind.FRAME),
     Kind.INPUT: PreparedInput.from_message,
     Kind.RESULT: Result.from_message,
+    Kind.REFINE: RefineRequest.from_message,
 }
-"""Decoder of each data hop's message kind."""
+"""Decoder of each data link's message kind."""

@@ -19,9 +19,10 @@ import cv2
 import numpy as np
 import zmq
 
+from . import wire
 from .analysis import Finding, SweepAnalyzer, resolve
 from .events import EventSink, make_event
-from .messages import Kind, Result, kind_of
+from .messages import Kind, RefineRequest, Result, kind_of
 from .metrics import SEGMENTS, segment_row
 from .ring import FrameRing
 from .stage import MAX_TAKE, Stage
@@ -31,6 +32,9 @@ from .wire import Message
 
 log = logging.getLogger("sweepstream")
 BEST_DIR = "best"
+REFINE_POLL_MS = 20  # how often a refining postprocess looks at its waiting finals without new results
+REFINE_REQUEST_FRAMES = 16  # frames asked for at once, most wanted first
+REFINE_MARGIN_NS = 200_000_000  # frames this close to leaving preprocess's history are not asked for
 MAX_PENDING_WRITES = 256  # the frame path waits for the writer beyond this many batches
 
 
@@ -67,55 +71,103 @@ class PostprocessStage(Stage):
         self.sink = EventSink(self.context, self.config.postprocess.events,
                               Path(self.wiring.out) / "events.jsonl")
         self.best_dir = Path(self.wiring.out) / BEST_DIR if self.config.postprocess.best_frames else None
-        self.analyzer = SweepAnalyzer(self.config.sweep.for_bundle(self.bundle.best_frame.min_score))
+        infer = self.config.infer
+        self.refining = infer.refine != "off"
+        self.analyzer = SweepAnalyzer(self.config.sweep.for_bundle(self.bundle.best_frame.min_score),
+                                      refine=self.refining)
+        self.requests = self.open("refine") if self.refining else None
+        self._window_ns = int(infer.refine_window_s * 1e9)
+        self._timeout_ns = int(infer.refine_timeout_s * 1e9)
+        self._plan: list[int] = []
+        self._plan_scored = 0
+        if self.refining:
+            self.poll_ms = REFINE_POLL_MS
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess-events")
         self._writes: deque[Future] = deque()
         self._last_t: float | None = None
         self._flushed = False
         self._rows: list[list[float]] = []
+        self._refined_rows: list[list[float]] = []
 
     def step(self, ready: bool) -> None:
-        if not ready:
-            return
-        self._serve_operator()
-        frames, end = self.take(self.results, keep=MAX_TAKE)
-        for result in frames:
-            self._score(result)
-        if end:
-            self._flush()
-            self.finished = True
+        if ready:
+            self._serve_operator()
+            frames, end = self.take(self.results, keep=MAX_TAKE)
+            for result in frames:
+                self._score(result)
+            if end:
+                self._flush()
+                self.finished = True
+                return
+        if self.refining:
+            self._refine()
 
     def _score(self, result: Result) -> None:
+        seen = time.monotonic_ns()
         frame = result.frame
         score = frame_score(self.bundle, result.outputs)
         analyzed = analyzed_frame(result, score, self.mask_output, self.config.postprocess.pixel_spacing_mm)
-        self._last_t = analyzed.info.t
         view = self.ring.borrow(frame.slot, frame.seq) if 0 <= frame.slot < self.ring.slots else None
-        findings = self.analyzer.add(analyzed, view)
+        findings = self.analyzer.add(analyzed, view, refined=result.refined)
         if view is not None and not self.ring.valid(frame.slot, frame.seq):
             self.analyzer.discard_image(frame.id)
         del view
-        self.ring.mark_released(frame.id)
+        if result.refined:  # an older frame: the ring's marks and the stream's clock stay where they are
+            self.counters["refined"] += 1
+            sweep_id = self.analyzer.tracker.sweep_of(frame.id)
+        else:
+            self._last_t = analyzed.info.t
+            self.ring.mark_released(frame.id)
+            self.counters["scored"] += 1
+            sweep_id = self.analyzer.tracker.sweep_id
         self.counters["best_image_missed"] = self.analyzer.images_missed
         frame_event = None
         if self.config.postprocess.frame_events:
             cap = frame.stamps["cap"]
             frame_event = make_event(
-                "frame", self.wiring.run_id, sweep_id=self.analyzer.tracker.sweep_id, frame_id=frame.id,
+                "frame", self.wiring.run_id, sweep_id=sweep_id, frame_id=frame.id,
                 t_capture_ns=cap, latency_ms=(time.monotonic_ns() - cap) / 1e6, score=round(score, 6),
                 content=round(result.content, 4), source_index=frame.source["index"], source=frame.source,
-                heads=self._heads(result.outputs))
-        self._write(findings, frame.stamps["cap"], frame_event)
-        self.counters["scored"] += 1
+                refined=result.refined, heads=self._heads(result.outputs))
+        self._write(findings, frame.stamps["cap"], frame_event, seen)
         frame.stamps[self.stamp_out] = time.monotonic_ns()
-        self._rows.append(segment_row(frame.stamps))
+        (self._refined_rows if result.refined else self._rows).append(segment_row(frame.stamps))
 
-    def _write(self, findings: list[Finding], trigger_ns: int | None, frame_event: dict | None = None
-               ) -> None:
-        """Hand events to the writer thread; a failure there fails the stage here, at the next write."""
+    def _refine(self) -> None:
+        """Finals whose refinement is done (or timed out), then the frames to refine next: asked of
+        preprocess, and their full-resolution images copied while the ring still has them."""
+        now = time.monotonic_ns()
+        held_since = now - self._window_ns + REFINE_MARGIN_NS
+        finals = self.analyzer.due_finals(now, held_since, self._timeout_ns)
+        if finals:
+            self._write(finals, None, None, now)
+        plan = self.analyzer.refine_plan(held_since, REFINE_REQUEST_FRAMES)
+        for frame_id in plan:
+            if self.analyzer.wants_image(frame_id) and (found := self.ring.find(frame_id)) is not None:
+                view = self.ring.borrow(*found)
+                if view is not None:
+                    self.analyzer.hold_candidate(frame_id, view)
+                    if not self.ring.valid(*found):
+                        self.analyzer.discard_candidate(frame_id)
+                    del view
+        scored = self.counters["refined"]
+        if plan != self._plan or scored != self._plan_scored:
+            request = RefineRequest(tuple(plan), scored)
+            if wire.send(self.requests, request.message()):
+                self._plan, self._plan_scored = plan, scored
+            else:
+                self.counters["refine_requests_lost"] += 1
+
+    def _write(self, findings: list[Finding], trigger_ns: int | None, frame_event: dict | None = None,
+               decided_ns: int | None = None) -> None:
+        """Hand events to the writer thread; a failure there fails the stage here, at the next write.
+        `decided_ns`: when the pipeline knew what these findings say (a final best_frame's `decision_ms`
+        counts from its sweep's end when it was held for refinement, else from then)."""
         if not findings and frame_event is None:
             return
-        self._writes.append(self.writer.submit(self._publish_all, findings, trigger_ns, frame_event))
+        decided_ns = time.monotonic_ns() if decided_ns is None else decided_ns
+        self._writes.append(self.writer.submit(self._publish_all, findings, trigger_ns, frame_event,
+                                               decided_ns))
         while self._writes and (self._writes[0].done() or len(self._writes) > MAX_PENDING_WRITES):
             self._writes.popleft().result()
 
@@ -123,13 +175,14 @@ class PostprocessStage(Stage):
         while self._writes:
             self._writes.popleft().result()
 
-    def _publish_all(self, findings: list[Finding], trigger_ns: int | None, frame_event: dict | None) -> None:
+    def _publish_all(self, findings: list[Finding], trigger_ns: int | None, frame_event: dict | None,
+                     decided_ns: int) -> None:
         for finding in resolve(findings):
-            self._publish(finding, trigger_ns)
+            self._publish(finding, trigger_ns, decided_ns)
         if frame_event is not None:
             self.sink.emit(frame_event)
 
-    def _publish(self, finding: Finding, trigger_ns: int | None) -> None:
+    def _publish(self, finding: Finding, trigger_ns: int | None, decided_ns: int) -> None:
         fields = dict(finding.fields)
         if self.best_dir is not None and finding.images:
             self.best_dir.mkdir(exist_ok=True)
@@ -141,7 +194,11 @@ class PostprocessStage(Stage):
                     log.warning("postprocess: could not write %s", path)
                     continue
                 fields[f"{name}_png"] = f"{BEST_DIR}/{path.name}"
-        latency = None if trigger_ns is None else (time.monotonic_ns() - trigger_ns) / 1e6
+        now = time.monotonic_ns()
+        latency = None if trigger_ns is None else (now - trigger_ns) / 1e6
+        if finding.type == "best_frame" and fields.get("final"):
+            since = decided_ns if finding.ended_ns is None else finding.ended_ns
+            fields["decision_ms"] = round((now - since) / 1e6, 3)
         self.sink.emit(make_event(finding.type, self.wiring.run_id, sweep_id=finding.sweep_id,
                                   frame_id=finding.frame_id, t_capture_ns=finding.t_capture_ns,
                                   latency_ms=latency, **fields))
@@ -200,9 +257,12 @@ class PostprocessStage(Stage):
         return heads
 
     def report_arrays(self) -> tuple[np.ndarray, ...]:
+        """Latency rows of the newest-path frames, then of the refined ones (reported apart: a refined
+        frame is scored seconds after its capture by design)."""
         rows = np.asarray(self._rows, dtype=np.float64).reshape(-1, len(SEGMENTS))
-        self._rows = []
-        return (rows,)
+        refined = np.asarray(self._refined_rows, dtype=np.float64).reshape(-1, len(SEGMENTS))
+        self._rows, self._refined_rows = [], []
+        return rows, refined
 
     def describe(self) -> dict:
         control = None if self.operator is None else self.operator.getsockopt(zmq.LAST_ENDPOINT).decode()

@@ -22,6 +22,7 @@ Layout (little-endian):
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from math import prod
@@ -208,6 +209,29 @@ class FrameRing:
     def mark_released(self, frame_id: int) -> None:
         """Last reader: done with `frame_id` and every frame before it."""
         self._marks[1] = frame_id + 1
+
+    def shortfall(self, frame_bytes: int, shm_dir: str = "/dev/shm") -> int:
+        """Bytes the shared-memory file system lacks for every slot to hold a frame of `frame_bytes`
+        (its pages are only taken as slots are first written, so a ring too big for it fails with SIGBUS
+        long after it was made). 0 when it fits, or where the file system cannot be asked."""
+        try:
+            stats = os.statvfs(shm_dir)
+            taken = os.stat(os.path.join(shm_dir, self.name.lstrip("/"))).st_blocks * 512
+        except OSError:
+            return 0
+        needed = self._slots * min(_align(frame_bytes), self._slot_bytes) - taken
+        return max(0, needed - stats.f_bavail * stats.f_frsize)
+
+    def find(self, frame_id: int) -> tuple[int, int] | None:
+        """(slot, seq) of the frame with this id while a slot still holds it, else None: a reader that
+        never got the frame's reference (a frame chosen for refinement after it was skipped) finds it so."""
+        if self._data is None:
+            raise ValueError("frame ring is closed")
+        for slot in np.flatnonzero(self._frame_id == frame_id):
+            seq = int(self._seq[slot])
+            if seq > 0 and seq % 2 == 0 and int(self._frame_id[slot]) == frame_id:
+                return int(slot), seq
+        return None
 
     def valid(self, slot: int, seq: int) -> bool:
         """True while the slot still holds exactly the write identified by (slot, seq)."""

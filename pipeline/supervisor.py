@@ -59,7 +59,7 @@ class StageFailure(RuntimeError):
 class Supervisor:
     def __init__(self, config: Config, graph: Graph | None = None) -> None:
         self.config = config
-        self.graph = graph or pipeline_graph()
+        self.graph = graph or pipeline_graph(refine=config.infer.refine != "off")
         self.run_id = uuid.uuid4().hex[:12]
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         self.out = Path(config.run.out or Path("runs") / f"{stamp}-{self.run_id}")

@@ -182,21 +182,35 @@ class BestFrameSelector:
         self._finished = False
 
     def update(self, frame: FrameInfo) -> BestFrameEvent | None:
-        if self._finished:
-            raise RuntimeError(f"sweep {self.sweep_id} is finished")
-        cfg = self.config
+        """The next frame of the sweep in capture order."""
+        self._check_open()
         self._window.append(frame)
         smoothed = sum(float(f.score) for f in self._window) / len(self._window)
         chosen = max(self._window, key=lambda f: float(f.score))  # max keeps the earliest of equals
         scored = ScoredFrame(self.sweep_id, chosen.frame_id, chosen.t, smoothed, float(chosen.score))
+        arrived = ScoredFrame(self.sweep_id, frame.frame_id, frame.t, smoothed, float(frame.score))
+        return self._consider(scored, (scored, arrived))
+
+    def add_refined(self, frame: FrameInfo) -> BestFrameEvent | None:
+        """A frame of the sweep scored late (lookback refinement), out of capture order: it ranks by its
+        own score (smoothing applies to the stream in capture order) and, on ties, after what came first."""
+        self._check_open()
+        scored = ScoredFrame(self.sweep_id, frame.frame_id, frame.t, float(frame.score), float(frame.score))
+        return self._consider(scored, (scored,))
+
+    def _check_open(self) -> None:
+        if self._finished:
+            raise RuntimeError(f"sweep {self.sweep_id} is finished")
+
+    def _consider(self, scored: ScoredFrame, ranked: tuple[ScoredFrame, ...]) -> BestFrameEvent | None:
+        cfg = self.config
         index = self._count
         self._count += 1
-        if self._best is None or smoothed > self._best.score:
+        if self._best is None or scored.score > self._best.score:
             self._best = scored
-        if smoothed >= cfg.threshold:
-            self._rank(scored, index)
-            arrived = ScoredFrame(self.sweep_id, frame.frame_id, frame.t, smoothed, float(frame.score))
-            self._rank(arrived, index)
+        if scored.score >= cfg.threshold:
+            for entry in ranked:
+                self._rank(entry, index)
         best = self._best
         if best.score < cfg.threshold:
             return None
@@ -278,12 +292,27 @@ def _replayed(sweep: _Sweep, frame: FrameInfo) -> bool:
     return before is not None and now is not None and now <= before
 
 
+@dataclass
+class _Closing:
+    sweep: _Sweep
+    t: float
+    reason: str
+    session: SessionBest  # the case the sweep belongs to (the next sweep may already be another case's)
+
+
 class SweepTracker:
     """Splits a frame stream into sweeps and runs a :class:`BestFrameSelector` per sweep and a
-    :class:`SessionBest` per case; every method returns the events it caused, in order."""
+    :class:`SessionBest` per case; every method returns the events it caused, in order.
 
-    def __init__(self, config: SweepConfig | None = None) -> None:
+    With `hold_finals` (lookback refinement), a sweep that ends is not finished at once: it waits in
+    `closing` while frames scored late are still added to it (`add_refined`), until the caller `close`s it;
+    then its final best_frame and sweep_ended follow, together as always, and possibly after the next
+    sweep's sweep_started."""
+
+    def __init__(self, config: SweepConfig | None = None, hold_finals: bool = False) -> None:
         self.config = config or SweepConfig()
+        self.hold_finals = hold_finals
+        self.closing: dict[int, _Closing] = {}  # sweep id -> an ended sweep waiting for its final
         self._next_id = 0
         self._sweep: _Sweep | None = None
         self._held_empty: list[FrameInfo] = []
@@ -363,13 +392,46 @@ class SweepTracker:
             events.append(live)
         return events
 
+    def selector_of(self, sweep_id: int) -> BestFrameSelector | None:
+        """The selector of an open or closing sweep."""
+        if self._sweep is not None and self._sweep.sweep_id == sweep_id:
+            return self._sweep.selector
+        held = self.closing.get(sweep_id)
+        return None if held is None else held.sweep.selector
+
+    def sweep_of(self, frame_id: int) -> int | None:
+        """The open or closing sweep a frame id falls in (between its first and last frame), if any."""
+        if self._sweep is not None and frame_id >= self._sweep.first.frame_id:
+            return self._sweep.sweep_id
+        return next((sweep_id for sweep_id, held in self.closing.items()
+                     if held.sweep.first.frame_id <= frame_id <= held.sweep.last.frame_id), None)
+
+    def add_refined(self, frame: FrameInfo) -> list[Event]:
+        """A frame scored late, out of capture order: it joins the sweep it falls in, if one is still open
+        or closing (see BestFrameSelector.add_refined), and does not move any sweep boundary."""
+        sweep_id = self.sweep_of(frame.frame_id)
+        selector = None if sweep_id is None else self.selector_of(sweep_id)
+        live = None if selector is None else selector.add_refined(frame)
+        return [] if live is None else [live]
+
+    def close(self, sweep_id: int) -> list[Event]:
+        """Finish a sweep held in `closing`: its final best_frame, then its sweep_ended."""
+        held = self.closing.pop(sweep_id)
+        return self._finish(held.sweep, held.t, held.reason, held.session)
+
     def _end(self, t: float, reason: str) -> list[Event]:
         sweep = self._sweep
         assert sweep is not None and self.session is not None
         self._sweep = None
         self._held_empty.clear()
+        if self.hold_finals:
+            self.closing[sweep.sweep_id] = _Closing(sweep, t, reason, self.session)
+            return []
+        return self._finish(sweep, t, reason, self.session)
+
+    def _finish(self, sweep: _Sweep, t: float, reason: str, session: SessionBest) -> list[Event]:
         final = sweep.selector.finish()
-        final = dataclasses.replace(final, session_best=self.session.add(final))
+        final = dataclasses.replace(final, session_best=session.add(final))
         ended = SweepEvent("sweep_ended", sweep.sweep_id, reason, sweep.first.frame_id, sweep.last.frame_id,
-                           sweep.count, t, self.session.case)
+                           sweep.count, t, session.case)
         return [final, ended]

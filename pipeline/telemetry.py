@@ -38,14 +38,16 @@ class Telemetry:
     def __init__(self, graph: Graph, skip: int) -> None:
         self.graph = graph
         self.book = LatencyBook(skip=skip, windows=("status", "health"))
+        self.refined = LatencyBook(skip=0, windows=())  # frames scored late by lookback refinement
         self.counters: dict[str, dict[str, int]] = {}  # process (instance) -> its last reported counters
         self._marks: dict[str, tuple[float, int, int]] = {}  # reader -> (time, frames read, scored)
         self._status_open = False
 
     def report(self, instance: str, counters: dict[str, int], arrays: tuple[np.ndarray, ...]) -> None:
+        """A stage's counters, and (postprocess) its latency rows: newest-path frames, then refined ones."""
         self.counters[instance] = counters
-        for rows in arrays:
-            self.book.add_rows(rows)
+        for book, rows in zip((self.book, self.refined), arrays, strict=False):
+            book.add_rows(rows)
 
     def accounting(self) -> dict[str, Any]:
         return frame_accounting(sum_counters(self.counters, self.graph), self.graph)
@@ -117,6 +119,8 @@ class Telemetry:
             "throughput_fps": round(accounting["scored"] / active_s, 2) if active_s > 0 else 0.0,
             "frames": accounting,
             "latency_ms": self.book.summary(),
+            "latency_ms_refined": {name: stats for name, stats in self.refined.summary().items()
+                                   if name in ("end_to_end", "infer")},
             "latency_skip_frames": self.book.skip,
             "stages": stages,
             "graph": self.graph.describe(),

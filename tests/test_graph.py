@@ -43,8 +43,10 @@ def test_every_counter_a_stage_increments_is_declared_in_the_graph() -> None:
 
 def test_every_drop_a_boundary_can_have_is_on_that_boundary() -> None:
     graph = pipeline_graph()
-    assert [link.boundary for link in graph.links] == ["capture>preprocess", "preprocess>infer",
-                                                       "infer>postprocess"]
+    assert [link.boundary for link in graph.links if link.carries_frames] == [
+        "capture>preprocess", "preprocess>infer", "infer>postprocess"]
+    assert [link.name for link in graph.links if not link.carries_frames] == ["refine"]
+    assert "refine" not in [link.name for link in pipeline_graph(refine=False).links]
     counters = {"capture": {"read": 100, "sent": 95, "drop_send_full": 5},
                 "preprocess": {"drop_stale": 3, "drop_overwritten": 2, "sent": 90, "rejected": 1},
                 "infer": {"drop_stale": 10, "sent": 79},

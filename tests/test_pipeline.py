@@ -210,8 +210,9 @@ def test_overload_keeps_latency_bounded_and_counts_drops(tmp_path: Path) -> None
     assert frames["dropped"] > 0 and frames["scored"] < frames["read"]
     infer = latency["infer"]
     assert infer["p50"] > period, "the slow bundle should cost more than a frame period"
-    assert latency["end_to_end"]["p99"] < 1.5 * infer["p99"] + period + 10
-    events = read_journal(out, "frame")
+    # A newest frame may wait for the refinement in flight (pipeline.refine), never for more.
+    assert latency["end_to_end"]["p99"] < 2 * infer["p99"] + 2 * period + 10
+    events = [event for event in read_journal(out, "frame") if not event["refined"]]
     latencies = np.array([e["latency_ms"] for e in events])
     seconds = np.array([e["t_capture"] for e in events]) - events[0]["t_capture"]
     first, last = latencies[seconds < 1.5], latencies[seconds > seconds[-1] - 1.5]

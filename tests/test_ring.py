@@ -261,3 +261,15 @@ def test_reader_publishes_how_far_it_has_consumed() -> None:
         assert ring.released_before == reader.released_before == 1 and ring.consumed_before == 2
         last.close()
         reader.close()
+
+
+def test_a_ring_too_big_for_shared_memory_is_told_before_it_fails() -> None:
+    """Slots take pages only as they are written, so the shortfall is measured against the frames to come:
+    64 GiB of slots does not fit any CI machine's /dev/shm, 1024 small frames do."""
+    ring = FrameRing.create(1024, 64 * 2**20)
+    try:
+        assert ring.shortfall(64 * 2**20) > 0
+        assert ring.shortfall(100_000) == 0
+    finally:
+        ring.close()
+        ring.unlink()
