@@ -16,6 +16,7 @@ from pathlib import Path
 
 from engines.base import EngineError, EngineOptions
 from engines.bundle import BundleError, load_bundle
+from engines.export.trt_constraints import check_tensorrt_onnx
 from engines.tensorrt import CACHE_ENV, DEFAULT_CACHE_DIR, DEFAULT_PROFILE, TrtEngine
 from pipeline.config import Config, ConfigError, load_config
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
             "compute capability, precision, batch profile, build recipe and the bundle's model sha256, "
             "and the profile is resolved as the engine resolves it (clipped to the bundle, min lowered to "
             "its min batch, max raised to infer.max_batch), so a cached plan is the one the run asks for. "
+            "Checks the bundle's ONNX against the TensorRT ONNX parser's documented constraints first. "
             "Needs TensorRT 10+, cuda-python and an NVIDIA GPU."
         )
     )
@@ -90,8 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         engine = plan_engine(config, args.gpu)
+        problems = check_tensorrt_onnx(engine.bundle.model_path)
     except (BundleError, EngineError) as exc:
         print(f"build_engine: {exc}", file=sys.stderr)
+        return 1
+    if problems:
+        print(f"build_engine: {engine.bundle.model_path} breaks the TensorRT ONNX parser's documented "
+              f"constraints:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
         return 1
     ok, reason = TrtEngine.available()
     if not ok:
