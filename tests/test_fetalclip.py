@@ -43,6 +43,7 @@ from engines.export.fetalclip import (  # noqa: E402
     load_prompts,
     make_tokenizer,
 )
+from engines.export.fp16 import convert_to_fp16  # noqa: E402
 from engines.export.heads import (  # noqa: E402
     HeadsError,
     MaskDecoder,
@@ -53,6 +54,7 @@ from engines.export.heads import (  # noqa: E402
     merge_lora,
     save_heads,
 )
+from engines.export.trt_constraints import check_tensorrt_onnx  # noqa: E402
 from engines.onnxruntime import OrtEngine  # noqa: E402
 from engines.registry import select_engine  # noqa: E402
 from engines.torch import TorchEngine  # noqa: E402
@@ -389,6 +391,18 @@ def test_onnx_is_uint8_with_dynamic_batch_and_no_text_tower(plain_bundle: Bundle
         np.testing.assert_allclose(planes.sum(axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["plain", "heads"])
+def test_exports_obey_the_tensorrt_parser_constraints(
+    plain_bundle: Bundle, heads_bundle: Bundle, tmp_path: Path, which: str
+) -> None:
+    """The ViT export, with quality head, mask decoder and merged LoRA or without, and its fp16 copy (what
+    a TensorRT 11 fp16 build parses): supported operators and types, uint8 only at the network's edges,
+    only the batch axis dynamic. The tiny config has the ViT-L graph's structure; the full size is below."""
+    bundle = heads_bundle if which == "heads" else plain_bundle
+    assert check_tensorrt_onnx(bundle.model_path) == []
+    assert check_tensorrt_onnx(convert_to_fp16(bundle.model_path, tmp_path / "model.fp16.onnx")) == []
+
+
 def test_ort_and_torch_engines_agree(plain_bundle: Bundle) -> None:
     batch = frames(4, seed=3)
     ort_out, torch_out = run_engines(plain_bundle, batch)
@@ -592,6 +606,23 @@ def test_heads_must_fit_the_image_tower() -> None:
 
 
 # --------------------------------------------------------------------------- full size
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_full_fetalclip_with_heads_obeys_the_tensorrt_parser_constraints(tmp_path: Path) -> None:
+    """ViT-L/14 with random weights, quality head and mask decoder, exported as build_bundle does, and its
+    fp16 copy: what the trt engine parses on a GPU machine passes the documented parser constraints."""
+    torch.manual_seed(0)
+    model = build_model(load_config("fetalclip"))
+    quality, mask = random_heads(model)
+    wrapper = FetalClipExport(model.visual, F.normalize(torch.randn(10, model.visual.output_dim), dim=-1),
+                              quality=quality, mask=mask).eval()
+    path = export_onnx(wrapper, tmp_path / "model.onnx")
+    assert [o.name for o in onnx.load(str(path), load_external_data=False).graph.output] == [
+        "embedding", "planes", "quality", "mask"]
+    assert check_tensorrt_onnx(path) == []
+    assert check_tensorrt_onnx(convert_to_fp16(path, tmp_path / "model.fp16.onnx")) == []
 
 
 @pytest.mark.slow
