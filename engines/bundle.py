@@ -298,13 +298,16 @@ def _parse_int8(model: _Section, taken: set[str], fp32_sha256: str) -> str:
     threshold = gate.section("threshold")
     min_cosine = threshold.get_number("embedding_cosine_min", 0.0, 1.0)
     min_top1 = threshold.get_number("planes_top1_agreement", 0.0, 1.0)
+    if "int8_batch_max_abs_diff" in threshold.obj:  # gates since batch invariance was checked
+        threshold.get_number("int8_batch_max_abs_diff", 0.0, 0.0)
     threshold.finish()
     results = gate.section("results")
     cosine = results.get_number("embedding_cosine_min", -1.0, 1.0)
     results.get_number("embedding_cosine_mean", -1.0, 1.0)
     top1 = results.get_number("planes_top1_agreement", 0.0, 1.0)
     results.get_number("planes_max_abs_diff", 0.0, 1.0)
-    for key in ("quality_max_abs_diff", "mask_agreement"):  # present when the bundle has those heads
+    # Present when the bundle has those heads, and since batch invariance was checked.
+    for key in ("quality_max_abs_diff", "mask_agreement", "int8_batch_max_abs_diff"):
         if key in results.obj:
             results.get_number(key, 0.0, 1.0)
     results.finish()

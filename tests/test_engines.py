@@ -570,3 +570,20 @@ def test_cart_runtime_imports_no_torch(bundle: Bundle) -> None:
     """)
     loaded = imported_after(code, str(bundle.path))
     assert not [m for m in loaded if not m.startswith("onnxruntime")], loaded
+
+
+def test_an_int8_frame_scores_the_same_alone_and_in_a_batch(tmp_path: Path) -> None:
+    """Dynamic int8 quantization scales activations over the whole input tensor, batch included; the ORT
+    engine runs int8 a frame at a time, so a frame's outputs do not depend on its batch-mates."""
+    from engines.export.quantize import sample_frames
+
+    bundle = load_bundle(REPO / "bundles" / "demo")
+    frames = sample_frames(8)
+    engine, _ = select_engine("ort", bundle, EngineOptions(max_batch=8, precision="int8", threads=1))
+    engine.load()
+    batched = engine.infer(frames)
+    for i in range(len(frames)):
+        alone = engine.infer(frames[i : i + 1])
+        for name, value in alone.items():
+            assert np.array_equal(value[0], batched[name][i]), name
+    engine.close()

@@ -153,7 +153,9 @@ def test_gate_passes_and_is_recorded(bundle_copy: Path) -> None:
     assert gate["passed"] and results["embedding_cosine_min"] >= 0.999
     assert results["planes_top1_agreement"] == 1.0
     assert results["embedding_cosine_mean"] >= results["embedding_cosine_min"]
-    assert gate["threshold"] == {"embedding_cosine_min": 0.999, "planes_top1_agreement": 1.0}
+    assert gate["threshold"] == {"embedding_cosine_min": 0.999, "planes_top1_agreement": 1.0,
+                                 "int8_batch_max_abs_diff": 0.0}
+    assert results["int8_batch_max_abs_diff"] == 0.0  # a frame scores the same alone and in a batch
     assert gate["method"] == "dynamic per-channel QInt8" and gate["fp32_sha256"] == before.sha256
     frames = sample_frames()
     assert gate["frames"]["count"] == 16 and gate["frames"]["source"] == (

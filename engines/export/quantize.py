@@ -43,7 +43,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from tqdm import tqdm
 
 from engines.bundle import Bundle, BundleError, file_sha256, load_bundle, write_manifest
-from engines.onnxruntime import session_options
+from engines.onnxruntime import run_session, session_options
 
 INT8_NAME = "model.int8.onnx"
 METHOD = "dynamic per-channel QInt8"
@@ -227,18 +227,21 @@ def quantize_model(src: Path, dst: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- gate
 
 
-def _run_model(bundle: Bundle, path: Path, frames: np.ndarray, progress: tqdm) -> dict[str, np.ndarray]:
-    """All bundle outputs for ``frames`` from a CPU session of ``path``, in batches the bundle accepts."""
+def _run_model(bundle: Bundle, path: Path, frames: np.ndarray, progress: tqdm, *, per_frame: bool,
+               size: int = GATE_BATCH) -> dict[str, np.ndarray]:
+    """All bundle outputs for ``frames`` from a CPU session of ``path``, in batches of ``size`` (within what
+    the bundle accepts), run as the engine runs them (``per_frame``: see engines.onnxruntime.run_session)."""
     cpu = ["CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), sess_options=session_options(0), providers=cpu)
     names = list(bundle.outputs)
-    size = max(bundle.min_batch, min(GATE_BATCH, bundle.max_batch))
+    size = max(bundle.min_batch, min(size, bundle.max_batch))
     parts: list[list[np.ndarray]] = []
     for start in range(0, len(frames), size):
         chunk = frames[start : start + size]
         short = bundle.min_batch - len(chunk)
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], short, axis=0)]) if short > 0 else chunk
-        parts.append([value[: len(chunk)] for value in session.run(names, {bundle.input.name: padded})])
+        outputs = run_session(session, names, bundle.input.name, padded, per_frame)
+        parts.append([value[: len(chunk)] for value in outputs])
         progress.update(len(chunk))
     return {name: np.concatenate([part[i] for part in parts]) for i, name in enumerate(names)}
 
@@ -283,13 +286,20 @@ def compare_outputs(
 
 
 def run_gate(bundle: Bundle, int8_path: Path, frames: np.ndarray) -> dict[str, float]:
-    """Run ``frames`` through the bundle's fp32 model and ``int8_path`` on CPU and compare the outputs."""
-    with tqdm(total=2 * len(frames), desc="int8 gate", unit="frame") as progress:
+    """Run ``frames`` through the bundle's fp32 model and ``int8_path`` on CPU and compare the outputs; and
+    the int8 model once more one frame per batch, which must give exactly the same outputs: a frame's
+    score may not depend on its batch-mates (`int8_batch_max_abs_diff`, required 0)."""
+    with tqdm(total=3 * len(frames), desc="int8 gate", unit="frame") as progress:
         progress.set_postfix_str("fp32")
-        fp32 = _run_model(bundle, bundle.model_path, frames, progress)
+        fp32 = _run_model(bundle, bundle.model_path, frames, progress, per_frame=False)
         progress.set_postfix_str("int8")
-        int8 = _run_model(bundle, int8_path, frames, progress)
-    return compare_outputs(bundle, fp32, int8)
+        int8 = _run_model(bundle, int8_path, frames, progress, per_frame=True)
+        progress.set_postfix_str("int8, alone")
+        alone = _run_model(bundle, int8_path, frames, progress, per_frame=True, size=1)
+    results = compare_outputs(bundle, fp32, int8)
+    results["int8_batch_max_abs_diff"] = max(
+        float(np.abs(int8[name].astype(np.float64) - alone[name]).max()) for name in bundle.outputs)
+    return results
 
 
 def gate_table(gate: dict[str, Any]) -> str:
@@ -306,6 +316,8 @@ def gate_table(gate: dict[str, Any]) -> str:
         rows.append(("quality max |diff|", results["quality_max_abs_diff"], None))
     if "mask_agreement" in results:
         rows.append(("mask agreement", results["mask_agreement"], None))
+    if "int8_batch_max_abs_diff" in results:  # gates recorded before batch invariance was checked lack it
+        rows.append(("batch vs alone max |diff|", results["int8_batch_max_abs_diff"], None))
     lines = [
         f"int8 gate ({gate['method']}, onnxruntime {gate['onnxruntime']}) on {frames['count']} frames "
         f"({frames['source']}): {'PASSED' if gate['passed'] else 'FAILED'}",
@@ -353,6 +365,7 @@ def quantize_bundle_int8(
         passed = (
             results["embedding_cosine_min"] >= min_cosine
             and results["planes_top1_agreement"] >= MIN_TOP1_AGREEMENT
+            and results["int8_batch_max_abs_diff"] == 0.0
         )
         gate = {
             "passed": passed,
@@ -361,7 +374,8 @@ def quantize_bundle_int8(
             "fp32_sha256": bundle.sha256,
             "frames": frames_info,
             "quantization": quantization,
-            "threshold": {"embedding_cosine_min": min_cosine, "planes_top1_agreement": MIN_TOP1_AGREEMENT},
+            "threshold": {"embedding_cosine_min": min_cosine, "planes_top1_agreement": MIN_TOP1_AGREEMENT,
+                          "int8_batch_max_abs_diff": 0.0},
             "results": results,
         }
         if not passed:
@@ -372,7 +386,8 @@ def quantize_bundle_int8(
                 f"embedding cosine min {results['embedding_cosine_min']:.6f} "
                 f"(mean {results['embedding_cosine_mean']:.6f}, needs >= {min_cosine:g}), "
                 f"planes top-1 agreement {results['planes_top1_agreement']:.4f} "
-                f"(needs {MIN_TOP1_AGREEMENT:g}); {INT8_NAME} not kept",
+                f"(needs {MIN_TOP1_AGREEMENT:g}), batch invariance max |diff| "
+                f"{results['int8_batch_max_abs_diff']:g} (needs 0); {INT8_NAME} not kept",
                 gate,
             )
         os.replace(scratch, target)
