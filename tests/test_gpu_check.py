@@ -85,3 +85,32 @@ def test_report_pages(tmp_path: Path) -> None:
     assert "- trt: no, tensorrt is not installed" in page
     row = "| reference-intensity | torch | fp16 | 1.0 | quality_max_abs_diff 0.001 | 0.50 / 0.90 | - | pass |"
     assert row in page and "| FAIL: EngineError: could not parse |" in page
+
+
+class CpuStandIn(OrtEngine):
+    """LABELLED FAKE: ONNX Runtime on the CPU standing in for a GPU engine (none can run here), reporting a
+    plan cache as the trt engine does: built on the first load, hit on the next."""
+
+    loads = 0
+
+    def describe(self) -> dict:
+        CpuStandIn.loads += 1
+        return {**super().describe(), "cache": "built" if CpuStandIn.loads == 1 else "hit"}
+
+
+def test_check_runs_every_case_and_writes_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LABELLED FAKE (CpuStandIn for the trt engine): the whole flow on the reference bundle, both precisions,
+    the second load and the report; the stand-in's fp32 outputs equal ORT's, so every check passes."""
+    monkeypatch.setattr(gpu_check, "open_engine", lambda bundle, backend, precision, cache: CpuStandIn(
+        bundle, EngineOptions(device="cpu", precision="fp32", max_batch=gpu_check.FRAMES)))
+    monkeypatch.setattr(CpuStandIn, "loads", 0)
+    report = gpu_check.check(tmp_path, vit_l=False, bench=False, backends={"trt": (True, "LABELLED FAKE")})
+    assert report["finished"] and report["failed"] == 0
+    cases = [(row["backend"], row["precision"]) for row in report["checks"]]
+    assert cases == [("trt", "fp16"), ("trt", "fp32")]
+    first = report["checks"][0]
+    assert first["second_load"]["same_outputs"] and set(first["latency_ms"]) == {"1", "8"}
+    assert first["parity"]["mask_agreement"] == 1.0
+    assert report["checks"][1]["failures"] == []
+    page = (tmp_path / "gpu_check.md").read_text()
+    assert "- 2 checks, 0 failed" in page and page.count("| pass |") == 2
