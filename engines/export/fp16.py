@@ -4,6 +4,13 @@ TensorRT 11 dropped weak typing (``BuilderFlag.FP16``): a network runs in the ty
 graph declares, so an fp16 engine needs an fp16 graph. The conversion is done by the
 converter that ships with ONNX Runtime rather than by a graph pass of our own; this
 module only chooses what stays fp32 and checks the result.
+
+NVIDIA's documented route, ModelOpt's AutoCast (``modelopt.onnx.autocast.convert_to_mixed_precision``,
+nvidia-modelopt 0.47), was tried: it runs without TensorRT and, told to keep :data:`FP32_OPS`, matches
+this converter on the tiny FetalCLIP export. It is not used because its documented install,
+``nvidia-modelopt[onnx]``, pins onnx~=1.21 and onnxruntime-gpu~=1.24 (a second ONNX Runtime over the
+one the engines and the int8 gate run) and cupy-cuda12x, and its base requirement torch>=2.8 brings
+torch's own CUDA libraries into a TensorRT runtime that otherwise needs no torch.
 """
 
 from __future__ import annotations
