@@ -495,9 +495,9 @@ class TrtEngine(Engine):
 
     ``precision`` (from :class:`EngineOptions`) auto means fp16, where TensorRT's speed comes
     from; :class:`TrtOptions` says where plans are cached and the (min, opt, max) batch they are
-    tuned for, clipped to the bundle and widened to ``max_batch``. A missing plan is built on
-    :meth:`load`, which can take minutes: build it ahead with ``tools/build_engine.py`` so a
-    pipeline start does not wait for it.
+    tuned for, resolved by :func:`engine_profile` to cover every batch this engine takes. A missing
+    plan is built on :meth:`load`, which can take minutes: build it ahead with ``tools/build_engine.py``
+    (same run config, same plan key) so a pipeline start does not wait for it.
     """
 
     type_key: ClassVar[str] = "trt"
