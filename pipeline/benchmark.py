@@ -27,7 +27,8 @@ from engines.bundle import load_bundle
 
 from .analysis import SweepAnalyzer, resolve
 from .capture import Pacer
-from .config import ENGINE_CHOICES, REFERENCE_BUNDLE, Config, load_config
+from .config import ENGINE_CHOICES, REFERENCE_BUNDLE, Config, ConfigError, load_config
+from .decisions import decisions, has_ground_truth
 from .events import Journal, make_event
 from .letterbox import Letterbox
 from .messages import FrameRef, Result
@@ -62,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "fewer than the usable cores)")
     parser.add_argument("--policy", choices=["latest", "lossless"], default="latest",
                         help="pipeline backpressure policy")
+    parser.add_argument("--refine", default="auto",
+                        help="comma-separated infer.refine values to run each scenario with (e.g. on,off)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="any run config option for the pipeline runs, e.g. infer.rate_limit_fps=4 to "
+                             "emulate a slower cart (repeatable); the baseline still scores every frame")
     parser.add_argument("--json", type=Path, default=Path("bench_latency.json"),
                         help="where to write the figures")
     parser.add_argument("--png", type=Path, help="latency CDF plot (default: next to --json)")
@@ -69,45 +75,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def scenarios(args: argparse.Namespace) -> list[dict]:
+    """Every source x mode x refine value asked for."""
+    sources = [] if args.no_pattern else [(f"pattern {args.size}",
+                                           f"synthetic://{args.size}?fps={args.fps:g}&frames={args.frames}")]
+    for uri in args.source:
+        try:
+            check_uri(uri)
+        except SourceError as exc:
+            raise SystemExit(f"bench_latency: --source: {exc}") from None
+        sources.append((uri.split("?")[0].replace("://", "-") if "://" in uri else Path(uri).name, uri))
+    refines = args.refine.split(",")
     out = []
     for mode in args.modes.split(","):
         if mode not in ("paced", "flood"):
             raise SystemExit(f"bench_latency: --modes: unknown mode {mode!r} (paced, flood)")
-        if not args.no_pattern:
-            out.append({"name": f"pattern {args.size} {mode}", "mode": mode,
-                        "uri": f"synthetic://{args.size}?fps={args.fps:g}&frames={args.frames}"})
-        for uri in args.source:
-            try:
-                check_uri(uri)
-            except SourceError as exc:
-                raise SystemExit(f"bench_latency: --source: {exc}") from None
-            name = uri.split("?")[0].replace("://", "-") if "://" in uri else Path(uri).name
-            out.append({"name": f"{name} {mode}", "mode": mode, "uri": uri})
+        for refine in refines:
+            suffix = f" refine={refine}" if len(refines) > 1 else ""
+            out += [{"name": f"{name} {mode}{suffix}", "mode": mode, "uri": uri, "refine": refine}
+                    for name, uri in sources]
     return out
 
 
 def scenario_config(args: argparse.Namespace, scenario: dict, out: Path) -> Config:
     """One scenario's run configuration: the pipeline and the baseline read the same one."""
-    return load_config(overrides={
-        "source.uri": scenario["uri"], "source.flood": scenario["mode"] == "flood",
-        "source.max_frames": args.frames, "source.pixel_format": args.pixel_format,
-        "infer.bundle": args.bundle, "infer.engine": args.engine, "infer.threads": args.threads,
-        "transport.policy": args.policy,
-        "postprocess.events": "tcp://127.0.0.1:*", "postprocess.control": None, "run.out": str(out),
-        "run.quiet": True})
+    extra = dict(item.partition("=")[::2] for item in args.set)
+    try:
+        return load_config(overrides={
+            "source.uri": scenario["uri"], "source.flood": scenario["mode"] == "flood",
+            "source.max_frames": args.frames, "source.pixel_format": args.pixel_format,
+            "infer.bundle": args.bundle, "infer.engine": args.engine, "infer.threads": args.threads,
+            "infer.refine": scenario["refine"], "transport.policy": args.policy,
+            "postprocess.events": "tcp://127.0.0.1:*", "postprocess.control": None, "run.out": str(out),
+            "run.quiet": True, **extra})
+    except ConfigError as exc:
+        raise SystemExit(f"bench_latency: {exc}") from None
 
 
-def run_pipeline(config: Config, scenario: dict) -> tuple[dict, np.ndarray]:
+def read_journal(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_pipeline(config: Config, scenario: dict) -> tuple[dict, list[dict]]:
     out = Path(config.run.out)
     if Supervisor(config).run() != 0:
         raise SystemExit(f"bench_latency: pipeline run failed for {scenario['name']}; see {out}")
-    summary = json.loads((out / "summary.json").read_text())
-    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    latencies = [e["latency_ms"] for e in events if e["type"] == "frame"]
-    return summary, np.array(latencies)
+    return json.loads((out / "summary.json").read_text()), read_journal(out / "events.jsonl")
 
 
-def run_baseline(config: Config, workdir: Path) -> tuple[dict, np.ndarray]:
+def newest_latencies(events: list[dict]) -> np.ndarray:
+    """End-to-end latency of the newest-frame path (refined frames are late by design)."""
+    return np.array([e["latency_ms"] for e in events if e["type"] == "frame" and not e.get("refined")])
+
+
+def run_baseline(config: Config, workdir: Path) -> tuple[dict, list[dict]]:
     """The same work in one loop, through the same per-frame steps and settings as the stages (preprocess
     ROI and filter, engine, score, sweep analysis with the pixel-spacing fallback): no ring, no sockets,
     no process hops."""
@@ -120,7 +140,7 @@ def run_baseline(config: Config, workdir: Path) -> tuple[dict, np.ndarray]:
     analyzer = SweepAnalyzer(config.sweep.for_bundle(bundle.best_frame.min_score))
     mask_output = next((n for n, spec in bundle.outputs.items() if spec.kind == "mask"), None)
     ring_slot = None
-    latencies = []
+    frames = 0
     t_start = time.monotonic()
     for frame_id in range(config.source.max_frames):
         frame = pacer.read(source) if pacer is not None else source.read()
@@ -142,16 +162,20 @@ def run_baseline(config: Config, workdir: Path) -> tuple[dict, np.ndarray]:
         for finding in resolve(analyzer.add(analyzed, ring_slot.copy())):
             journal.write(json.dumps(make_event(finding.type, "baseline", sweep_id=finding.sweep_id,
                                                 frame_id=finding.frame_id, **finding.fields), default=str))
-        event = make_event("frame", "baseline", frame_id=frame_id, t_capture_ns=t_cap, score=score,
-                           latency_ms=(time.monotonic_ns() - t_cap) / 1e6)
+        latency = (time.monotonic_ns() - t_cap) / 1e6
+        event = make_event("frame", "baseline", sweep_id=analyzer.tracker.sweep_id, frame_id=frame_id,
+                           t_capture_ns=t_cap, score=score, latency_ms=latency, source=ref.source)
         journal.write(json.dumps(event, separators=(",", ":")))
-        latencies.append((time.monotonic_ns() - t_cap) / 1e6)
+        frames += 1
+    for finding in resolve(analyzer.flush(time.monotonic())):
+        journal.write(json.dumps(make_event(finding.type, "baseline", sweep_id=finding.sweep_id,
+                                            frame_id=finding.frame_id, **finding.fields), default=str))
     elapsed = time.monotonic() - t_start
     journal.close()
     source.close()
     engine.close()
-    figures = {"frames": len(latencies), "throughput_fps": round(len(latencies) / elapsed, 2)}
-    return figures, np.array(latencies)
+    return ({"frames": frames, "throughput_fps": round(frames / elapsed, 2), "fps": source.fps},
+            read_journal(workdir / "baseline.jsonl"))
 
 
 @contextmanager
@@ -212,11 +236,23 @@ def print_result(result: dict) -> None:
     steal = result["host_cpu_steal_pct"]
     print(f"  host CPU steal: pipeline {steal['pipeline']:.1f} %, baseline {steal['baseline']:.1f} % "
           f"(CPU time the hypervisor gave other guests; above ~1 % it shows in the tails)")
+    if "decisions" in result:
+        d = result["decisions"]["summary"]
+        print(f"  decisions over {d['sweeps']} sweeps ({d['sweeps_with_optimal']} with an optimal frame): "
+              f"same pick as scoring every frame {_pct(d['same_pick_rate'])}, optimal picks "
+              f"{_pct(d['optimal_pick_rate'])} (every frame: {_pct(d['every_frame_optimal_pick_rate'])}); "
+              f"sweep end -> final p50 {d['decision_ms']['p50']} ms, max {d['decision_ms']['max']} ms; "
+              f"first optimal frame -> best_frame naming one p50 {d['first_optimal_to_best_ms']['p50']} ms, "
+              f"max {d['first_optimal_to_best_ms']['max']} ms, never named in {d['optimal_never_named']}")
     if "overhead_ms" in result:
         print(f"  transport overhead: p50 {result['overhead_ms']['p50']:+.3f} ms, "
               f"p99 {result['overhead_ms']['p99']:+.3f} ms; ratio pipeline/baseline "
               f"p50 x{result['ratio']['p50']}, p99 x{result['ratio']['p99']}, "
               f"throughput x{result['ratio']['throughput']}")
+
+
+def _pct(rate: float | None) -> str:
+    return "-" if rate is None else f"{100 * rate:.0f} %"
 
 
 def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
@@ -256,11 +292,15 @@ def main(argv: list[str] | None = None) -> int:
             workdir.mkdir()
             config = scenario_config(args, scenario, workdir / scenario["name"].replace(" ", "_"))
             with host_steal() as pipe_steal:
-                summary, pipe_lat = run_pipeline(config, scenario)
+                summary, pipe_events = run_pipeline(config, scenario)
             with host_steal() as base_steal:
-                base, base_lat = run_baseline(config, workdir)
+                base, base_events = run_baseline(config, workdir)
             steal = {"pipeline": pipe_steal["steal_pct"], "baseline": base_steal["steal_pct"]}
-            results.append(compare(scenario, summary, pipe_lat, base, base_lat, steal))
+            pipe_lat, base_lat = newest_latencies(pipe_events), newest_latencies(base_events)
+            result = compare(scenario, summary, pipe_lat, base, base_lat, steal)
+            if has_ground_truth(base_events):
+                result["decisions"] = decisions(pipe_events, base_events, base["fps"])
+            results.append(result)
             curves[scenario["name"]] = (pipe_lat, base_lat)
     for result in results:
         print_result(result)

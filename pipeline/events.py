@@ -12,7 +12,7 @@ import zmq
 SCHEMA_VERSION = 1
 EVENT_TYPES = ("frame", "sweep_started", "best_frame", "biometry", "sweep_ended", "health")
 # Fields every event carries; the README documents each event type's own fields.
-COMMON_FIELDS = ("schema", "type", "run_id", "sweep_id", "frame_id", "t_capture", "latency_ms")
+COMMON_FIELDS = ("schema", "type", "run_id", "sweep_id", "frame_id", "t_capture", "t_event", "latency_ms")
 
 # Offset from the monotonic clock (what frame headers carry) to wall-clock time on this host.
 _WALL_OFFSET_NS = time.time_ns() - time.monotonic_ns()
@@ -29,6 +29,7 @@ def make_event(kind: str, run_id: str, *, sweep_id: int | None = None, frame_id:
         raise ValueError(f"unknown event type {kind!r}")
     return {"schema": SCHEMA_VERSION, "type": kind, "run_id": run_id, "sweep_id": sweep_id,
             "frame_id": frame_id, "t_capture": None if t_capture_ns is None else wall_time(t_capture_ns),
+            "t_event": round(time.time(), 6),
             "latency_ms": None if latency_ms is None else round(latency_ms, 3), **fields}
 
 

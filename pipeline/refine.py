@@ -6,7 +6,8 @@ The newest frame keeps priority (live events stay fresh); spare engine time goes
 each sweep's highest-scoring frames: first the direct neighbours of the running top frames, then theirs.
 As refined frames come back the top frames change, so the search climbs to the peak and narrows on it. A
 sweep's refinement is complete when every frame within `REACH` of its best frame is scored (or no longer
-held by preprocess); its final best_frame waits for that, bounded by `infer.refine_timeout_s`.
+held by preprocess); its final best_frame waits for that, bounded by `infer.refine_timeout_s`. While the
+sweep is open and the engine has time, the search looks further (`SEARCH`), past a lesser local peak.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from .messages import PreparedInput
 
 REACH = 3  # frames either side of a sweep's best frame that must be scored before its pick is final
+SEARCH = 8  # how far either side of a top frame refinement looks while there is engine time (a noisy
+# score has local peaks: on the phantom a sweep's best can sit 4 frames from a lesser peak)
 PEAKS = 3  # running top frames of a sweep whose neighbours are refined
 
 
@@ -39,10 +42,11 @@ class SweepScores:
         """The top scored frames, best first (earliest on ties)."""
         return sorted(self.scores, key=lambda i: (-self.scores[i], i))[:PEAKS]
 
-    def wanted(self, peaks: list[int], held_since_ns: int) -> list[int]:
-        """Unscored frames near `peaks` that preprocess still holds, nearest first, then by peak rank."""
+    def wanted(self, peaks: list[int], held_since_ns: int, reach: int = SEARCH) -> list[int]:
+        """Unscored frames within `reach` of `peaks` that preprocess still holds, nearest first, then by
+        peak rank."""
         out: list[int] = []
-        for distance in range(1, REACH + 1):
+        for distance in range(1, reach + 1):
             for peak in peaks:
                 for frame_id in (peak - distance, peak + distance):
                     if (self.first <= frame_id <= self.last and frame_id not in self.scores
@@ -59,15 +63,19 @@ class SweepScores:
     def complete(self, held_since_ns: int) -> bool:
         """Every frame within REACH of the best frame is scored, or gone from preprocess's history."""
         peaks = self.peaks()
-        return not peaks or not self.wanted(peaks[:1], held_since_ns)
+        return not peaks or not self.wanted(peaks[:1], held_since_ns, REACH)
 
 
 def plan(sweeps: list[SweepScores], held_since_ns: int, limit: int) -> list[int]:
     """Frame ids to score next, most wanted first: the sweeps in the order given (those waiting for their
-    final first), each one's neighbours of its top frames."""
+    final first), each one's best frame's REACH first (what its final waits for), then the search around
+    its top frames."""
     out: list[int] = []
     for sweep in sweeps:
-        out += [i for i in sweep.wanted(sweep.peaks(), held_since_ns) if i not in out]
+        peaks = sweep.peaks()
+        for frame_id in sweep.wanted(peaks[:1], held_since_ns, REACH) + sweep.wanted(peaks, held_since_ns):
+            if frame_id not in out:
+                out.append(frame_id)
     return out[:limit]
 
 

@@ -58,3 +58,31 @@ def test_baseline_scores_every_frame_as_the_pipeline_does(mp4_60: Path, tmp_path
                                         "source.max_frames": 30, "infer.bundle": str(REFERENCE_BUNDLE),
                                         "infer.engine": "ort"}), without_roi)
     assert scores(without_roi / "baseline.jsonl") != inline  # the ROI mattered
+
+
+def _frame(frame_id: int, t: float, label: int, sweep: int = 0, refined: bool = False) -> dict:
+    return {"type": "frame", "sweep_id": sweep, "frame_id": frame_id, "t_capture": t, "refined": refined,
+            "source": {"case": "c", "sweep": sweep, "gt_label": label}}
+
+
+def _best(frame_id: int, t_event: float, final: bool, decision_ms: float | None = None) -> dict:
+    return {"type": "best_frame", "sweep_id": 0, "frame_id": frame_id, "t_event": t_event, "final": final,
+            "decision_ms": decision_ms}
+
+
+def test_decisions_compare_the_picks_and_time_the_first_optimal_best_frame() -> None:
+    from pipeline.decisions import decisions, has_ground_truth
+
+    labels = {i: int(10 <= i <= 12) for i in range(30)}
+    every = [_frame(i, i / 30, labels[i]) for i in range(30)] + [_best(11, 2.0, True, 5.0)]
+    run = [_frame(i, i / 30, labels[i]) for i in (0, 8, 16, 24)]
+    run += [_frame(11, 11 / 30, 1, refined=True), _best(8, 0.4, False), _best(11, 0.9, False),
+            _best(11, 1.2, True, 150.0)]
+    assert has_ground_truth(every) and not has_ground_truth([_best(1, 0.0, True)])
+    result = decisions(run, every, fps=30.0)
+    row = result["sweeps"][0]
+    assert row["pick"] == row["every_frame_pick"] == 11 and row["same_pick"] and row["pick_optimal"]
+    assert row["decision_ms"] == 150.0
+    assert row["first_optimal_to_best_ms"] == round((0.9 - 10 / 30) * 1e3, 1)  # frame 10 placed from 8
+    summary = result["summary"]
+    assert summary["same_pick_rate"] == 1.0 and summary["sweeps_with_optimal"] == 1
