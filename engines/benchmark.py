@@ -99,8 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def vit_gflop(cfg: dict[str, Any] | None, size: int) -> float | None:
     """Multiply-adds x 2 per ``size`` x ``size`` image of the ViT image tower of an open_clip config (patch
-    embedding, blocks, projection), or None without a config. Heads (quality, mask) are not counted."""
-    if cfg is None or "vision_cfg" not in cfg:
+    embedding, blocks, projection), or None without a config or for a timm tower (a student's FastViT).
+    Heads (quality, mask) are not counted."""
+    if cfg is None or "vision_cfg" not in cfg or "timm_model_name" in cfg["vision_cfg"]:
         return None
     vision = cfg["vision_cfg"]
     width, layers, patch = vision["width"], vision["layers"], vision["patch_size"]

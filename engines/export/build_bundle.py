@@ -1,7 +1,8 @@
 """Build a FetalCLIP model bundle: checkpoint (+ heads, LoRA) + prompts -> ONNX + bundle.json (+ torch model).
 
 Needs torch and open_clip (``pip install .[export]``); the bundle it writes runs with
-ONNX Runtime alone. Weights are never downloaded: bring your own ``FetalCLIP_weights.pt``.
+ONNX Runtime alone. Weights are never downloaded: bring your own ``FetalCLIP_weights.pt``,
+or a MobileFetalCLIP student checkpoint with ``--config MobileCLIP2-S0``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from tqdm import tqdm
 
 from engines.bundle import Bundle, BundleError, file_sha256, load_bundle, write_manifest
 from engines.export.fetalclip import (
-    CLIP_MEAN,
-    CLIP_STD,
     DEFAULT_PROMPTS,
     CheckpointError,
     ConfigError,
@@ -28,6 +27,9 @@ from engines.export.fetalclip import (
     build_model,
     class_embeddings,
     export_onnx,
+    image_tower,
+    input_preprocessing,
+    is_timm_tower,
     load_checkpoint,
     load_config,
     load_prompts,
@@ -153,7 +155,7 @@ def manifest_outputs(
 
 def manifest_input(wrapper: FetalClipExport, resize: str) -> dict:
     """The manifest's ``input``: uint8 grey frames, zero-padded to square and resized with ``resize``,
-    scaled and CLIP-normalised inside the graph (FetalClipExport)."""
+    scaled and normalised inside the graph with the wrapper's mean/std (FetalClipExport)."""
     return {
         "name": "image",
         "size": wrapper.image_size,
@@ -163,9 +165,24 @@ def manifest_input(wrapper: FetalClipExport, resize: str) -> dict:
         "pad_to_square": True,
         "resize": resize,
         "normalization": "in_graph",
-        "mean": list(CLIP_MEAN),
-        "std": list(CLIP_STD),
+        "mean": list(wrapper.mean),
+        "std": list(wrapper.std),
     }
+
+
+def tower_description(cfg: dict, wrapper: FetalClipExport) -> str:
+    """The manifest's words for the exported image tower: FetalCLIP's ViT, or a student's timm tower."""
+    vision = cfg["vision_cfg"]
+    if not is_timm_tower(cfg):
+        return (
+            f"FetalCLIP image encoder (open_clip ViT, width {vision['width']}, {vision['layers']} layers, "
+            f"patch {vision['patch_size']})"
+        )
+    params = sum(p.numel() for p in wrapper.visual.parameters()) / 1e6
+    return (
+        f"FetalCLIP student image encoder (open_clip timm {vision['timm_model_name']}, the MobileFetalCLIP "
+        f"architecture, reparameterized: {params:.2f} M parameters, {wrapper.image_size} px)"
+    )
 
 
 def build_bundle(
@@ -192,6 +209,7 @@ def build_bundle(
         clock = now
 
     cfg = load_config(config)
+    preprocessing = input_preprocessing(cfg)
     class_prompts = load_prompts(prompts)
     loaded_heads = load_heads(heads) if heads is not None else None
     if (loaded_heads is None or loaded_heads.quality is None) and BEST_PLANE not in class_prompts:
@@ -220,10 +238,12 @@ def build_bundle(
 
     try:
         wrapper = FetalClipExport(
-            model.visual,
+            image_tower(model),
             embeddings,
             quality=loaded_heads.quality if loaded_heads is not None else None,
             mask=loaded_heads.mask if loaded_heads is not None else None,
+            mean=preprocessing.mean,
+            std=preprocessing.std,
         ).eval()
     except ValueError as exc:
         raise HeadsError(f"heads file {heads}: {exc}") from None
@@ -246,7 +266,6 @@ def build_bundle(
     else:
         (out / TORCH_NAME).unlink(missing_ok=True)
 
-    vision = cfg["vision_cfg"]
     parts = [f"zero-shot plane probabilities over {len(class_prompts)} classes"]
     if "quality" in wrapper.output_names:
         parts.append("a quality head")
@@ -266,14 +285,13 @@ def build_bundle(
         "name": name or ("fetalclip" if config == "fetalclip" else f"fetalclip-{Path(config).stem}"),
         "version": version,
         "description": (
-            f"FetalCLIP image encoder (open_clip ViT, width {vision['width']}, {vision['layers']} layers, "
-            f"patch {vision['patch_size']}) with {', '.join(parts)}; the text tower is not included. "
+            f"{tower_description(cfg, wrapper)} with {', '.join(parts)}; the text tower is not included. "
             "Research use only; not for clinical use."
         ),
         "license": LICENSE_NOTE,
         "source": source,
         "model": model_entry,
-        "input": manifest_input(wrapper, "bicubic"),
+        "input": manifest_input(wrapper, preprocessing.resize),
         "batch": {"min": 1, "max": MAX_BATCH},
         "outputs": manifest_outputs(wrapper, list(class_prompts)),
         "best_frame": {"output": "quality"}
@@ -298,10 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     took; one error line and exit 1 on a bad input or a failed check."""
     parser = argparse.ArgumentParser(
         description=(
-            "Build a sweepstream model bundle from FetalCLIP weights. Steps: load the checkpoint "
+            "Build a sweepstream model bundle from FetalCLIP weights (or a MobileFetalCLIP student's: "
+            "--config MobileCLIP2-S0). Steps: load the checkpoint "
             "strictly into the open_clip model of --config; merge the LoRA of --heads, if any, into "
             "its weights; encode the --prompts of each plane class with the text tower into class "
-            "embeddings; export the image tower + class embeddings + heads to ONNX (uint8 frames in, "
+            "embeddings; reparameterize a timm image tower (FastViT); "
+            "export the image tower + class embeddings + heads to ONNX (uint8 frames in, "
             "normalisation in the graph, dynamic batch 1..32, no text tower); check it with "
             "onnx.checker and against torch with ONNX Runtime on random frames; save the torch "
             "reference model; write bundle.json; with --int8, add a gated int8 model (see "
@@ -316,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         required=True,
         help="FetalCLIP_weights.pt (or any checkpoint "
-        "of --config): {'state_dict': ...} or a bare state dict; 'module.' prefixes are fine",
+        "of --config, e.g. a MobileFetalCLIP student's): {'state_dict': ...} or a bare state dict; "
+        "'module.' prefixes are fine",
     )
     parser.add_argument(
         "--out", type=Path, required=True, help="bundle directory to write (created if needed)"
@@ -332,13 +353,17 @@ def main(argv: list[str] | None = None) -> int:
         "--heads",
         type=Path,
         help="heads file from engines.export.heads.save_heads: quality head, mask decoder and/or LoRA "
-        "(LoRA is merged into the weights before export); adds 'quality' / 'mask' outputs",
+        "(LoRA is merged into the weights before export); adds 'quality' / 'mask' outputs "
+        "(the mask decoder reads ViT blocks: a timm tower takes a quality head and LoRA only)",
     )
     parser.add_argument(
         "--config",
         default="fetalclip",
-        help="model config: 'fetalclip' (ViT-L/14, context 117), 'tiny' (for tests) or a JSON file "
-        "in open_clip's CLIP(embed_dim, vision_cfg, text_cfg) shape (default %(default)s)",
+        help="model config: 'fetalclip' (ViT-L/14, context 117), 'tiny' (for tests), an open_clip "
+        "model name such as 'MobileCLIP2-S0' (MobileFetalCLIP's student: FastViT, 256 px) or a JSON "
+        "file in open_clip's CLIP(embed_dim, vision_cfg, text_cfg) shape; its optional preprocess_cfg "
+        "(mean, std, interpolation) sets the input normalisation, else CLIP's, bicubic "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--int8",

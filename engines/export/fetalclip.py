@@ -1,9 +1,13 @@
-"""FetalCLIP (an open_clip ViT CLIP) for export: configs, strict checkpoint loading, prompts, ONNX export.
+"""FetalCLIP (an open_clip ViT CLIP) and its students for export: configs, checkpoints, prompts, ONNX export.
 
 The exported graph (:class:`FetalClipExport`) holds only the image tower: it takes
 uint8 frames, normalises them in-graph, and scores planes against class embeddings
 that are computed once from text prompts and stored as a constant. The text tower
 never reaches the runtime, which needs neither torch nor a tokenizer.
+
+The image tower is either open_clip's plain ViT (FetalCLIP's ViT-L/14, the tiny test
+config) or a timm tower (MobileFetalCLIP's student, open_clip's ``MobileCLIP2-S0``: a
+FastViT), which is exported reparameterized.
 
 torch and open_clip are needed here (export and the torch reference engine) but
 never by the ONNX Runtime pipeline.
@@ -15,6 +19,7 @@ import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,10 @@ import onnx
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.model import convert_to_custom_text_state_dict
+from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
+from timm.models import reparameterize_model
 from torch import nn
 from tqdm import tqdm
 
@@ -39,6 +47,11 @@ CLIP_MEAN = tuple(open_clip.OPENAI_DATASET_MEAN)
 CLIP_STD = tuple(open_clip.OPENAI_DATASET_STD)
 LOGIT_SCALE = 100.0
 """Zero-shot logits are this times the cosine similarity, as in CLIP's trained temperature."""
+RESIZES = ("bicubic", "bilinear")
+"""open_clip interpolations a bundle can state as its ``input.resize``."""
+_PREPROCESS_KEYS = {"size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color"}
+
+ImageTower = VisionTransformer | TimmModel
 
 _KNOWN_VITS = {
     (768, 12, 32): "ViT-B/32",
@@ -61,36 +74,109 @@ class ConfigError(ValueError):
 
 
 def load_config(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Return a model config: a bundled name (``fetalclip``, ``tiny``) or a JSON file path.
+    """Return a model config: a bundled name (``fetalclip``, ``tiny``), a JSON file path, or an open_clip
+    model name (``MobileCLIP2-S0``, MobileFetalCLIP's student; see ``open_clip.list_models()``).
 
-    The config has open_clip's ``CLIP(embed_dim, vision_cfg, text_cfg)`` shape; only
-    plain ViT image towers are accepted, since the export and the mask decoder read
-    ViT blocks directly.
+    The config has open_clip's ``CLIP(embed_dim, vision_cfg, text_cfg)`` shape, plus open_clip's
+    optional ``custom_text`` and ``preprocess_cfg`` keys. The image tower is a plain ViT or a
+    timm model; the text tower is open_clip's own, since prompts are encoded with its BPE
+    tokenizer at ``text_cfg.context_length``.
     """
     bundled = CONFIG_DIR / f"{name_or_path}.json"
     path = bundled if bundled.is_file() else Path(name_or_path)
-    if not path.is_file():
+    if path.is_file():
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config {path}: invalid JSON ({exc})") from exc
+    elif str(name_or_path) in open_clip.list_models():
+        cfg = open_clip.get_model_config(str(name_or_path))
+    else:
         names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
-        raise ConfigError(f"config {name_or_path}: neither a bundled config ({names}) nor a file")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config {path}: invalid JSON ({exc})") from exc
+        raise ConfigError(
+            f"config {name_or_path}: neither a bundled config ({names}), a file, nor an open_clip model name"
+        )
+    where = f"config {path}"
     if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
-        raise ConfigError(f"config {path}: needs embed_dim, vision_cfg and text_cfg")
-    vision = cfg["vision_cfg"]
+        raise ConfigError(f"{where}: needs embed_dim, vision_cfg and text_cfg")
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
     plain_vit = isinstance(vision, dict) and isinstance(vision.get("layers"), int)
-    if not plain_vit or vision.get("timm_model_name"):
-        raise ConfigError(f"config {path}: vision_cfg must describe a plain ViT (integer 'layers', no timm)")
+    timm_tower = isinstance(vision, dict) and isinstance(vision.get("timm_model_name"), str)
+    if plain_vit == timm_tower:
+        raise ConfigError(f"{where}: vision_cfg must describe a plain ViT (integer 'layers') or a timm model")
+    if not isinstance(text, dict) or not isinstance(text.get("context_length"), int):
+        raise ConfigError(f"{where}: text_cfg needs an integer context_length")
+    foreign = sorted({"hf_model_name", "hf_tokenizer_name"} & set(text) | {"multimodal_cfg"} & set(cfg))
+    if foreign:
+        problem = f"needs open_clip's own text tower and tokenizer, has {', '.join(foreign)}"
+        raise ConfigError(f"{where}: {problem}")
+    input_preprocessing(cfg, where)
     return cfg
 
 
-def build_model(cfg: Mapping[str, Any]) -> open_clip.CLIP:
-    """Build an open_clip CLIP from a config (random weights), in eval mode."""
+def is_timm_tower(cfg: Mapping[str, Any]) -> bool:
+    """Whether the config's image tower is a timm model (exported reparameterized) rather than a plain ViT."""
+    return "timm_model_name" in cfg["vision_cfg"]
+
+
+def build_model(cfg: Mapping[str, Any]) -> open_clip.CLIP | open_clip.CustomTextCLIP:
+    """Build an open_clip CLIP (``CustomTextCLIP`` if the config says ``custom_text``) with random weights,
+    in eval mode. A timm tower is built with ``timm_model_pretrained`` off: weights are never fetched."""
+    kwargs = {key: value for key, value in cfg.items() if key not in ("custom_text", "preprocess_cfg")}
+    if is_timm_tower(cfg):
+        kwargs["vision_cfg"] = {**cfg["vision_cfg"], "timm_model_pretrained": False}
+    model_class = open_clip.CustomTextCLIP if cfg.get("custom_text") else open_clip.CLIP
     try:
-        return open_clip.CLIP(**cfg).eval()
+        return model_class(**kwargs).eval()
     except TypeError as exc:  # an unknown key in the config's vision_cfg / text_cfg
         raise ConfigError(f"config: not an open_clip CLIP config: {exc}") from None
+
+
+def image_tower(model: open_clip.CLIP | open_clip.CustomTextCLIP) -> ImageTower:
+    """The model's image tower in its exported form.
+
+    A timm tower is reparameterized in place (timm's ``reparameterize_model``: FastViT's
+    train-time branches and their BatchNorms fold into single convolutions), the form
+    MobileCLIP is deployed in: the same outputs from fewer, fused layers.
+    """
+    visual = model.visual
+    if isinstance(visual, TimmModel):
+        reparameterize_model(visual, inplace=True)
+    return visual
+
+
+@dataclass(frozen=True)
+class InputPreprocessing:
+    """How a checkpoint's images were normalised and resized: the graph's mean/std, the bundle's resize."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str
+
+
+def input_preprocessing(cfg: Mapping[str, Any], where: str = "config") -> InputPreprocessing:
+    """The preprocessing open_clip gives a checkpoint file of this config: its defaults (CLIP mean/std,
+    bicubic) under the config's own ``preprocess_cfg``, if any.
+
+    ``resize_mode`` and ``fill_color`` are not followed: a bundle's frames are always
+    zero-padded to square before the resize (FetalCLIP's preprocessing; open_clip's default
+    centre crop would cut the sides of the ultrasound fan). The size is the image tower's.
+    """
+    given = cfg.get("preprocess_cfg", {})
+    if not isinstance(given, dict) or not set(given) <= _PREPROCESS_KEYS:
+        raise ConfigError(f"{where}: preprocess_cfg must be a dict of {', '.join(sorted(_PREPROCESS_KEYS))}")
+    mean, std = given.get("mean", CLIP_MEAN), given.get("std", CLIP_STD)
+    resize = given.get("interpolation", "bicubic")
+    for key, values in (("mean", mean), ("std", std)):
+        numbers = isinstance(values, list | tuple) and len(values) == 3
+        if not numbers or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            raise ConfigError(f"{where}: preprocess_cfg.{key} must be 3 numbers, got {values!r}")
+    if not all(v > 0 for v in std):
+        raise ConfigError(f"{where}: preprocess_cfg.std must be positive, got {std!r}")
+    if resize not in RESIZES:
+        choices = ", ".join(RESIZES)
+        raise ConfigError(f"{where}: preprocess_cfg.interpolation must be one of {choices}, got {resize!r}")
+    return InputPreprocessing(tuple(map(float, mean)), tuple(map(float, std)), resize)
 
 
 def make_tokenizer(cfg: Mapping[str, Any]) -> open_clip.SimpleTokenizer:
@@ -128,11 +214,19 @@ def _describe_vit(geometry: tuple[int, int, int]) -> str:
     return f"a {name} ({core})" if name else f"a ViT with {core}"
 
 
+def _describe_tower(state: Mapping[str, Any]) -> str | None:
+    """The image tower of a CLIP state dict in words, or None if it is neither a ViT nor a timm model."""
+    vit = _vit_geometry(state)
+    if vit is not None:
+        return _describe_vit(vit)
+    return "a timm image tower" if any(key.startswith("visual.trunk.") for key in state) else None
+
+
 def _architecture_problem(state: Mapping[str, Any], expected: Mapping[str, Any], label: str) -> str | None:
     """Name a wrong architecture in words before falling back to key-by-key differences."""
-    got_vit, want_vit = _vit_geometry(state), _vit_geometry(expected)
-    if got_vit is not None and want_vit is not None and got_vit != want_vit:
-        return f"is {_describe_vit(got_vit)}; config '{label}' expects {_describe_vit(want_vit)}"
+    got_tower, want_tower = _describe_tower(state), _describe_tower(expected)
+    if got_tower is not None and want_tower is not None and got_tower != want_tower:
+        return f"is {got_tower}; config '{label}' expects {want_tower}"
     got_text, want_text = _text_geometry(state), _text_geometry(expected)
     if got_text is not None and want_text is not None and got_text != want_text:
 
@@ -144,9 +238,15 @@ def _architecture_problem(state: Mapping[str, Any], expected: Mapping[str, Any],
 
 
 def load_checkpoint(
-    model: open_clip.CLIP, path: str | os.PathLike[str], *, config_label: str = "model"
+    model: open_clip.CLIP | open_clip.CustomTextCLIP,
+    path: str | os.PathLike[str],
+    *,
+    config_label: str = "model",
 ) -> None:
     """Load CLIP weights strictly from ``{"state_dict": ...}`` or a bare state dict (``module.`` stripped).
+
+    A ``CustomTextCLIP`` (MobileCLIP) also takes a checkpoint saved with CLIP's text-tower
+    names, converted as open_clip itself does.
 
     Every failure is one CheckpointError line naming the file: unreadable, not a state
     dict, a different ViT or text tower than the config (said in words), or the counts
@@ -168,6 +268,8 @@ def load_checkpoint(
     stripped = {k.removeprefix("module."): v for k, v in state.items()}
     if len(stripped) != len(state):
         raise CheckpointError(f"checkpoint {path}: keys clash once the 'module.' prefix is stripped")
+    if isinstance(model, open_clip.CustomTextCLIP):
+        stripped = convert_to_custom_text_state_dict(stripped)
 
     architecture = _architecture_problem(stripped, model.state_dict(), config_label)
     if architecture:
@@ -234,12 +336,25 @@ def class_embeddings(
 # --------------------------------------------------------------------------- export module
 
 
+def _output_dim(visual: ImageTower) -> int:
+    """Width of the tower's image features: a ViT's ``output_dim``; for a timm tower, its last linear layer
+    (open_clip's projection if it adds one, else the timm head's classifier sized to the embedding)."""
+    if isinstance(visual, VisionTransformer):
+        return visual.output_dim
+    linears = [module for module in visual.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError("the timm image tower has no linear output layer to give its feature width")
+    return linears[-1].out_features
+
+
 class FetalClipExport(nn.Module):
     """The runtime graph: uint8 frames [N, S, S] -> embedding, planes, and optional quality and mask.
 
     In order: cast to float, scale to [0, 1], replicate the grey channel to 3 and
-    normalise with the CLIP mean/std (one broadcast multiply-add), run the ViT, then
-    the heads. Outputs, named by :attr:`output_names`:
+    normalise with ``mean``/``std`` (the checkpoint's, CLIP's by default; one broadcast
+    multiply-add), run the image tower (a ViT, or a reparameterized timm tower), then the
+    heads; the mask decoder reads ViT blocks, so it needs a ViT. Outputs, named by
+    :attr:`output_names`:
 
     - ``embedding`` [N, D] float32, L2-normalised image features;
     - ``planes`` [N, C] float32, softmax of ``100 * cosine`` against the class embeddings;
@@ -249,23 +364,28 @@ class FetalClipExport(nn.Module):
 
     def __init__(
         self,
-        visual: VisionTransformer,
+        visual: ImageTower,
         class_embeddings: torch.Tensor,
         *,
         quality: QualityHead | None = None,
         mask: MaskDecoder | None = None,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
     ) -> None:
         super().__init__()
-        if not isinstance(visual, VisionTransformer):
-            raise TypeError(f"visual must be an open_clip VisionTransformer, got {type(visual).__name__}")
+        if not isinstance(visual, ImageTower):
+            kind = type(visual).__name__
+            raise TypeError(f"visual must be an open_clip VisionTransformer or TimmModel, got {kind}")
         height, width = visual.image_size
         if height != width:
             raise ValueError(f"the image tower must take square images, got {height}x{width}")
-        dim = visual.output_dim
+        dim = _output_dim(visual)
         if class_embeddings.ndim != 2 or class_embeddings.shape[0] < 2 or class_embeddings.shape[1] != dim:
             raise ValueError(f"class_embeddings must be [C >= 2, {dim}], got {list(class_embeddings.shape)}")
         if quality is not None and quality.in_features != dim:
             raise ValueError(f"quality head takes {quality.in_features} features, image tower gives {dim}")
+        if mask is not None and not isinstance(visual, VisionTransformer):
+            raise ValueError(f"mask decoder {mask.config} does not fit the image tower: it reads ViT blocks")
         if mask is not None:
             expected = {"width": visual.transformer.width, "grid": visual.grid_size[0], "image_size": height}
             got = {key: mask.config[key] for key in expected}
@@ -275,14 +395,16 @@ class FetalClipExport(nn.Module):
                     f"({expected}, {len(visual.transformer.resblocks)} blocks)"
                 )
         self.image_size = height
+        self.embed_dim = dim
         self.visual = visual
         self.quality = quality
         self.mask = mask
+        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
         self.register_buffer("class_embeddings", class_embeddings.detach().clone().float())
-        mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
-        self.register_buffer("pixel_scale", 1.0 / (255.0 * std))
-        self.register_buffer("pixel_shift", -mean / std)
+        mean_t = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std_t = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("pixel_scale", 1.0 / (255.0 * std_t))
+        self.register_buffer("pixel_shift", -mean_t / std_t)
         optional = (("quality", quality), ("mask", mask))
         self.output_names = ("embedding", "planes", *(name for name, head in optional if head is not None))
 
@@ -290,7 +412,7 @@ class FetalClipExport(nn.Module):
     def output_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of each output without the batch dimension."""
         shapes = {
-            "embedding": (self.visual.output_dim,),
+            "embedding": (self.embed_dim,),
             "planes": (self.class_embeddings.shape[0],),
             "quality": (),
             "mask": (self.image_size, self.image_size),
@@ -414,7 +536,8 @@ def load_torch_artifact(path: str | os.PathLike[str]) -> FetalClipExport:
     """Rebuild a :class:`FetalClipExport` from :func:`save_torch_artifact`'s file, in eval mode on CPU.
 
     Modules are built on the meta device and take the saved tensors directly, so the
-    ViT is neither randomly initialised nor held twice in memory.
+    ViT is neither randomly initialised nor held twice in memory; a timm tower is
+    reparameterized first, as it was when saved.
     """
     path = Path(path)
     data = read_torch_file(path, CheckpointError, "torch model")
@@ -423,12 +546,15 @@ def load_torch_artifact(path: str | os.PathLike[str]) -> FetalClipExport:
         raise CheckpointError(f"torch model {path}: not a {TORCH_FORMAT} file")
     if data["version"] != TORCH_FORMAT_VERSION:
         raise CheckpointError(f"torch model {path}: unsupported version {data['version']!r}")
+    preprocessing = input_preprocessing(data["config"])
     with torch.device("meta"):
-        visual = build_model(data["config"]).visual
-        embeddings = torch.empty(data["num_classes"], visual.output_dim)
+        visual = image_tower(build_model(data["config"]))
+        embeddings = torch.empty(data["num_classes"], _output_dim(visual))
         quality = QualityHead(**data["quality"]) if data["quality"] is not None else None
         mask = MaskDecoder(**data["mask"]) if data["mask"] is not None else None
-    wrapper = FetalClipExport(visual, embeddings, quality=quality, mask=mask)
+    wrapper = FetalClipExport(
+        visual, embeddings, quality=quality, mask=mask, mean=preprocessing.mean, std=preprocessing.std
+    )
     problem = state_mismatch(wrapper, data["state_dict"])
     if problem:
         raise CheckpointError(f"torch model {path}: state_dict does not fit its config: {problem}")
