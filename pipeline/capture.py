@@ -117,7 +117,9 @@ class CaptureStage(Stage):
             size = frame.image.nbytes / 2**20
             raise ValueError(f"source {self.source.uri}: {self.ring.slots} ring slots of {size:.1f} MiB "
                              f"frames need {lacking / 2**20:.0f} MiB more shared memory (/dev/shm) than is "
-                             "free: lower ring.slots (and infer.refine_window_s with it) or enlarge /dev/shm")
+                             "free: lower ring.slots or enlarge /dev/shm")
+        if self._next_id == 0:
+            self.ring.prefault(frame.image.nbytes)
         frame_id, self._next_id = self._next_id, self._next_id + 1
         self.counters["read"] += 1
         try:

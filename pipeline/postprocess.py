@@ -34,6 +34,9 @@ log = logging.getLogger("sweepstream")
 BEST_DIR = "best"
 REFINE_POLL_MS = 20  # how often a refining postprocess looks at its waiting finals without new results
 REFINE_REQUEST_FRAMES = 16  # frames asked for at once, most wanted first
+# Planned frames whose full-resolution image is copied while the ring (about 1 s) still holds it: the
+# search around a sweep's top frames reaches 8 either side, and any of them may become the best frame.
+REFINE_COPY_FRAMES = 40
 REFINE_MARGIN_NS = 200_000_000  # frames this close to leaving preprocess's history are not asked for
 MAX_PENDING_WRITES = 256  # the frame path waits for the writer beyond this many batches
 
@@ -141,8 +144,9 @@ class PostprocessStage(Stage):
         finals = self.analyzer.due_finals(now, held_since, self._timeout_ns)
         if finals:
             self._write(finals, None, None, now)
-        plan = self.analyzer.refine_plan(held_since, REFINE_REQUEST_FRAMES)
-        for frame_id in plan:
+        candidates = self.analyzer.refine_plan(held_since, REFINE_COPY_FRAMES)
+        plan = candidates[:REFINE_REQUEST_FRAMES]
+        for frame_id in candidates:
             if self.analyzer.wants_image(frame_id) and (found := self.ring.find(frame_id)) is not None:
                 view = self.ring.borrow(*found)
                 if view is not None:
