@@ -168,12 +168,15 @@ class SweepAnalyzer:
     # -- keeping what selection may still need ----------------------------------------------------------
     def _keep(self, frame: AnalyzedFrame, image: np.ndarray | None, sweep_id: int) -> None:
         """Near-empty frames the tracker holds back are not kept: they rank too low to matter. Full-resolution
-        copies only where the best frame is or may yet be: itself and the window."""
+        copies only where the best frame is or may yet be: itself and, with smoothing, the window (so with
+        single-frame windows, the default, a frame is copied only when it becomes the best)."""
         selector = self.tracker.selector_of(sweep_id)
         if selector is None:
             return
         kept = self._kept.setdefault(sweep_id, {})
-        wanted = selector.window_ids | ({selector.best.frame_id} if selector.best is not None else set())
+        # A later window may still choose any frame of the current one, unless windows are single frames.
+        wanted = selector.window_ids if self.config.smoothing_frames > 1 else set()
+        wanted |= {selector.best.frame_id} if selector.best is not None else set()
         frame_id = frame.info.frame_id
         if selector.keeps(frame_id):
             copy = image.copy() if image is not None and frame_id in wanted else None

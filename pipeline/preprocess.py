@@ -70,13 +70,13 @@ class PreprocessStage(Stage):
             self.finished = True
 
     def _keep(self) -> int:
-        """How many of the waiting frames to prepare. A live source's older frames are stale once a newer
-        one waits, unless refinement may want them later (then all are prepared into its history, and the
-        held queue keeps the newest); a flooded one is held back by capture to FLOOD_IN_FLIGHT frames, all
-        of which are wanted."""
-        if self.history is not None and not self._lossless:
-            return MAX_TAKE
-        return min(FLOOD_IN_FLIGHT if self.config.source.flood else 1, self.hold)
+        """How many of the waiting frames to prepare. A flooded recording is held back by capture to
+        FLOOD_IN_FLIGHT frames, all of which are wanted (taking more would take away capture's
+        backpressure). A live source's older frames are stale once a newer one waits, unless refinement
+        may want them later: then all are prepared into its history, and the held queue keeps the newest."""
+        if self.config.source.flood:
+            return min(FLOOD_IN_FLIGHT, self.hold)
+        return MAX_TAKE if self.history is not None and not self._lossless else 1
 
     def _refining_after_end(self) -> bool:
         """At the end of a recording, the last sweep's refinement may still be under way: serve it until

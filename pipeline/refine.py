@@ -38,6 +38,12 @@ class SweepScores:
         self.captured_ns[frame_id] = captured_ns
         self.first, self.last = min(self.first, frame_id), max(self.last, frame_id)
 
+    def forget_before(self, held_since_ns: int) -> None:
+        """Drop frames older than preprocess's history: they can no longer lead to a frame worth asking
+        for, and a sweep of hours (a probe that never lifts) must not grow this without bound."""
+        for frame_id in [i for i, t in self.captured_ns.items() if t < held_since_ns]:
+            del self.scores[frame_id], self.captured_ns[frame_id]
+
     def peaks(self) -> list[int]:
         """The top scored frames, best first (earliest on ties)."""
         return sorted(self.scores, key=lambda i: (-self.scores[i], i))[:PEAKS]
@@ -57,8 +63,8 @@ class SweepScores:
     def _held(self, frame_id: int, held_since_ns: int) -> bool:
         """Whether preprocess still holds the frame: its capture time is taken as the nearest scored
         frame's (frames a few ids apart are a few frame periods apart)."""
-        nearest = min(self.captured_ns, key=lambda i: abs(i - frame_id))
-        return self.captured_ns[nearest] >= held_since_ns
+        nearest = min(self.captured_ns, key=lambda i: abs(i - frame_id), default=None)
+        return nearest is not None and self.captured_ns[nearest] >= held_since_ns
 
     def complete(self, held_since_ns: int) -> bool:
         """Every frame within REACH of the best frame is scored, or gone from preprocess's history."""
@@ -72,6 +78,7 @@ def plan(sweeps: list[SweepScores], held_since_ns: int, limit: int) -> list[int]
     its top frames."""
     out: list[int] = []
     for sweep in sweeps:
+        sweep.forget_before(held_since_ns)
         peaks = sweep.peaks()
         for frame_id in sweep.wanted(peaks[:1], held_since_ns, REACH) + sweep.wanted(peaks, held_since_ns):
             if frame_id not in out:
