@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import psutil
 import tomli_w
 
 from engines.registry import ENGINE_MODULES, backend_options
@@ -319,6 +320,23 @@ def _check_consistency(config: Config) -> None:
     bundle = Path(config.infer.bundle)
     if not (bundle / "bundle.json").is_file():
         raise ConfigError(f"infer.bundle: {bundle} has no bundle.json")
+    history = refine_history_bytes(config.infer.refine_window_s)
+    spare = psutil.virtual_memory().available * REFINE_MEMORY_SHARE
+    if config.infer.refine != "off" and history > spare:
+        raise ConfigError(
+            f"infer.refine_window_s: {config.infer.refine_window_s:g} s of model inputs can take "
+            f"{history / 2**20:.0f} MiB, more than a quarter of this machine's available memory "
+            f"({spare / 2**20:.0f} MiB); shorten the window or set infer.refine=off")
+
+
+REFINE_MEMORY_SHARE = 0.25  # of the available memory the refinement history may take at most
+REFINE_MAX_FPS = 60  # the fastest video a cart meets, for the history's bound
+
+
+def refine_history_bytes(window_s: float, input_bytes: int = 224 * 224 * 3) -> int:
+    """The most memory preprocess's refinement history can take: the window at REFINE_MAX_FPS, of 3-channel
+    224 x 224 model inputs (a grey bundle takes a third)."""
+    return int(window_s * REFINE_MAX_FPS * input_bytes)
 
 
 def _describe(name: str, cls: type) -> list[str]:

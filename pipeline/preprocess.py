@@ -11,6 +11,7 @@ from collections import deque
 import zmq
 
 from . import wire
+from .config import refine_history_bytes
 from .graph import FLOOD_IN_FLIGHT
 from .letterbox import Letterbox
 from .messages import FrameRef, Kind, PreparedInput, RefineRequest, kind_of
@@ -169,12 +170,12 @@ class PreprocessStage(Stage):
         self.counters["drop_overwritten"] += 1
 
     def describe(self) -> dict:
-        """The refinement history's bound: the window at 60 fps of this bundle's model inputs."""
+        """The refinement history's bound (its window at REFINE_MAX_FPS of this bundle's inputs)."""
         if self.history is None:
             return {"refine": None}
         window = self.config.infer.refine_window_s
-        frame = math.prod(self.bundle.input.frame_shape)
-        return {"refine": {"window_s": window, "max_history_mib": round(window * 60 * frame / 2**20, 1)}}
+        bound = refine_history_bytes(window, math.prod(self.bundle.input.frame_shape))
+        return {"refine": {"window_s": window, "max_history_mib": round(bound / 2**20, 1)}}
 
     def stop(self) -> None:
         if getattr(self, "ring", None) is not None:

@@ -185,6 +185,48 @@ def tower_description(cfg: dict, wrapper: FetalClipExport) -> str:
     )
 
 
+def bundle_manifest(wrapper: FetalClipExport, cfg: dict, *, config: str, weights: Path, checkpoint_sha: str,
+                    prompts: Path, class_prompts: list[str], heads: Path | None, model_entry: dict,
+                    name: str | None, version: str, resize: str) -> dict:
+    """The manifest of a built bundle: what it is, where it came from, its input, outputs and best-frame
+    rule (engines.bundle validates it when it is written)."""
+    parts = [f"zero-shot plane probabilities over {len(class_prompts)} classes"]
+    if "quality" in wrapper.output_names:
+        parts.append("a quality head")
+    if "mask" in wrapper.output_names:
+        parts.append("a mask decoder")
+    source: dict = {
+        "built_by": f"tools/build_bundle.py --config {config} --weights {weights.name}",
+        "checkpoint_sha256": checkpoint_sha,
+        "config": cfg,
+        "prompts_sha256": file_sha256(prompts),
+    }
+    if heads is not None:
+        source["heads_sha256"] = file_sha256(heads)
+    manifest = {
+        "format": "sweepstream-bundle",
+        "format_version": 1,
+        "name": name or ("fetalclip" if config == "fetalclip" else f"fetalclip-{Path(config).stem}"),
+        "version": version,
+        "description": (
+            f"{tower_description(cfg, wrapper)} with {', '.join(parts)}; the text tower is not included. "
+            "Research use only; not for clinical use."
+        ),
+        "license": LICENSE_NOTE,
+        "source": source,
+        "model": model_entry,
+        "input": manifest_input(wrapper, resize),
+        "batch": {"min": 1, "max": MAX_BATCH},
+        "outputs": manifest_outputs(wrapper, class_prompts),
+        "best_frame": {"output": "quality"}
+        if "quality" in wrapper.output_names
+        else {"output": "planes", "class": BEST_PLANE},
+    }
+    if "mask" in wrapper.output_names:
+        manifest["pixel_spacing"] = {"source": "input"}
+    return manifest
+
+
 def build_bundle(
     weights: Path,
     out: Path,
@@ -266,40 +308,10 @@ def build_bundle(
     else:
         (out / TORCH_NAME).unlink(missing_ok=True)
 
-    parts = [f"zero-shot plane probabilities over {len(class_prompts)} classes"]
-    if "quality" in wrapper.output_names:
-        parts.append("a quality head")
-    if "mask" in wrapper.output_names:
-        parts.append("a mask decoder")
-    source: dict = {
-        "built_by": f"tools/build_bundle.py --config {config} --weights {weights.name}",
-        "checkpoint_sha256": checkpoint_sha,
-        "config": cfg,
-        "prompts_sha256": file_sha256(prompts),
-    }
-    if heads is not None:
-        source["heads_sha256"] = file_sha256(heads)
-    manifest = {
-        "format": "sweepstream-bundle",
-        "format_version": 1,
-        "name": name or ("fetalclip" if config == "fetalclip" else f"fetalclip-{Path(config).stem}"),
-        "version": version,
-        "description": (
-            f"{tower_description(cfg, wrapper)} with {', '.join(parts)}; the text tower is not included. "
-            "Research use only; not for clinical use."
-        ),
-        "license": LICENSE_NOTE,
-        "source": source,
-        "model": model_entry,
-        "input": manifest_input(wrapper, preprocessing.resize),
-        "batch": {"min": 1, "max": MAX_BATCH},
-        "outputs": manifest_outputs(wrapper, list(class_prompts)),
-        "best_frame": {"output": "quality"}
-        if "quality" in wrapper.output_names
-        else {"output": "planes", "class": BEST_PLANE},
-    }
-    if "mask" in wrapper.output_names:
-        manifest["pixel_spacing"] = {"source": "input"}
+    manifest = bundle_manifest(wrapper, cfg, config=config, weights=weights, checkpoint_sha=checkpoint_sha,
+                               prompts=prompts, class_prompts=list(class_prompts), heads=heads,
+                               model_entry=model_entry, name=name, version=version,
+                               resize=preprocessing.resize)
     bundle = write_manifest(out, manifest)
     lap("write manifest")
     if not int8:
