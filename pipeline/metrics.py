@@ -78,11 +78,13 @@ class LatencyHistogram:
 class LatencyBook:
     """Histograms for every segment over the run, skipping the first and last `skip` frames (warm-up and
     shutdown are not the steady state), plus named end-to-end windows that a reader (the live status line,
-    the health events) takes and resets at its own pace."""
+    the health events) takes and resets at its own pace. A run too short to leave anything after the skips
+    (a slow model on a CPU may score 20 frames in a minute) reports all its frames instead of none."""
 
     def __init__(self, skip: int = 10, windows: tuple[str, ...] = ("status",)) -> None:
         self.skip = skip
         self.seen = 0
+        self._first: list[np.ndarray] = []  # the skipped warm-up rows, for a run too short to skip them
         self._held: deque[np.ndarray] = deque()
         self.run = {name: LatencyHistogram() for name in SEGMENTS}
         self.windows = {name: LatencyHistogram() for name in windows}
@@ -95,6 +97,7 @@ class LatencyBook:
             window.add(rows[:, 0])
         first = max(0, self.skip - self.seen)
         self.seen += len(rows)
+        self._first += list(rows[:first])
         for row in rows[first:]:
             self._held.append(row)
         released = len(self._held) - self.skip
@@ -108,4 +111,10 @@ class LatencyBook:
         return window
 
     def summary(self) -> dict[str, dict[str, float]]:
-        return {name: hist.summary() for name, hist in self.run.items()}
+        if next(iter(self.run.values())).count or not self.seen:
+            return {name: hist.summary() for name, hist in self.run.items()}
+        rows = np.stack([*self._first, *self._held])
+        short = {name: LatencyHistogram() for name in SEGMENTS}
+        for column, hist in enumerate(short.values()):
+            hist.add(rows[:, column])
+        return {name: hist.summary() for name, hist in short.items()}

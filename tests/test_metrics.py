@@ -51,3 +51,11 @@ def test_accounting_balances_only_when_every_frame_is_placed() -> None:
     assert result["boundaries"]["capture>preprocess"]["dropped"] == 10
     counters["postprocess"]["scored"] = 79
     assert not frame_accounting(counters, pipeline_graph())["balanced"]
+
+
+def test_a_run_too_short_to_skip_reports_every_frame() -> None:
+    book = LatencyBook(skip=10)
+    book.add_rows(np.ones((15, len(SEGMENTS))))
+    assert book.summary()["end_to_end"]["count"] == 15  # nothing would be left after 2 x 10 skipped
+    book.add_rows(np.ones((10, len(SEGMENTS))))
+    assert book.summary()["end_to_end"]["count"] == 5  # long enough: warm-up and cool-down skipped
