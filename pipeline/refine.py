@@ -22,6 +22,7 @@ REACH = 3  # frames either side of a sweep's best frame that must be scored befo
 SEARCH = 8  # how far either side of a top frame refinement looks while there is engine time (a noisy
 # score has local peaks: on the phantom a sweep's best can sit 4 frames from a lesser peak)
 PEAKS = 3  # running top frames of a sweep whose neighbours are refined
+MAX_SCORED = 2000  # scored frames a sweep keeps for planning before the oldest are forgotten
 
 
 @dataclass
@@ -39,8 +40,11 @@ class SweepScores:
         self.first, self.last = min(self.first, frame_id), max(self.last, frame_id)
 
     def forget_before(self, held_since_ns: int) -> None:
-        """Drop frames older than preprocess's history: they can no longer lead to a frame worth asking
-        for, and a sweep of hours (a probe that never lifts) must not grow this without bound."""
+        """Past MAX_SCORED frames (a sweep of hours: a probe that never lifts), drop those older than
+        preprocess's history, which can no longer lead to a frame worth asking for. A sweep of ordinary
+        length keeps them all, so its best frame stays the peak whose neighbourhood the final waits for."""
+        if len(self.scores) <= MAX_SCORED:
+            return
         for frame_id in [i for i, t in self.captured_ns.items() if t < held_since_ns]:
             del self.scores[frame_id], self.captured_ns[frame_id]
 
