@@ -111,8 +111,9 @@ class InferConfig:
         "refinement between two newest frames), and a sweep's final best_frame waits for it; auto is on "
         "(it does nothing while every frame is scored); off: newest frames only")
     refine_window_s: float = option(
-        3.0, "how far back prepared model inputs are kept for refinement (about 50 kB a frame at 224 x 224)",
-        min=0.5, max=60)
+        6.0, "how far back prepared model inputs are kept for refinement (about 50 kB a frame at 224 x 224; "
+        "a slow engine climbing to a sweep's peak one refinement every other inference needs seconds: "
+        "at 4 frames a second, 3 s lost the peak's neighbours on the phantom)", min=0.5, max=60)
     refine_timeout_s: float = option(
         1.0, "longest a sweep's final best_frame waits for its refinement after the sweep ends",
         min=0, max=60)
