@@ -119,7 +119,13 @@ class InferConfig:
         min=0, max=60)
     rate_limit_fps: float | None = option(
         None, "at most this many frames a second through the engine (leaves CPU to other software on a "
-        "shared cart; emulates a slower cart in benchmarks); none: as fast as it goes", min=0.01, max=10000)
+        "shared cart; emulates a slower cart in benchmarks); with a screen bundle, the main engine's rate "
+        "(the screen runs free); none: as fast as it goes", min=0.01, max=10000)
+    screen_bundle: str | None = option(
+        None, "screening cascade: a fast bundle (e.g. a MobileCLIP2-S0 student) scores every newest frame "
+        "and tracks the sweeps; the main bundle scores only each sweep's best screened frames and the "
+        "frames around its own best (lookback refinement, so infer.refine may not be off), and picks the "
+        "best frames and measures them. Same engine options as the main bundle; none: no cascade")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "device for backends that have a choice")
     precision: Literal["auto", "fp32", "fp16", "int8"] = option(
         "auto", "model precision; ort: auto runs the bundle's gated int8 model on CPU when it has one "
@@ -321,6 +327,13 @@ def _check_consistency(config: Config) -> None:
     bundle = Path(config.infer.bundle)
     if not (bundle / "bundle.json").is_file():
         raise ConfigError(f"infer.bundle: {bundle} has no bundle.json")
+    screen = config.infer.screen_bundle
+    if screen is not None:
+        if not (Path(screen) / "bundle.json").is_file():
+            raise ConfigError(f"infer.screen_bundle: {screen} has no bundle.json")
+        if config.infer.refine == "off":
+            raise ConfigError("infer.screen_bundle: a screening cascade needs infer.refine on or auto (the "
+                              "main bundle scores only the frames refinement asks for)")
     history = refine_history_bytes(config.infer.refine_window_s)
     spare = psutil.virtual_memory().available * REFINE_MEMORY_SHARE
     if config.infer.refine != "off" and history > spare:

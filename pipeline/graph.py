@@ -9,8 +9,12 @@ accounting (read = scored + dropped) is derived from it.
                                                               infer --results (push, waits)--> postprocess
 
 A graph is data: several infer workers are `replicas`, a remote worker is a link with a fixed `endpoint`
-that off-host workers connect to (and `replicas` counting the local ones only), a screening model is one
-more infer stage with links of its own. The stages do not change for any of these.
+that off-host workers connect to (and `replicas` counting the local ones only), a screening cascade is one
+more infer stage (its own bundle) with links of its own: the screen's work link serves the newest frames,
+the main model's serves only the frames postprocess asks for. The stages do not change for any of these.
+
+    screening cascade:  preprocess --screen_inputs (newest)--> screen --screened--> postprocess
+                        preprocess --inputs (refined only)---> infer  --results---> postprocess
 """
 
 from __future__ import annotations
@@ -53,11 +57,15 @@ class Link:
     backpressure: str  # what happens when the receiver is behind, in words (for --describe and docs)
     drops: tuple[tuple[str, str], ...]  # (stage, counter): the places this boundary loses frames
     endpoint: str | None = None  # a fixed endpoint (remote workers); None: ipc in the run's socket folder
+    # Which frames: "newest" (the live path), "refined" (only frames postprocess asked for: extra to the
+    # frame accounting), or "all".
+    serves: Literal["all", "newest", "refined"] = "all"
 
     @property
     def carries_frames(self) -> bool:
-        """Whether frames cross this link (and are accounted at its boundary), not requests about them."""
-        return self.carries in (Kind.FRAME, Kind.INPUT, Kind.RESULT)
+        """Whether the stream's frames cross this link (and are accounted at its boundary), not requests
+        about them or refined frames only."""
+        return self.carries in (Kind.FRAME, Kind.INPUT, Kind.RESULT) and self.serves != "refined"
 
     @property
     def boundary(self) -> str:
@@ -92,6 +100,7 @@ class StageSpec:
     role: str
     counters: tuple[str, ...] = ()
     replicas: int = 1  # processes of this stage on this host
+    bundle: Literal["main", "screen"] = "main"  # the model it runs: infer.bundle or infer.screen_bundle
 
     def instances(self) -> list[str]:
         """Process names: the stage's name, or name-0, name-1, ... for a replicated stage."""
@@ -133,6 +142,12 @@ class Graph:
     def links_of(self, stage: str) -> Iterator[Link]:
         return (link for link in self.links if stage in (link.sender, link.receiver))
 
+    def links_into(self, stage: str, carries: Kind) -> list[Link]:
+        return [link for link in self.links if link.receiver == stage and link.carries is carries]
+
+    def links_from(self, stage: str, carries: Kind) -> list[Link]:
+        return [link for link in self.links if link.sender == stage and link.carries is carries]
+
     def counters_of(self, stage: str) -> frozenset[str]:
         """Every counter `stage` may increment: the common ones, its own, and its boundaries' drops."""
         drops = {key for link in self.links for name, key in link.drops if name == stage}
@@ -141,9 +156,11 @@ class Graph:
     def describe(self) -> dict[str, object]:
         """The run's shape as plain data, written into summary.json so a reader sees what ran."""
         return {
-            "stages": {s.name: {"role": s.role, "processes": s.instances()} for s in self.stages},
+            "stages": {s.name: {"role": s.role, "bundle": s.bundle, "processes": s.instances()}
+                       for s in self.stages},
             "links": {link.name: {"from": link.sender, "to": link.receiver, "carries": link.carries.value,
-                                  "pattern": link.pattern, "bound_by": link.bound_by, "hwm": link.hwm,
+                                  "pattern": link.pattern, "serves": link.serves,
+                                  "bound_by": link.bound_by, "hwm": link.hwm,
                                   "backpressure": link.backpressure,
                                   "drops": [f"{stage}.{key}" for stage, key in link.drops]}
                       for link in self.links},
@@ -196,10 +213,25 @@ def frame_accounting(counters: dict[str, dict[str, int]], graph: Graph) -> dict:
             "boundaries": boundaries}
 
 
-def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, refine: bool = True) -> Graph:
+def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, refine: bool = True,
+                   screen: bool = False) -> Graph:
     """The four-stage pipeline. `infer_workers` local infer processes share the work; `inputs_endpoint`
     fixes where preprocess serves work, so infer workers on other machines can connect to it too; `refine`
-    adds the back link on which postprocess asks preprocess for frames to score late (pipeline.refine)."""
+    adds the back link on which postprocess asks preprocess for frames to score late (pipeline.refine);
+    `screen` adds the screening stage (a fast bundle scoring the newest frames), leaving the main model
+    the frames postprocess asks for (a screening cascade; needs `refine`)."""
+    if screen and not refine:
+        raise ValueError("graph: a screening cascade needs the refine link (its main model scores only "
+                         "the frames postprocess asks for)")
+    newest = "screen" if screen else "infer"
+    held = Link(
+        "screen_inputs" if screen else "inputs", "preprocess", newest, Kind.INPUT, "work",
+        bound_by="sender", hwm="batch", serves="newest" if screen else "all",
+        backpressure="preprocess holds the newest prepared frames, one batch's worth, until a "
+                     "worker asks (older ones: drop_held); a worker gone with its frames: "
+                     "drop_send_full",
+        drops=(("preprocess", "drop_held"), ("preprocess", "drop_send_full"), (newest, "drop_stale")),
+        endpoint=None if screen else inputs_endpoint)
     links = [
         Link("frames", "capture", "preprocess", Kind.FRAME, "push", bound_by="sender", hwm="transport",
              backpressure="capture never waits on a live source (a full queue is a counted drop); "
@@ -207,18 +239,25 @@ def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, r
                            "frame whose ring slot was overwritten before it was read: drop_overwritten",
              drops=(("capture", "drop_send_full"), ("preprocess", "drop_stale"),
                     ("preprocess", "drop_overwritten"))),
-        Link("inputs", "preprocess", "infer", Kind.INPUT, "work", bound_by="sender", hwm="batch",
-             backpressure="preprocess holds the newest prepared frames, one batch's worth, until a "
-                          "worker asks (older ones: drop_held); a worker gone with its frames: "
-                          "drop_send_full",
-             drops=(("preprocess", "drop_held"), ("preprocess", "drop_send_full"),
-                    ("infer", "drop_stale")),
-             endpoint=inputs_endpoint),
-        Link("results", "infer", "postprocess", Kind.RESULT, "push", bound_by="receiver", hwm="batch",
+        held,
+        Link("screened" if screen else "results", newest, "postprocess", Kind.RESULT, "push",
+             bound_by="receiver", hwm="batch",
              backpressure="infer waits for postprocess (a result already paid for is not thrown away), "
                           "which slows its asking, so preprocess drops the oldest unscored frames",
-             drops=(("infer", "drop_send_full"), ("postprocess", "drop_stale"))),
+             drops=((newest, "drop_send_full"), ("postprocess", "drop_stale"))),
     ]
+    if screen:
+        links += [
+            Link("inputs", "preprocess", "infer", Kind.INPUT, "work", bound_by="sender", hwm="batch",
+                 serves="refined", endpoint=inputs_endpoint,
+                 backpressure="the main model is sent only the frames postprocess asked for, when it asks; "
+                              "they are extra to the frame accounting (a worker gone with them: "
+                              "refine_gone)",
+                 drops=()),
+            Link("results", "infer", "postprocess", Kind.RESULT, "push", bound_by="receiver", hwm="batch",
+                 serves="refined", drops=(),
+                 backpressure="infer waits for postprocess; refined results are extra to the accounting"),
+        ]
     if refine:
         links.append(Link(
             "refine", "postprocess", "preprocess", Kind.REFINE, "push", bound_by="receiver", hwm="transport",
@@ -226,18 +265,19 @@ def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, r
                          "request does not carry (counted: refine_requests_lost); refined frames are extra "
                          "to the frame accounting (preprocess refine_sent, postprocess refined)",
             drops=()))
-    return Graph(
-        stages=(
-            StageSpec("capture", "capture", counters=("read",)),
-            StageSpec("preprocess", "preprocess", counters=("refine_sent", "refine_gone")),
-            StageSpec("infer", "infer", replicas=infer_workers),
-            StageSpec("postprocess", "postprocess",
-                      counters=("scored", "refined", "refine_requests_lost", "best_image_missed",
-                                "operator_start", "operator_stop", "operator_rejected")),
-        ),
-        links=tuple(links),
-        ring=Ring(writer="capture", first_reader="preprocess", last_reader="postprocess"),
-    )
+    # The main model's own counts where its link is outside the accounting (refined frames only).
+    main_counters = ("drop_stale", "drop_send_full") if screen else ()
+    stages = [
+        StageSpec("capture", "capture", counters=("read",)),
+        StageSpec("preprocess", "preprocess", counters=("refine_sent", "refine_gone")),
+        *([StageSpec("screen", "infer", bundle="screen")] if screen else []),
+        StageSpec("infer", "infer", counters=main_counters, replicas=infer_workers),
+        StageSpec("postprocess", "postprocess",
+                  counters=("scored", "refined", "refine_requests_lost", "best_image_missed",
+                            "operator_start", "operator_stop", "operator_rejected")),
+    ]
+    return Graph(stages=tuple(stages), links=tuple(links),
+                 ring=Ring(writer="capture", first_reader="preprocess", last_reader="postprocess"))
 
 
 @dataclass(frozen=True)

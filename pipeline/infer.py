@@ -22,7 +22,11 @@ class InferStage(Stage):
     `infer.rate_limit_fps` spaces the batches out (a CPU shared with the machine's own software, or a
     benchmark emulating a slower cart): the wait is before asking, so what it then gets is the newest.
 
-    Links: `inputs` in (asks for work, takes PreparedInput), `results` out (Result)."""
+    The same class plays the screen of a screening cascade (its own bundle, its own links; the rate limit
+    is the main model's, so the screen runs free).
+
+    Links: a work link in (asks for work, takes PreparedInput: `inputs`, or `screen_inputs`), a results
+    link out (Result: `results`, or `screened`)."""
 
     stamp_in = "inf_in"
     stamp_out = "inf_out"
@@ -31,9 +35,11 @@ class InferStage(Stage):
         self.engine, self.reason = load_engine(self.config.infer, self.bundle)
         log.info("infer: %s", self.reason)
         self.input_shape = self.bundle.input.frame_shape
-        self.work = self.open("inputs")
-        self.out = self.open("results")
-        rate = self.config.infer.rate_limit_fps
+        graph = self.wiring.graph
+        (work,), (out,) = graph.links_into(self.name, Kind.INPUT), graph.links_from(self.name, Kind.RESULT)
+        self.work = self.open(work.name)
+        self.out = self.open(out.name)
+        rate = self.config.infer.rate_limit_fps if graph.stage(self.name).bundle == "main" else None
         self.min_interval_s = 0.0 if rate is None else 1.0 / rate
         self._next_ask = 0.0  # when the engine may take its next batch (rate limit)
         self._asking = True

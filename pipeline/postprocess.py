@@ -12,12 +12,15 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import zmq
+
+from engines.bundle import Bundle
 
 from . import wire
 from .analysis import Finding, SweepAnalyzer, resolve
@@ -41,24 +44,49 @@ REFINE_MARGIN_NS = 200_000_000  # frames this close to leaving preprocess's hist
 MAX_PENDING_WRITES = 256  # the frame path waits for the writer beyond this many batches
 
 
+@dataclass(frozen=True)
+class _Scorer:
+    """A results link and the bundle whose outputs it carries. `screens`: the screening cascade's screen
+    model, whose scores delimit sweeps and guide refinement but never pick or measure a best frame."""
+
+    socket: zmq.Socket
+    bundle: Bundle
+    screens: bool
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(self.bundle.outputs)
+
+    @property
+    def mask_output(self) -> str | None:
+        if self.screens:
+            return None
+        return next((n for n, spec in self.bundle.outputs.items() if spec.kind == "mask"), None)
+
+
 class PostprocessStage(Stage):
-    """Links: `results` in (Result). Also binds the events PUB (`postprocess.events`) and the operator's
-    REP (`postprocess.control`), which face the outside, not another stage."""
+    """Links: results links in (Result: `results`, and `screened` in a screening cascade), `refine` out.
+    Also binds the events PUB (`postprocess.events`) and the operator's REP (`postprocess.control`), which
+    face the outside, not another stage."""
 
     stamp_in = "post_in"
     stamp_out = "post_out"
 
     def acceptable(self, hop: Result) -> bool:
-        if list(hop.outputs) != self.output_names:
-            self.reject(f"frame {hop.frame.id}: outputs {list(hop.outputs)}, expected {self.output_names}")
+        expected = self._taking.outputs
+        if list(hop.outputs) != expected:
+            self.reject(f"frame {hop.frame.id}: outputs {list(hop.outputs)}, expected {expected}")
             return False
         return True
 
     def start(self) -> None:
-        self.output_names = list(self.bundle.outputs)
-        self.mask_output = next((n for n, spec in self.bundle.outputs.items() if spec.kind == "mask"), None)
+        graph = self.wiring.graph
         self.ring = FrameRing.attach(self.wiring.ring)
-        self.results = self.open("results")
+        self.scorers = [_Scorer(self.open(link.name), self.bundles[graph.stage(link.sender).bundle],
+                                screens=graph.stage(link.sender).bundle == "screen")
+                        for link in graph.links_into(self.name, Kind.RESULT)]
+        self._taking = self.scorers[0]
+        self._open_links = len(self.scorers)
         self.operator = None
         if self.config.postprocess.control is not None:
             self.operator = self.context.socket(zmq.REP)
@@ -77,7 +105,8 @@ class PostprocessStage(Stage):
         infer = self.config.infer
         self.refining = infer.refine != "off"
         self.analyzer = SweepAnalyzer(self.config.sweep.for_bundle(self.bundle.best_frame.min_score),
-                                      refine=self.refining)
+                                      refine=self.refining,
+                                      screened=any(scorer.screens for scorer in self.scorers))
         self.requests = self.open("refine") if self.refining else None
         self._window_ns = int(infer.refine_window_s * 1e9)
         self._timeout_ns = int(infer.refine_timeout_s * 1e9)
@@ -95,23 +124,26 @@ class PostprocessStage(Stage):
     def step(self, ready: bool) -> None:
         if ready:
             self._serve_operator()
-            frames, end = self.take(self.results, keep=MAX_TAKE)
-            for result in frames:
-                self._score(result)
-            if end:
+            for scorer in self.scorers:
+                self._taking = scorer
+                frames, end = self.take(scorer.socket, keep=MAX_TAKE)
+                for result in frames:
+                    self._score(result, scorer)
+                self._open_links -= end
+            if not self._open_links:
                 self._flush()
                 self.finished = True
                 return
         if self.refining:
             self._refine()
 
-    def _score(self, result: Result) -> None:
+    def _score(self, result: Result, scorer: _Scorer) -> None:
         seen = time.monotonic_ns()
         frame = result.frame
-        score = frame_score(self.bundle, result.outputs)
-        analyzed = analyzed_frame(result, score, self.mask_output, self.config.postprocess.pixel_spacing_mm)
+        score = frame_score(scorer.bundle, result.outputs)
+        analyzed = analyzed_frame(result, score, scorer.mask_output, self.config.postprocess.pixel_spacing_mm)
         view = self.ring.borrow(frame.slot, frame.seq) if 0 <= frame.slot < self.ring.slots else None
-        findings = self.analyzer.add(analyzed, view, refined=result.refined)
+        findings = self.analyzer.add(analyzed, view, refined=result.refined, screened=scorer.screens)
         if view is not None and not self.ring.valid(frame.slot, frame.seq):
             self.analyzer.discard_image(frame.id)
         del view
@@ -131,7 +163,8 @@ class PostprocessStage(Stage):
                 "frame", self.wiring.run_id, sweep_id=sweep_id, frame_id=frame.id,
                 t_capture_ns=cap, latency_ms=(time.monotonic_ns() - cap) / 1e6, score=round(score, 6),
                 content=round(result.content, 4), source_index=frame.source["index"], source=frame.source,
-                refined=result.refined, heads=self._heads(result.outputs))
+                refined=result.refined, model=scorer.bundle.name,
+                heads=self._heads(scorer.bundle, result.outputs))
         self._write(findings, frame.stamps["cap"], frame_event, seen)
         frame.stamps[self.stamp_out] = time.monotonic_ns()
         (self._refined_rows if result.refined else self._rows).append(segment_row(frame.stamps))
@@ -247,10 +280,10 @@ class PostprocessStage(Stage):
         self._write(self.analyzer.flush(t), None)
         self._wait_for_writes()
 
-    def _heads(self, outputs: dict[str, np.ndarray]) -> dict:
+    def _heads(self, bundle: Bundle, outputs: dict[str, np.ndarray]) -> dict:
         """Small heads in readable form; a mask as the share of pixels marked; embeddings stay out."""
         heads = {}
-        for name, spec in self.bundle.outputs.items():
+        for name, spec in bundle.outputs.items():
             value = outputs[name]
             if spec.classes:
                 heads[name] = {c: round(float(p), 6) for c, p in zip(spec.classes, value, strict=True)}

@@ -49,13 +49,14 @@ class Stage:
     stamp_in: ClassVar[str] = ""  # header timestamp set when a frame is taken in (metrics.STAMPS)
     stamp_out: ClassVar[str] = ""  # ... and when it is handed on
 
-    def __init__(self, name: str, instance: str, config: Config, wiring: Wiring, bundle: Bundle,
-                 context: zmq.Context) -> None:
+    def __init__(self, name: str, instance: str, config: Config, wiring: Wiring,
+                 bundles: dict[str, Bundle], context: zmq.Context) -> None:
         self.name = name  # the stage in the graph
         self.instance = instance  # this process: the name, or name-i for a replicated stage
         self.config = config
         self.wiring = wiring
-        self.bundle = bundle
+        self.bundles = bundles  # "main", and "screen" in a screening cascade
+        self.bundle = bundles[wiring.graph.stage(name).bundle]  # the one this stage's own model runs
         self.context = context
         self.counters = StageCounters(name, wiring.graph.counters_of(name))
         self.finished = False
@@ -237,7 +238,8 @@ def stage_class(role: str) -> type[Stage]:
     return getattr(importlib.import_module(module), name)
 
 
-def run_stage(name: str, instance: str, config: Config, wiring: Wiring, bundle: Bundle) -> None:
+def run_stage(name: str, instance: str, config: Config, wiring: Wiring, bundles: dict[str, Bundle]
+              ) -> None:
     """Process entry point (spawned by the supervisor)."""
     _configure_child(instance)
     context = zmq.Context()
@@ -246,7 +248,7 @@ def run_stage(name: str, instance: str, config: Config, wiring: Wiring, bundle: 
     control_socket.setsockopt(zmq.LINGER, int(config.run.stop_timeout * 1000))
     control_socket.setsockopt(zmq.SNDTIMEO, CONTROL_SEND_MS)  # a DEALER whose peer died would block forever
     control_socket.connect(wiring.control)
-    stage = stage_class(wiring.graph.stage(name).role)(name, instance, config, wiring, bundle, context)
+    stage = stage_class(wiring.graph.stage(name).role)(name, instance, config, wiring, bundles, context)
     code = 0
     try:
         _check_supervisor(wiring)

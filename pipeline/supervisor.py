@@ -59,7 +59,8 @@ class StageFailure(RuntimeError):
 class Supervisor:
     def __init__(self, config: Config, graph: Graph | None = None) -> None:
         self.config = config
-        self.graph = graph or pipeline_graph(refine=config.infer.refine != "off")
+        self.graph = graph or pipeline_graph(refine=config.infer.refine != "off",
+                                             screen=config.infer.screen_bundle is not None)
         self.run_id = uuid.uuid4().hex[:12]
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         self.out = Path(config.run.out or Path("runs") / f"{stamp}-{self.run_id}")
@@ -77,7 +78,7 @@ class Supervisor:
         """Run to the end of the source, a signal, or a failure. Returns the process exit code: 0 for a run
         that completed or was stopped by a signal, 1 when a stage failed, 2 for a bad configuration."""
         try:
-            bundle = self._preflight()
+            bundles = self._preflight()
             self._make_run_folder()
         except ConfigError as exc:
             print(f"sweepstream: error: {exc}", file=sys.stderr)
@@ -107,7 +108,7 @@ class Supervisor:
                 # first line on), while one that arrives meanwhile waits for this process, not lost.
                 signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
                 try:
-                    self._spawn(wiring, bundle)
+                    self._spawn(wiring, bundles)
                 finally:
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
                 self._supervise()
@@ -120,13 +121,24 @@ class Supervisor:
             return 1
         return 0
 
-    def _preflight(self) -> Bundle:
-        """Everything that can be checked before a process starts: the bundle (loaded and verified once,
-        then handed to every stage), the engine asked for, and a run folder that holds no earlier run."""
-        try:
-            bundle = load_bundle(self.config.infer.bundle)
-        except BundleError as exc:
-            raise ConfigError(f"infer.bundle: {exc}") from None
+    def _preflight(self) -> dict[str, Bundle]:
+        """Everything that can be checked before a process starts: the bundles (loaded and verified once,
+        then handed to every stage: "main", and "screen" in a screening cascade), the engine asked for,
+        and a run folder that holds no earlier run."""
+        infer = self.config.infer
+        bundles: dict[str, Bundle] = {}
+        for role, key, path in (("main", "bundle", infer.bundle), ("screen", "screen_bundle",
+                                                                    infer.screen_bundle)):
+            if path is None:
+                continue
+            try:
+                bundles[role] = load_bundle(path)
+            except BundleError as exc:
+                raise ConfigError(f"infer.{key}: {exc}") from None
+        screen = bundles.get("screen")
+        if screen is not None and screen.sha256 == bundles["main"].sha256:
+            raise ConfigError(f"infer.screen_bundle: {infer.screen_bundle} is the main bundle's own model; "
+                              "a screen must be a faster model (or leave it unset)")
         if self.config.infer.engine != "auto":
             try:
                 engine_class(self.config.infer.engine)
@@ -135,7 +147,7 @@ class Supervisor:
         if (self.out / "events.jsonl").exists():
             raise ConfigError(f"run.out: {self.out} already holds a run (events.jsonl); "
                               "choose another folder")
-        return bundle
+        return bundles
 
     def _make_run_folder(self) -> None:
         try:
@@ -145,12 +157,12 @@ class Supervisor:
             raise ConfigError(f"run.out: cannot write the run folder {self.out}: "
                               f"{exc.strerror or exc}") from None
 
-    def _spawn(self, wiring: Wiring, bundle: Bundle) -> None:
+    def _spawn(self, wiring: Wiring, bundles: dict[str, Bundle]) -> None:
         spawn = multiprocessing.get_context("spawn")
         for spec in self.graph.stages:
             for instance in spec.instances():
                 process = spawn.Process(target=run_stage,
-                                        args=(spec.name, instance, self.config, wiring, bundle),
+                                        args=(spec.name, instance, self.config, wiring, bundles),
                                         name=f"sweepstream-{instance}", daemon=True)
                 process.start()
                 self.handles[instance] = StageHandle(spec.name, instance, process)

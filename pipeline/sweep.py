@@ -307,11 +307,16 @@ class SweepTracker:
     With `hold_finals` (lookback refinement), a sweep that ends is not finished at once: it waits in
     `closing` while frames scored late are still added to it (`add_refined`), until the caller `close`s it;
     then its final best_frame and sweep_ended follow, together as always, and possibly after the next
-    sweep's sweep_started."""
+    sweep's sweep_started.
 
-    def __init__(self, config: SweepConfig | None = None, hold_finals: bool = False) -> None:
+    With `screened` (a screening cascade), frames in capture order come scored by the screen model: they
+    delimit the sweeps but are not ranked; only frames added with `add_refined` (the main model's) are."""
+
+    def __init__(self, config: SweepConfig | None = None, hold_finals: bool = False,
+                 screened: bool = False) -> None:
         self.config = config or SweepConfig()
         self.hold_finals = hold_finals
+        self.screened = screened
         self.closing: dict[int, _Closing] = {}  # sweep id -> an ended sweep waiting for its final
         self._next_id = 0
         self._sweep: _Sweep | None = None
@@ -387,7 +392,7 @@ class SweepTracker:
                                      1, frame.t, case))
         sweep.last = frame
         sweep.count += 1
-        live = sweep.selector.update(frame)
+        live = None if self.screened else sweep.selector.update(frame)
         if live is not None:
             events.append(live)
         return events
