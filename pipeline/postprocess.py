@@ -80,6 +80,11 @@ class PostprocessStage(Stage):
         if list(hop.outputs) != expected:
             self.reject(f"frame {hop.frame.id}: outputs {list(hop.outputs)}, expected {expected}")
             return False
+        broken = [name for name, value in hop.outputs.items()
+                  if value.dtype.kind == "f" and not np.isfinite(value).all()]
+        if broken:  # a NaN score would compare false with everything and silently win or lose selection
+            self.reject(f"frame {hop.frame.id}: non-finite values in {', '.join(broken)}")
+            return False
         return True
 
     def start(self) -> None:
