@@ -26,7 +26,7 @@ def _stages(supervisor: psutil.Process) -> dict[str, psutil.Process]:
     found = {}
     for child in supervisor.children():
         try:
-            title = " ".join(child.cmdline())
+            title = " ".join(child.cmdline()).strip()
         except psutil.Error:
             continue
         if title.startswith("sweepstream: "):
