@@ -79,6 +79,7 @@ class Supervisor:
         self.summary: dict[str, Any] = {}
         self._view: EventView | None = None
         self._draining = False
+        self._stopping = False  # the run is over: a failure now is reported, not restarted
         self._notes: list[dict[str, Any]] = []  # restart notes waiting to go out as health events
 
     # -- the run -----------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ class Supervisor:
         now = time.monotonic()
         recent = [t for t in handle.restarted_at if now - t < cfg.restart_window_s]
         what = f"stage '{handle.instance}' {why}"
-        if self.stop_signal or self._draining or cfg.max_restarts == 0:
+        if self.stop_signal or self._draining or self._stopping or cfg.max_restarts == 0:
             raise StageFailure(what)
         if len(recent) >= cfg.max_restarts:
             raise StageFailure(f"{what}; restarted {len(recent)} times within {cfg.restart_window_s:g} s "
@@ -375,6 +376,7 @@ class Supervisor:
         (Stages ignore SIGTERM, so that a signal to the whole process group reaches only the supervisor.)
         A stage that fails while stopping (say, postprocess cannot write the open sweep's final events)
         fails the run: its error is heard after it exits."""
+        self._stopping = True
         self._show_events()
         if self._view is not None:
             self._view.close()
