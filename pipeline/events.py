@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +54,14 @@ class EventSink:
     """Publishes each event on PUB (dropped by ZeroMQ for slow subscribers, never blocking the pipeline)
     and appends it to the journal."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, journal_path: Path, hwm: int = 1000) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str, journal_path: Path, hwm: int = 1000,
+                 secure: Callable[[zmq.Socket], None] | None = None) -> None:
         self.endpoint = endpoint
         self._pub = context.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, hwm)
+        if secure is not None:  # CurveZMQ server (pipeline.security), set before the bind
+            secure(self._pub)
         try:
             self._pub.bind(endpoint)
         except zmq.ZMQError as exc:

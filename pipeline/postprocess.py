@@ -29,7 +29,7 @@ from .messages import Kind, RefineRequest, Result, kind_of
 from .metrics import SEGMENTS, segment_row
 from .ring import FrameRing
 from .stage import MAX_TAKE, Stage
-from .steps import analyzed_frame, frame_score
+from .steps import analyzed_frame, frame_score, output_problem
 from .sweep import OPERATOR_COMMANDS
 from .wire import Message
 
@@ -73,9 +73,9 @@ class PostprocessStage(Stage):
     stamp_out = "post_out"
 
     def acceptable(self, hop: Result) -> bool:
-        expected = self._taking.outputs
-        if list(hop.outputs) != expected:
-            self.reject(f"frame {hop.frame.id}: outputs {list(hop.outputs)}, expected {expected}")
+        problem = output_problem(self._taking.bundle, hop.outputs)
+        if problem is not None:
+            self.reject(f"frame {hop.frame.id}: {problem}")
             return False
         return True
 
@@ -91,6 +91,7 @@ class PostprocessStage(Stage):
         if self.config.postprocess.control is not None:
             self.operator = self.context.socket(zmq.REP)
             self.operator.setsockopt(zmq.LINGER, 0)
+            self.security.secure(self.operator)  # Curve when the run has keys, even on loopback
             try:
                 self.operator.bind(self.config.postprocess.control)
             except zmq.ZMQError as exc:
@@ -100,7 +101,7 @@ class PostprocessStage(Stage):
             self.inputs.append(self.operator)
             self._sockets.append(self.operator)
         self.sink = EventSink(self.context, self.config.postprocess.events,
-                              Path(self.wiring.out) / "events.jsonl")
+                              Path(self.wiring.out) / "events.jsonl", secure=self.security.secure)
         self.best_dir = Path(self.wiring.out) / BEST_DIR if self.config.postprocess.best_frames else None
         infer = self.config.infer
         self.refining = infer.refine != "off"
@@ -303,7 +304,12 @@ class PostprocessStage(Stage):
 
     def describe(self) -> dict:
         control = None if self.operator is None else self.operator.getsockopt(zmq.LAST_ENDPOINT).decode()
-        return {"events": self.sink.bound, "control": control}
+        return {"events": self.sink.bound, "control": control, "curve": self.security.enabled}
+
+    def status(self) -> dict:
+        """Nothing beyond the counters; the peers refused on the events and operator sockets are one."""
+        self.counters["refused"] = self.security.count_refused()
+        return {}
 
     def stop(self) -> None:
         """Stopped before the end of stream: the open sweep still gets its final events. If they cannot be

@@ -40,12 +40,16 @@ class Telemetry:
         self.book = LatencyBook(skip=skip, windows=("status", "health"))
         self.refined = LatencyBook(skip=0, windows=())  # frames scored late by lookback refinement
         self.counters: dict[str, dict[str, int]] = {}  # process (instance) -> its last reported counters
+        self.status: dict[str, dict[str, Any]] = {}  # process -> what else it last said (remote workers)
         self._marks: dict[str, tuple[float, int, int]] = {}  # reader -> (time, frames read, scored)
         self._status_open = False
 
-    def report(self, instance: str, counters: dict[str, int], arrays: tuple[np.ndarray, ...]) -> None:
-        """A stage's counters, and (postprocess) its latency rows: newest-path frames, then refined ones."""
+    def report(self, instance: str, counters: dict[str, int], arrays: tuple[np.ndarray, ...],
+               status: dict[str, Any] | None = None) -> None:
+        """A stage's counters, and (postprocess) its latency rows: newest-path frames, then refined ones;
+        `status`: what its counters cannot say (preprocess: its remote workers)."""
         self.counters[instance] = counters
+        self.status[instance] = status or {}
         for book, rows in zip((self.book, self.refined), arrays, strict=False):
             book.add_rows(rows)
 
@@ -105,7 +109,15 @@ class Telemetry:
             "frames": {k: interval.accounting[k] for k in ("read", "scored", "dropped")},
             "drops": interval.drops,
             "stages": states,
+            **self.peers(),
         }
+
+    def peers(self) -> dict[str, Any]:
+        """Remote workers (each with its state and figures) and the peers refused a connection."""
+        out: dict[str, Any] = {"refused_peers": sum(int(c.get("refused", 0)) for c in self.counters.values())}
+        for status in self.status.values():
+            out.update(status)
+        return out
 
     def summary(self, *, run_id: str, outcome: str, error: str | None, signal: str | None, active_s: float,
                 stages: dict[str, dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +135,7 @@ class Telemetry:
                                    if name in ("end_to_end", "infer")},
             "latency_skip_frames": self.book.skip,
             "stages": stages,
+            **self.peers(),
             "graph": self.graph.describe(),
             "config": config,
         }
