@@ -26,7 +26,7 @@ from . import wire
 from .config import ENGINE_CHOICES, ConfigError, load_config
 from .graph import Wiring, pipeline_graph
 from .infer import InferStage
-from .messages import Kind
+from .messages import Kind, control
 from .security import ClientKeys, KeyFolderError, bind_host
 
 log = logging.getLogger("sweepstream")
@@ -99,8 +99,8 @@ def serve(stage: RemoteInferStage, url: str) -> int:
             last_progress = now
             log.info("worker %s: %d frames scored%s", stage.instance, scored,
                      "" if scored else " (no work yet: is the run up, and is this worker's key listed?)")
-    if stopping and not stage.finished:
-        stage.send_eos(stage.out)  # the run counts what this worker held as lost, at once
+    if stopping and not stage.finished:  # the run counts what this worker held as lost, at once
+        wire.send(stage.out, control(Kind.EOS))  # (not waited for: the run may be gone already)
     return scored
 
 
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         scored = serve(stage, args.connect)
-        log.info("worker %s: done, %d frames scored", stage.instance, scored)
+        log.info("worker %s: done, %d frames scored, %d messages rejected", stage.instance, scored,
+                 stage.counters["rejected"])
     finally:
         stage.stop()
         stage.close_sockets()
