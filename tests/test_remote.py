@@ -203,9 +203,10 @@ def test_a_killed_remote_worker_costs_at_most_its_batch_and_another_takes_over(t
 
 
 def _prepared(frame_id: int, refined: bool = False) -> PreparedInput:
-    frame = FrameRef(frame_id, 0, 0, (8, 8), {"index": frame_id}, {"cap": 0, "cap_out": 0, "pre_in": 0,
-                                                                    "pre_out": 0})
-    return PreparedInput(frame, Geometry((0, 0, 8, 8), (0, 0), (8, 8), (1, 1)), 1.0, np.zeros((8, 8), np.uint8), refined)
+    stamps = {"cap": 0, "cap_out": 0, "pre_in": 0, "pre_out": 0}
+    frame = FrameRef(frame_id, 0, 0, (8, 8), {"index": frame_id}, stamps)
+    geometry = Geometry((0, 0, 8, 8), (0, 0), (8, 8), (1, 1))
+    return PreparedInput(frame, geometry, 1.0, np.zeros((8, 8), np.uint8), refined)
 
 
 def test_the_worker_book_loses_exactly_what_a_silent_worker_held_and_refuses_late_results() -> None:
