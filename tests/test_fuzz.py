@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
-import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,7 +25,7 @@ from pipeline.messages import HOPS, FrameRef, Kind, PreparedInput, RefineRequest
 from pipeline.metrics import STAMPS
 from pipeline.steps import output_problem
 from pipeline.wire import Message, WireError, decode, encode
-from tests.conftest import REPO, socket_dirs
+from tests.conftest import socket_dirs
 from tests.test_remote import REFERENCE, free_port, start_run, start_worker, stop, subscriber, wait_for_frames
 
 BUNDLE = load_bundle(REFERENCE)
@@ -212,10 +210,3 @@ def stop_after_eos(worker: subprocess.Popen) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         return stop(worker)
     return worker.returncode, output
-
-
-@pytest.mark.parametrize("tool", ["keys.py", "infer_worker.py"])
-def test_the_new_tools_have_help(tool: str) -> None:
-    shown = subprocess.run([sys.executable, str(REPO / "tools" / tool), "--help"], capture_output=True,
-                           text=True, cwd=REPO, timeout=60)
-    assert shown.returncode == 0 and "usage" in shown.stdout
