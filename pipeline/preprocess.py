@@ -234,12 +234,12 @@ class PreprocessStage(Stage):
         self.counters["refine_gone" if prepared.refined else "drop_worker_lost"] += 1
 
     def _drop_unclaimed(self) -> None:
-        """At the end of the stream, frames no worker asked for within the remote timeout are dropped (with
-        every inference remote, there may be no worker left to ask)."""
+        """At the end of the stream, frames held for a link that has had no worker for the remote timeout
+        are dropped (with every inference remote, there may be no worker left to ask)."""
         if time.monotonic() - self._ended_at <= self.config.transport.remote_timeout_s:
             return
         for outlet in self.outlets:
-            if outlet.held and not outlet.wanted:
+            if outlet.held and not outlet.known:
                 self.counters["drop_held"] += len(outlet.held)
                 outlet.held.clear()
 
