@@ -8,8 +8,9 @@ accounting (read = scored + dropped) is derived from it.
         +== ring slot: capture writes; preprocess marks consumed, postprocess marks released ==+
                                                               infer --results (push, waits)--> postprocess
 
-A graph is data: several infer workers are `replicas`, a remote worker is a link with a fixed `endpoint`
-that off-host workers connect to (and `replicas` counting the local ones only), a screening cascade is one
+A graph is data: several infer workers are `replicas`; workers on other machines connect to a work link's
+`remote` endpoint and return results over it, which preprocess relays on `remote_results` (`replicas`
+counts the local ones only, and may be 0); a screening cascade is one
 more infer stage (its own bundle) with links of its own: the screen's work link serves the newest frames,
 the main model's serves only the frames postprocess asks for. The stages do not change for any of these.
 

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import zmq
 
+from engines.bundle import load_bundle
+from pipeline import wire
 from pipeline.letterbox import Geometry
-from pipeline.messages import FrameRef, PreparedInput
+from pipeline.messages import FrameRef, Kind, PreparedInput, control
 from pipeline.remote import WorkerBook
 from pipeline.security import ClientKeys
 from tests.conftest import REPO, read_journal, run_pipeline, run_stream_cmd, socket_dirs
@@ -200,6 +202,46 @@ def test_a_killed_remote_worker_costs_at_most_its_batch_and_another_takes_over(t
     assert post["scored"] + post.get("refined", 0) == counters["relayed"]
     health = read_journal(tmp_path / "run", "health")
     assert any(len(event.get("remote_workers", {})) == 2 for event in health)
+
+
+def test_a_worker_that_vanishes_with_a_batch_costs_exactly_that_batch(tmp_path: Path) -> None:
+    """This test plays a remote worker (the protocol over a real DEALER, on loopback without keys beside a
+    local infer process): it asks for a batch, takes it and vanishes. The run goes on; after the remote
+    timeout exactly the frames it took are counted as dropped, and the accounting balances."""
+    remote, events = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    run = start_run(tmp_path / "run", remote, events, "synthetic://320x240?fps=30&frames=100000", "--quiet",
+                    "--set", "infer.workers=1", "--set", "transport.remote_timeout_s=1")
+    context = zmq.Context()
+    listener = subscriber(context, events, None)
+    vanisher = context.socket(zmq.DEALER)
+    vanisher.setsockopt(zmq.ROUTING_ID, b"vanisher-1")
+    vanisher.linger = 0
+    taken = 0
+    try:
+        wait_for_frames(listener, 5, run)
+        vanisher.connect(remote)
+        want = {"n": 4, "ask": 1, "bundle": load_bundle(REFERENCE).sha256, "relay": True}
+        assert wire.send(vanisher, control(Kind.WANT, want), block=True)
+        assert vanisher.poll(WAIT_S * 1000), "no work for a worker that asked"
+        while vanisher.poll(1000):  # the rest of its batch, sent right behind the first frame
+            assert wire.recv(vanisher).kind == Kind.INPUT.value
+            taken += 1
+        vanisher.close()
+        wait_for_frames(listener, 60, run)  # two remote timeouts' worth at 30 fps: it was declared gone
+    finally:
+        vanisher.close()
+        listener.close()
+        context.term()
+        code, log = stop(run)
+    assert code == 0, log[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["remote_workers"] == {"vanisher-1": {"state": "gone", "scored": 0, "in_flight": 0,
+                                                        "lost": taken}}
+    counters = summary["stages"]["preprocess"]["counters"]
+    assert 1 <= taken <= 4 and counters["drop_worker_lost"] == taken and counters["workers_lost"] == 1
+    assert summary["frames"]["balanced"]
+    boundary = summary["frames"]["boundaries"]["preprocess>infer"]
+    assert boundary["drops"]["preprocess.drop_worker_lost"] == taken
 
 
 def _prepared(frame_id: int, refined: bool = False) -> PreparedInput:
