@@ -8,11 +8,11 @@ accounting (read = scored + dropped) is derived from it.
         +== ring slot: capture writes; preprocess marks consumed, postprocess marks released ==+
                                                               infer --results (push, waits)--> postprocess
 
-A graph is data: several infer workers are `replicas`; workers on other machines connect to a work link's
-`remote` endpoint and return results over it, which preprocess relays on `remote_results` (`replicas`
-counts the local ones only, and may be 0); a screening cascade is one
-more infer stage (its own bundle) with links of its own: the screen's work link serves the newest frames,
-the main model's serves only the frames postprocess asks for. The stages do not change for any of these.
+A graph is data: several infer workers are `replicas`; workers on other machines connect to a work
+link's `remote` endpoint and return results over it, which preprocess relays on `remote_results`
+(`replicas` counts the local ones only, and may be 0); a screening cascade is one more infer stage (its
+own bundle) with links of its own: the screen's work link serves the newest frames, the main model's serves
+only the frames postprocess asks for. The stages do not change for any of these.
 
     screening cascade:  preprocess --screen_inputs (newest)--> screen --screened--> postprocess
                         preprocess --inputs (refined only)---> infer  --results---> postprocess

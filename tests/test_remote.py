@@ -19,6 +19,8 @@ import zmq
 
 from engines.bundle import load_bundle
 from pipeline import wire
+from pipeline.config import ConfigError, load_config
+from pipeline.graph import pipeline_graph
 from pipeline.letterbox import Geometry
 from pipeline.messages import FrameRef, Kind, PreparedInput, control
 from pipeline.remote import WorkerBook
@@ -267,3 +269,26 @@ def test_the_worker_book_loses_exactly_what_a_silent_worker_held_and_refuses_lat
     assert book.heard(b"a", now=7.0)  # back, and used again
     assert book.status()["a"] == {"state": "serving", "scored": 1, "in_flight": 0, "lost": 2}
     assert book.serving() == 2 and book.in_flight == 1
+
+
+def test_the_graph_and_config_of_remote_inference() -> None:
+    """All inference remote: no local results link, the relay's instead; a cascade's main model may be
+    remote too; nothing scoring, or an endpoint without a fixed port, is one clear error."""
+    graph = pipeline_graph(infer_workers=0, remote="tcp://127.0.0.1:5560")
+    assert graph.stage("infer").instances() == [] and graph.link("inputs").remote == "tcp://127.0.0.1:5560"
+    assert [link.name for link in graph.links_into("postprocess", Kind.RESULT)] == ["remote_results"]
+    assert ("preprocess", "drop_worker_lost") in graph.link("inputs").drops
+    cascade = pipeline_graph(remote="tcp://127.0.0.1:5560", screen=True)
+    assert cascade.link("screen_inputs").remote is None and cascade.link("inputs").remote is not None
+    assert cascade.link("remote_results").serves == "refined"
+    with pytest.raises(ValueError, match="nothing would score"):
+        pipeline_graph(infer_workers=0)
+    base = {"infer.bundle": REFERENCE}
+    for overrides, error in (({"infer.workers": 0}, "needs transport.remote"),
+                             ({"transport.remote": "tcp://127.0.0.1:*"}, "not tcp://ADDR:PORT"),
+                             ({"transport.remote": "ipc:///tmp/x"}, "not tcp://ADDR:PORT"),
+                             ({"transport.curve_keys": "/nonexistent"}, "no server.key_secret")):
+        with pytest.raises(ConfigError, match=error):
+            load_config(overrides={**base, **overrides})
+    assert load_config(overrides={**base, "infer.workers": 0,
+                                  "transport.remote": "tcp://127.0.0.1:5560"}).infer.workers == 0
