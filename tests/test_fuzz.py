@@ -26,7 +26,16 @@ from pipeline.metrics import STAMPS
 from pipeline.steps import output_problem
 from pipeline.wire import Message, WireError, decode, encode
 from tests.conftest import socket_dirs
-from tests.test_remote import REFERENCE, free_port, start_run, start_worker, stop, subscriber, wait_for_frames
+from tests.test_remote import (
+    REFERENCE,
+    WAIT_S,
+    free_port,
+    start_run,
+    start_worker,
+    stop,
+    subscriber,
+    wait_for_frames,
+)
 
 BUNDLE = load_bundle(REFERENCE)
 EXAMPLES = 60  # malformed messages per receive path
@@ -132,15 +141,36 @@ def fuzz_socket(sock: zmq.Socket, template: str, counted: Any, to: bytes | None 
     send_one()
 
 
+def fuzz_operator(requests: zmq.Socket) -> list[dict]:
+    """Requests that are no operator command (bytes, JSON of other shapes), each answered."""
+    replies = []
+    commands = st.sampled_from(["start", "stop"])
+    not_a_command = st.one_of(
+        st.binary(max_size=64).filter(lambda b: b.strip() not in (b"start", b"stop")),
+        st.dictionaries(st.text(max_size=8), st.none() | st.integers() | st.text(max_size=8), max_size=3)
+        .filter(lambda d: d.get("command") not in ("start", "stop")).map(lambda d: json.dumps(d).encode()),
+        commands.map(lambda c: json.dumps({"command": c.upper()}).encode()))
+
+    @FUZZ
+    @given(not_a_command)
+    def ask(request: bytes) -> None:
+        requests.send(request)
+        replies.append(requests.recv_json())
+
+    ask()
+    return replies
+
+
 def test_every_stage_receive_path_counts_each_malformed_message_and_goes_on(tmp_path: Path) -> None:
     """A run with a local infer worker and a loopback remote endpoint: malformed results into
     postprocess (its results link and the relay's), refine requests and worker messages into preprocess
-    (its refine link and its work ROUTER over TCP). The run keeps scoring and ends cleanly, and each
-    stage counts exactly what it was sent."""
+    (its refine link and its work ROUTER over TCP), requests that are no command into the operator's REP.
+    The run keeps scoring and ends cleanly, and each stage counts exactly what it was sent."""
     remote, events = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    operator = f"tcp://127.0.0.1:{free_port()}"
     before = socket_dirs()
     run = start_run(tmp_path / "run", remote, events, "synthetic://320x240?fps=30&frames=100000", "--quiet",
-                    "--set", "infer.workers=1")
+                    "--set", "infer.workers=1", "--control", operator)
     context = zmq.Context()
     listener = subscriber(context, events, None)
     sent = {"preprocess": 0, "postprocess": 0}
@@ -159,6 +189,11 @@ def test_every_stage_receive_path_counts_each_malformed_message_and_goes_on(tmp_
 
         for sock, stage, template in targets:
             fuzz_socket(sock, template, lambda stage=stage: sent.__setitem__(stage, sent[stage] + 1))
+        requests = context.socket(zmq.REQ)
+        requests.rcvtimeo = WAIT_S * 1000
+        requests.connect(operator)
+        targets.append((requests, "postprocess", "operator"))
+        replies = fuzz_operator(requests)
         for sock, _, _ in targets:
             sock.close(linger=5000)  # every message handed over before the run is stopped
         wait_for_frames(listener, 30, run)  # postprocess and preprocess have read all of them since
@@ -171,6 +206,8 @@ def test_every_stage_receive_path_counts_each_malformed_message_and_goes_on(tmp_
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     rejected = {stage: summary["stages"][stage]["counters"].get("rejected", 0) for stage in sent}
     assert rejected == sent and min(sent.values()) >= EXAMPLES
+    operator_rejected = summary["stages"]["postprocess"]["counters"]["operator_rejected"]
+    assert replies and all(not reply["ok"] for reply in replies) and operator_rejected == len(replies)
     assert summary["frames"]["scored"] > 30
 
 
