@@ -27,7 +27,7 @@ import zmq
 from engines.registry import ENGINE_MODULES, backend_options
 
 from .options import option
-from .security import KeyFolderError, bind_host, check_server_keys, is_loopback
+from .security import KeyFolderError, check_server_keys, is_loopback
 from .sweep import SweepConfig
 
 if sys.version_info >= (3, 11):
@@ -365,8 +365,7 @@ def _check_endpoints(config: Config) -> None:
     transport = config.transport
     remote = transport.remote
     if remote is not None:
-        host = bind_host(remote)
-        if host is None or not remote.rsplit(":", 1)[-1].isdigit():
+        if not remote.startswith("tcp://") or not remote.rsplit(":", 1)[-1].isdigit():
             raise ConfigError(f"transport.remote: {remote!r} is not tcp://ADDR:PORT (a fixed port, which "
                               "remote workers connect to)")
     elif config.infer.workers == 0:

@@ -27,7 +27,7 @@ from .config import ENGINE_CHOICES, ConfigError, load_config
 from .graph import Wiring, pipeline_graph
 from .infer import InferStage
 from .messages import Kind, control
-from .security import ClientKeys, KeyFolderError, bind_host
+from .security import ClientKeys, KeyFolderError
 
 log = logging.getLogger("sweepstream")
 
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_stage(args: argparse.Namespace, context: zmq.Context) -> RemoteInferStage:
     """The worker's stage, or a ConfigError / KeyFolderError / BundleError naming what is wrong."""
-    if bind_host(args.connect) is None or not args.connect.rsplit(":", 1)[-1].isdigit():
+    if not args.connect.startswith("tcp://") or not args.connect.rsplit(":", 1)[-1].isdigit():
         raise ConfigError(f"--connect: {args.connect!r} is not tcp://HOST:PORT")
     config = load_config(overrides={"infer.bundle": args.bundle, "infer.engine": args.engine,
                                     "infer.max_batch": args.max_batch, "infer.threads": args.threads})

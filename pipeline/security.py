@@ -35,6 +35,7 @@ ALLOW_LIST = "clients"
 CLIENT = "client"
 CONSOLE = "console"
 ZAP_DOMAIN = "sweepstream"
+LOCAL_TRANSPORTS = ("ipc://", "inproc://")
 # Handshakes the server side refuses: no Curve (mechanism mismatch), a wrong server key, an unlisted key.
 REFUSED_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
@@ -45,18 +46,16 @@ class KeyFolderError(ValueError):
 
 
 def bind_host(endpoint: str) -> str | None:
-    """The host part of a tcp:// endpoint, None for transports that never leave this host (ipc, inproc)."""
-    if not endpoint.startswith("tcp://"):
+    """The host part of an endpoint ("*" for a wildcard), None for transports that never leave this host
+    (ipc, inproc)."""
+    if endpoint.startswith(LOCAL_TRANSPORTS):
         return None
-    host = urlsplit(endpoint).hostname
-    if host is None:  # "tcp://*:5556"
-        return "*"
-    return host
+    return urlsplit(endpoint).hostname or "*"
 
 
 def is_loopback(endpoint: str) -> bool:
-    """Whether binding `endpoint` keeps it on this host: ipc/inproc, or tcp on a loopback address. A
-    wildcard, an interface name or any other address is reachable from elsewhere."""
+    """Whether binding `endpoint` keeps it on this host: ipc/inproc, or a loopback address. A wildcard, an
+    interface name, any other address or transport is taken as reachable from elsewhere."""
     host = bind_host(endpoint)
     if host is None or host == "localhost":
         return True

@@ -24,7 +24,7 @@ from pipeline.graph import pipeline_graph
 from pipeline.letterbox import Geometry
 from pipeline.messages import FrameRef, Kind, PreparedInput, control
 from pipeline.remote import WorkerBook
-from pipeline.security import ClientKeys
+from pipeline.security import ClientKeys, is_loopback
 from tests.conftest import REPO, read_journal, run_pipeline, run_stream_cmd, socket_dirs
 
 REFERENCE = str(REPO / "bundles" / "reference")
@@ -292,3 +292,7 @@ def test_the_graph_and_config_of_remote_inference() -> None:
             load_config(overrides={**base, **overrides})
     assert load_config(overrides={**base, "infer.workers": 0,
                                   "transport.remote": "tcp://127.0.0.1:5560"}).infer.workers == 0
+    defaults = load_config(overrides=base).postprocess  # events and operator stay on this host by default
+    assert is_loopback(defaults.events) and is_loopback(defaults.control)
+    assert not any(is_loopback(e) for e in ("tcp://0.0.0.0:5556", "tcp://*:5556", "tcp://eth0:5556",
+                                            "tcp://10.1.2.3:5556", "udp://*:1"))
