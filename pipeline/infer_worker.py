@@ -39,6 +39,7 @@ class RemoteInferStage(InferStage):
     """The infer stage with one connection for work and results (the run's preprocess relays them)."""
 
     relays = True
+    reconnect_ms = (100, 2000)
 
     def open_links(self) -> tuple[zmq.Socket, zmq.Socket]:
         (work,) = self.wiring.graph.links_into(self.name, Kind.INPUT)

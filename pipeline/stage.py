@@ -50,6 +50,9 @@ class Stage:
     stamp_in: ClassVar[str] = ""  # header timestamp set when a frame is taken in (metrics.STAMPS)
     stamp_out: ClassVar[str] = ""  # ... and when it is handed on
     client_keys: ClientKeys | None = None  # Curve client keys for what it connects to (a remote worker)
+    # Reconnect interval and its backoff ceiling (ms; 0: none): a local peer that binds late is found
+    # quickly; a remote worker backs off instead of knocking at a run that refuses it 100 times a second.
+    reconnect_ms: ClassVar[tuple[int, int]] = (10, 0)
 
     def __init__(self, name: str, instance: str, config: Config, wiring: Wiring,
                  bundles: dict[str, Bundle], context: zmq.Context) -> None:
@@ -126,7 +129,8 @@ class Stage:
         sock.setsockopt(zmq.RCVHWM, max(marks))
         sock.setsockopt(zmq.SNDTIMEO, SEND_RETRY_MS)
         sock.setsockopt(zmq.LINGER, int(self.config.run.stop_timeout * 1000))
-        sock.setsockopt(zmq.RECONNECT_IVL, 10)  # a peer that binds late is found quickly (local sockets)
+        sock.setsockopt(zmq.RECONNECT_IVL, self.reconnect_ms[0])
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, self.reconnect_ms[1])
         if kind == zmq.DEALER:
             sock.setsockopt(zmq.ROUTING_ID, f"{self.instance}-{os.getpid()}".encode())
         if kind == zmq.ROUTER:
