@@ -20,6 +20,7 @@ import time
 
 import zmq
 
+from engines.base import EngineError
 from engines.bundle import BundleError, load_bundle
 
 from . import wire
@@ -99,7 +100,8 @@ def serve(stage: RemoteInferStage, url: str) -> int:
         if now - last_progress >= PROGRESS_S:
             last_progress = now
             log.info("worker %s: %d frames scored%s", stage.instance, scored,
-                     "" if scored else " (no work yet: is the run up, and is this worker's key listed?)")
+                     "" if scored else " (no work yet: is the run up, this worker's key listed and its "
+                     "bundle the run's?)")
     if stopping and not stage.finished:  # the run counts what this worker held as lost, at once
         wire.send(stage.out, control(Kind.EOS))  # (not waited for: the run may be gone already)
     return scored
@@ -118,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         scored = serve(stage, args.connect)
+    except EngineError as exc:
+        print(f"infer_worker: error: {exc}", file=sys.stderr)
+        return 2
+    else:
         log.info("worker %s: done, %d frames scored, %d messages rejected", stage.instance, scored,
                  stage.counters["rejected"])
     finally:

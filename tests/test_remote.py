@@ -296,3 +296,16 @@ def test_the_graph_and_config_of_remote_inference() -> None:
     assert is_loopback(defaults.events) and is_loopback(defaults.control)
     assert not any(is_loopback(e) for e in ("tcp://0.0.0.0:5556", "tcp://*:5556", "tcp://eth0:5556",
                                             "tcp://10.1.2.3:5556", "udp://*:1"))
+
+
+def test_a_worker_with_bad_arguments_says_so_in_one_line(keys: Path) -> None:
+    for extra, error in ((["--curve-keys", str(keys)], "is a server key folder"),
+                         (["--connect", "ipc:///tmp/nowhere"], "is not tcp://HOST:PORT"),
+                         (["--bundle", str(keys)], "has no bundle.json")):
+        args = {"--connect": "tcp://127.0.0.1:1", "--bundle": REFERENCE}
+        args.update(dict(zip(extra[::2], extra[1::2], strict=True)))
+        done = subprocess.run([sys.executable, str(REPO / "tools" / "infer_worker.py"),
+                               *(item for pair in args.items() for item in pair)],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert done.returncode == 2 and error in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
