@@ -16,17 +16,10 @@ from typing import Any
 import msgpack
 import numpy as np
 import zmq
+from conftest import socket_dirs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from engines.bundle import load_bundle
-from pipeline.letterbox import Geometry
-from pipeline.messages import HOPS, FrameRef, Kind, PreparedInput, RefineRequest, Result, control
-from pipeline.metrics import STAMPS
-from pipeline.steps import output_problem
-from pipeline.wire import Message, WireError, decode, encode
-from tests.conftest import socket_dirs
-from tests.test_remote import (
+from test_remote import (
     REFERENCE,
     WAIT_S,
     free_port,
@@ -36,6 +29,13 @@ from tests.test_remote import (
     subscriber,
     wait_for_frames,
 )
+
+from engines.bundle import load_bundle
+from pipeline.letterbox import Geometry
+from pipeline.messages import HOPS, FrameRef, Kind, PreparedInput, RefineRequest, Result, control
+from pipeline.metrics import STAMPS
+from pipeline.steps import output_problem
+from pipeline.wire import Message, WireError, decode, encode
 
 BUNDLE = load_bundle(REFERENCE)
 EXAMPLES = 60  # malformed messages per receive path

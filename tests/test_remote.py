@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from conftest import REPO, read_journal, run_pipeline, run_stream_cmd, socket_dirs
 
 from engines.bundle import load_bundle
 from pipeline import wire
@@ -25,7 +26,6 @@ from pipeline.letterbox import Geometry
 from pipeline.messages import FrameRef, Kind, PreparedInput, control
 from pipeline.remote import WorkerBook
 from pipeline.security import ClientKeys, is_loopback
-from tests.conftest import REPO, read_journal, run_pipeline, run_stream_cmd, socket_dirs
 
 REFERENCE = str(REPO / "bundles" / "reference")
 WAIT_S = 90  # the longest any step may take on a slow, shared machine (a bound, not a measurement)
