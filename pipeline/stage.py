@@ -384,5 +384,6 @@ def _loop(stage: Stage, control_socket: zmq.Socket) -> None:
 
 
 def _report(stage: Stage, control_socket: zmq.Socket, kind: Kind) -> None:
-    _tell(control_socket, control(kind, {"counters": dict(stage.counters), "status": stage.status()},
+    status = stage.status()  # first: it may refresh a counter (peers refused)
+    _tell(control_socket, control(kind, {"counters": dict(stage.counters), "status": status},
                                   stage.report_arrays()))
