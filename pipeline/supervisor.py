@@ -32,6 +32,7 @@ from .console import EventView
 from .graph import Graph, Wiring, pipeline_graph
 from .messages import Kind, control, kind_of
 from .ring import FrameRing
+from .security import console_keys
 from .stage import run_stage
 from .telemetry import Telemetry, format_summary, write_summary
 from .wire import Message
@@ -65,8 +66,10 @@ class StageFailure(RuntimeError):
 class Supervisor:
     def __init__(self, config: Config, graph: Graph | None = None) -> None:
         self.config = config
-        self.graph = graph or pipeline_graph(refine=config.infer.refine != "off",
-                                             screen=config.infer.screen_bundle is not None)
+        self.graph = graph or pipeline_graph(infer_workers=config.infer.workers,
+                                             refine=config.infer.refine != "off",
+                                             screen=config.infer.screen_bundle is not None,
+                                             remote=config.transport.remote)
         self.run_id = uuid.uuid4().hex[:12]
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         self.out = Path(config.run.out or Path("runs") / f"{stamp}-{self.run_id}")
@@ -276,8 +279,9 @@ class Supervisor:
         if not self.config.run.quiet:
             described = (h.describe.get("events") for h in self.handles.values())
             events = next((endpoint for endpoint in described if endpoint), None)
+            keys = self.config.transport.curve_keys
             if events:
-                self._view = EventView(self.context, events)
+                self._view = EventView(self.context, events, keys and console_keys(keys))
         self._tell_stage(self.graph.source.name, Kind.GO)
 
     def _show_events(self) -> None:
@@ -326,7 +330,8 @@ class Supervisor:
             if handle.life:
                 self._rejoin(handle)
         elif kind in (Kind.REPORT, Kind.DONE):
-            self.telemetry.report(handle.instance, msg.header.get("counters", {}), msg.arrays)
+            self.telemetry.report(handle.instance, msg.header.get("counters", {}), msg.arrays,
+                                  msg.header.get("status", {}))
             if kind is Kind.DONE:
                 handle.state = "done"
         elif kind is Kind.ERROR:
