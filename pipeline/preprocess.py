@@ -38,7 +38,8 @@ class PreprocessStage(Stage):
 
     def start(self) -> None:
         cfg = self.config.preprocess
-        self.prepare = Letterbox.for_bundle(self.bundle.input, cfg.roi, cfg.interpolation)
+        # The ROI is cut at the source, before the ring (pipeline/sources/screen.py)
+        self.prepare = Letterbox.for_bundle(self.bundle.input, None, cfg.interpolation)
         self.ring = FrameRing.attach(self.wiring.ring)
         self.frames = self.open("frames")
         self.hold = 1  # grows to the largest batch a worker asks for (its engine's max_batch)
