@@ -24,9 +24,10 @@ import numpy as np
 # below it; speckle moves by tens of levels).
 ACTIVE_LEVEL = 12
 # The sector covers at least this share of the screen; changing pixels are grouped across this share of
-# the screen's short side (fluid gaps inside the sector, never changing, leave the tissue in pieces).
+# the screen's short side (fluid inside the sector is black and still, so early on the tissue seen is in
+# pieces with wide gaps between them).
 MIN_SECTOR_SHARE = 0.03
-GROUP_SHARE = 0.03
+GROUP_SHARE = 0.1
 # A group of changing pixels smaller than this share of the screen is not image (a clock's digits).
 MIN_PIECE_SHARE = 0.0005
 CHECK_EVERY = 10  # frames between two detections
@@ -94,9 +95,10 @@ def find_sector(active: np.ndarray) -> Sector | None:
     pieces = np.isin(labels, keep).astype(np.uint8)
     reach = max(3, int(GROUP_SHARE * min(height, width)) | 1)
     grouped = cv2.dilate(pieces, cv2.getStructuringElement(cv2.MORPH_RECT, (reach, reach)))
-    count, groups, stats, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
-    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    points = cv2.findNonZero(pieces & (groups == largest))
+    count, groups = cv2.connectedComponents(grouped, connectivity=8)
+    changing = np.bincount(groups.ravel(), weights=pieces.ravel(), minlength=count)
+    largest = 1 + int(np.argmax(changing[1:]))  # the group with the most changing pixels
+    points = cv2.findNonZero(pieces & (groups == largest).astype(np.uint8))
     if points is None or len(points) < MIN_SECTOR_SHARE * height * width:
         return None
     hull = cv2.approxPolyDP(cv2.convexHull(points), OUTLINE_TOLERANCE_PX, True)
@@ -130,6 +132,7 @@ class SectorTracker:
         self._candidate: Sector | None = None
         self._reference: np.ndarray | None = None  # the screen (sampled) when the sector was accepted
         self._frames = 0
+        self._searching = True  # no sector accepted since the start or the last layout change
 
     def update(self, gray: np.ndarray) -> Sector | None:
         """Take one grey frame; the sector to use for it (None until one is found)."""
@@ -138,8 +141,9 @@ class SectorTracker:
         else:
             self._active |= changed(self._previous, gray)
             self._previous = gray.copy()
-        if self.sector is not None and self._layout_changed(gray):
+        if not self._searching and self._layout_changed(gray):
             self.layout_changes += 1
+            self._searching = True
             self._reset(gray)
         self._frames += 1
         if self._frames % CHECK_EVERY == 0:
@@ -151,6 +155,7 @@ class SectorTracker:
         it is."""
         if self.sector is None and self._active is not None:
             self.sector = find_sector(self._active)
+            self._searching = self.sector is None
         return self.sector
 
     def _reset(self, gray: np.ndarray) -> None:
@@ -162,9 +167,12 @@ class SectorTracker:
 
     def _check(self, gray: np.ndarray) -> None:
         found = find_sector(self._active)
-        if found is not None and found.agrees(self._candidate) and not found.agrees(self.sector):
-            self.sector = found
-            self._reference = gray[::LAYOUT_STRIDE, ::LAYOUT_STRIDE].copy()
+        if found is not None and found.agrees(self._candidate):
+            if not found.agrees(self.sector):
+                self.sector = found
+            if self._searching:
+                self._reference = gray[::LAYOUT_STRIDE, ::LAYOUT_STRIDE].copy()
+                self._searching = False
         self._candidate = found
 
     def _layout_changed(self, gray: np.ndarray) -> bool:

@@ -49,6 +49,15 @@ class Telemetry:
         for book, rows in zip((self.book, self.refined), arrays, strict=False):
             book.add_rows(rows)
 
+    def source(self) -> dict[str, Any]:
+        """The source's link: `reconnecting` while a live stream or device is lost, reconnects so far,
+        frames its newest-frame reader replaced, frames held back until the imaging sector was found."""
+        counts = sum_counters(self.counters, self.graph).get("capture", {})
+        reconnects = counts.get("reconnects", 0)
+        return {"state": "reconnecting" if reconnects > counts.get("reconnected", 0) else "ok",
+                "reconnects": reconnects, "overwritten": counts.get("source_overwritten", 0),
+                "roi_withheld": counts.get("roi_withheld", 0)}
+
     def accounting(self) -> dict[str, Any]:
         return frame_accounting(sum_counters(self.counters, self.graph), self.graph)
 
@@ -68,6 +77,11 @@ class Telemetry:
         line = (f"[{now - t_start:7.1f}s] in {interval.fps_in:6.1f} fps  "
                 f"out {interval.fps_out:6.1f} fps  e2e p50 {interval.e2e.percentile(50):6.1f} ms  "
                 f"p99 {interval.e2e.percentile(99):6.1f} ms  drops {drop_text}")
+        source = self.source()
+        if source["state"] == "reconnecting":
+            line += f"  source reconnecting ({source['reconnects']})"
+        elif source["reconnects"]:
+            line += f"  reconnects {source['reconnects']}"
         if sys.stderr.isatty():
             print("\r" + line, end="", file=sys.stderr, flush=True)
             self._status_open = True
@@ -105,6 +119,7 @@ class Telemetry:
             "frames": {k: interval.accounting[k] for k in ("read", "scored", "dropped")},
             "drops": interval.drops,
             "stages": states,
+            "source": self.source(),
         }
 
     def summary(self, *, run_id: str, outcome: str, error: str | None, signal: str | None, active_s: float,

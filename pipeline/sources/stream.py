@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import av
 
-from .live import LiveSource
+from .live import STALL_S, LiveSource
 
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtp://", "udp://", "tcp://", "srt://", "http://", "https://",
                   "rtmp://")
@@ -17,7 +17,8 @@ STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtp://", "udp://", "tcp://", "srt://",
 LOW_DELAY = {"fflags": "nobuffer", "flags": "low_delay", "probesize": "1000000", "analyzeduration": "1000000"}
 # UDP: a large socket FIFO, and a full one is not fatal (frames are lost and counted downstream, the run
 # goes on).
-UDP = {"overrun_nonfatal": "1", "fifo_size": "100000", "buffer_size": str(8 << 20)}
+UDP = {"overrun_nonfatal": "1", "fifo_size": "100000", "buffer_size": str(8 << 20),
+       "timeout": str(int(STALL_S * 1e6))}  # a silent socket is an error after STALL_S (FFmpeg's udp: µs)
 RTSP_TRANSPORTS = ("tcp", "udp")
 
 
