@@ -37,7 +37,8 @@ def cine(frames: int, seed: int = 0) -> np.ndarray:
 
 def us_dataset(frames: np.ndarray, *, series: str, instance: int = 1, regions: bool = True) -> Dataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage if len(frames) > 1 else UltrasoundImageStorage
+    multi = len(frames) > 1
+    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage if multi else UltrasoundImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
