@@ -51,8 +51,8 @@ def check_uri(uri: str) -> None:
         parse_synthetic(uri)
     elif kind is PhantomSource:
         parse_phantom(uri)
-    elif kind is V4l2Source:
-        parse_v4l2(uri)
+    elif kind is V4l2Source and not Path(device := parse_v4l2(uri).device).exists():
+        raise SourceError(f"source {uri}: no such device {device} (tools/list_devices.py lists them)")
     elif kind is DicomSource:
         dicom_files(uri)
     elif kind is StackSource:

@@ -60,6 +60,10 @@ class LiveSource(Source):
     def open(self) -> None:
         try:
             first = self._opened((OPEN_TIMEOUT_S, STALL_S))
+        except av.ProtocolNotFoundError:
+            scheme = self.uri.partition(":")[0]
+            raise SourceError(f"source {self.uri}: this FFmpeg (PyAV's) cannot read {scheme}:// "
+                              "streams") from None
         except (av.FFmpegError, OSError) as exc:
             raise SourceError(f"source {self.uri}: cannot open: {exc}") from None
         self.reader = NewestFrameReader(self.uri, lambda: self._opened((STALL_S, STALL_S)),
