@@ -5,9 +5,12 @@ the sector's box on the screen is the phantom's scan-converted region, placed an
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 
@@ -91,6 +94,27 @@ def screen_frames(layout: ScreenLayout, seed: int = 7, frames: int = 40
         if i >= frames:
             return
         yield layout.compose(background, image), image
+
+
+def write_recording(path: Path, screens: Iterable[np.ndarray], fps: int = 30) -> Path:
+    """Screens (BGR) as a lossless FFV1 recording in Matroska, as a capture card would have seen them."""
+    with av.open(str(path), "w") as container:
+        stream = None
+        for screen in screens:
+            if stream is None:
+                stream = container.add_stream("ffv1", rate=Fraction(fps))
+                stream.height, stream.width = screen.shape[:2]
+                stream.pix_fmt = "bgr0"
+            for packet in stream.encode(av.VideoFrame.from_ndarray(screen, format="bgr24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def sector_box() -> tuple[int, int, int, int]:
+    """The phantom frame's sector box (x, y, width, height): a raw sector stack is cut to it."""
+    return tuple(int(v) for v in cv2.boundingRect(sector_region().astype(np.uint8)))
 
 
 # Layouts the tests and tools/check_sector.py measure: two screen sizes, several positions and sizes.

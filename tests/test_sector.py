@@ -4,40 +4,23 @@ cut at the source so nothing of the screen around it goes on."""
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
 from pipeline.letterbox import crop
 from pipeline.phantom import HEIGHT, WIDTH
-from pipeline.screens import LAYOUTS, ScreenLayout, screen_frames
+from pipeline.screens import LAYOUTS, ScreenLayout, screen_frames, write_recording
 from pipeline.sector import CHECK_EVERY, SectorTracker, find_sector, to_gray
+from pipeline.sector_check import box_error
 from pipeline.sources import open_source
 
 BOX_TOLERANCE_PX = 3
 
 
-def box_error(found: tuple[int, ...], truth: tuple[int, ...]) -> int:
-    """Largest distance between corresponding box edges."""
-    (x, y, w, h), (u, v, s, t) = found, truth
-    return max(abs(x - u), abs(y - v), abs(x + w - u - s), abs(y + h - v - t))
-
-
 def write_screen_recording(path: Path, layout: ScreenLayout, frames: int, seed: int = 7) -> Path:
-    """A lossless (FFV1, BGR) recording of the screen, as a capture card would have seen it."""
-    width, height = layout.size
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("ffv1", rate=Fraction(30))
-        stream.width, stream.height, stream.pix_fmt = width, height, "bgr0"
-        for screen, _ in screen_frames(layout, seed, frames):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(screen, format="bgr24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return write_recording(path, (screen for screen, _ in screen_frames(layout, seed, frames)))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS,
@@ -120,15 +103,7 @@ def test_colour_doppler_inside_the_sector_is_flagged(tmp_path: Path) -> None:
     for screen, _ in screen_frames(layout, frames=30):
         screen[y + h // 2:y + h // 2 + 60, x + w // 2 - 40:x + w // 2 + 40] = (20, 30, 220)  # a red flow box
         frames.append(screen)
-    path = tmp_path / "doppler.mkv"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("ffv1", rate=Fraction(30))
-        stream.width, stream.height, stream.pix_fmt = *layout.size, "bgr0"
-        for screen in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(screen, format="bgr24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    path = write_recording(tmp_path / "doppler.mkv", frames)
     source = open_source(str(path), "bgr24", "auto")
     assert source.read().meta["colour_doppler"] is True
     source.close()
