@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from conftest import REPO, run_stream_cmd
 
+from pipeline.capture_bench import EncoderStream, free_udp_port
 from pipeline.sources import SourceError, check_uri, open_source
 from pipeline.sources.live import av_frames
 from pipeline.sources.reader import NewestFrameReader
@@ -29,35 +30,9 @@ pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs th
 WAIT_S = 30.0  # generous: the machine is shared and may be slow; no figure depends on it
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class FfmpegStream:
-    """A real encoder: ffmpeg's test pattern, H.264 in MPEG-TS over UDP, paced in real time."""
-
-    def __init__(self, port: int, size: str = "320x240") -> None:
-        self.url = f"udp://127.0.0.1:{port}"
-        self.command = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
-                        f"testsrc2=size={size}:rate=30", "-c:v", "libx264", "-preset", "ultrafast",
-                        "-tune", "zerolatency", "-g", "10", "-f", "mpegts", f"{self.url}?pkt_size=1316"]
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-
 @pytest.fixture
 def stream():
-    encoder = FfmpegStream(free_udp_port())
+    encoder = EncoderStream(free_udp_port())
     encoder.start()
     yield encoder
     encoder.kill()

@@ -14,7 +14,7 @@ STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtp://", "udp://", "tcp://", "srt://",
                   "rtmp://")
 # Demuxer settings for the least delay: no input buffering, and probing bounded (an MPEG-TS stream needs a
 # keyframe's parameters before decoding can start).
-LOW_DELAY = {"fflags": "nobuffer", "flags": "low_delay", "probesize": "1000000", "analyzeduration": "1000000"}
+LOW_DELAY = {"fflags": "nobuffer", "flags": "low_delay", "probesize": "500000", "analyzeduration": "500000"}
 # UDP: a large socket FIFO, and a full one is not fatal (frames are lost and counted downstream, the run
 # goes on).
 UDP = {"overrun_nonfatal": "1", "fifo_size": "100000", "buffer_size": str(8 << 20),
