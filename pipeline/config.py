@@ -55,10 +55,12 @@ def _default_backend_options() -> dict[str, Any]:
 
 @dataclass
 class SourceConfig:
-    uri: str = option(DEFAULT_SOURCE, "video file, stream URL (rtsp://, udp://, http://), /dev/videoN, "
-                      "image stack (.mha/.mhd/.nrrd/.nii, 6 sweeps per case) or a folder of them "
-                      "(ACOUSLIC-AI layout), phantom://SEED[?cases=N&frames=F&fps=R] (synthetic blind "
-                      "sweeps) or synthetic://WxH[?fps=F&frames=N&channels=C] (in-memory test pattern)")
+    uri: str = option(DEFAULT_SOURCE, "video file, stream URL (rtsp://, udp://, rtp://, srt://, http(s)://), "
+                      "capture card (/dev/videoN, v4l2:///dev/videoN?size=WxH&fps=F&format=yuyv|nv12|mjpg), "
+                      "DICOM (.dcm or a folder of one series), a folder of images, image stack "
+                      "(.mha/.mhd/.nrrd/.nii, 6 sweeps per case) or a folder of them (ACOUSLIC-AI layout), "
+                      "phantom or phantom://SEED[?cases=N&frames=F&fps=R] (synthetic blind sweeps) or "
+                      "synthetic://WxH[?fps=F&frames=N&channels=C] (in-memory test pattern)")
     flood: bool = option(False, "read as fast as the pipeline takes frames instead of at the source's "
                          "native rate (capture waits for preprocess; later boundaries follow the policy)")
     loop: bool = option(False, "restart the source at its end")
