@@ -187,3 +187,17 @@ def test_unreachable_or_unknown_sources_are_one_clear_line(tmp_path: Path) -> No
                              "--validate-config"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and "no such device /dev/video97" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_capture_prints_latency_and_reconnect_figures(tmp_path: Path) -> None:
+    figures = tmp_path / "capture.json"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_capture.py"), "--size", "320x240",
+                             "--seconds", "1", "--restarts", "1", "--down", "0.2", "--json", str(figures)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(figures.read_text())
+    latency = report["latency_ms"]
+    assert latency["count"] > 0 and 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+    restart = report["restarts"][0]
+    assert 0 < restart["reconnect_s"] <= restart["outage_s"]
+    assert "capture latency arrival -> ring" in result.stdout and "restart 1: reconnect" in result.stdout

@@ -4,8 +4,11 @@ cut at the source so nothing of the screen around it goes on."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -15,6 +18,8 @@ from pipeline.screens import LAYOUTS, ScreenLayout, screen_frames, write_recordi
 from pipeline.sector import CHECK_EVERY, SectorTracker, find_sector, to_gray
 from pipeline.sector_check import box_error
 from pipeline.sources import open_source
+
+REPO = Path(__file__).resolve().parents[1]
 
 BOX_TOLERANCE_PX = 3
 
@@ -116,3 +121,30 @@ def test_fixed_roi_and_none_and_stack_sources_stay_whole(tmp_path: Path) -> None
     assert open_source(str(video), "gray", None).read().image.shape == (1024, 1280)
     phantom = open_source("phantom://3?cases=1&frames=4", "gray", "auto")
     assert phantom.read().image.shape == (HEIGHT, WIDTH)  # a phantom is a sector already
+
+
+def test_inspect_source_prints_the_box_last_and_draws_it(tmp_path: Path) -> None:
+    layout = LAYOUTS[3]
+    video = write_screen_recording(tmp_path / "screen.mkv", layout, 25)
+    png = tmp_path / "roi.png"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "inspect_source.py"), str(video), "--out",
+                             str(png)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert box_error(tuple(int(v) for v in lines[-1].split()), layout.truth_box()) <= BOX_TOLERANCE_PX
+    assert "width: 1280" in lines and "height: 1024" in lines
+    drawn = cv2.imread(str(png))
+    x, y = layout.truth_box()[:2]
+    assert drawn.shape == (1024, 1280, 3) and tuple(drawn[y + 50, x]) == (40, 220, 40)  # the box's left edge
+    missing = subprocess.run([sys.executable, str(REPO / "tools" / "inspect_source.py"), "/nonexistent.mp4"],
+                             capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode == 1 and missing.stderr.strip() == "inspect_source: source /nonexistent.mp4: " \
+        "cannot open: [Errno 2] No such file or directory: '/nonexistent.mp4'"
+
+
+def test_check_sector_reports_the_largest_box_error() -> None:
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "check_sector.py"), "--agreement", "0",
+                             "--frames", "25"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    worst = int(result.stdout.strip().splitlines()[-1].split(": ")[-1].split()[0])
+    assert worst <= BOX_TOLERANCE_PX
