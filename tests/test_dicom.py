@@ -4,10 +4,12 @@ multi-frame and single-frame; a folder as one series) gives the right frames, sp
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_journal, run_pipeline
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -158,3 +160,19 @@ def test_bad_dicom_input_is_one_clear_error(tmp_path: Path) -> None:
     broken.write_bytes(b"\x00" * 128 + b"DICM" + b"\x01\x02garbage")
     with pytest.raises(SourceError, match="broken.dcm"):
         open_source(str(broken), "gray")
+
+
+def test_a_dicom_cine_runs_through_the_pipeline_cut_to_its_region(tmp_path: Path) -> None:
+    stack = cine(12, seed=4)
+    path = save(us_dataset(stack, series=generate_uid()), tmp_path / "cine.dcm")
+    out = tmp_path / "run"
+    result = run_pipeline("--source", str(path), "--out", str(out), "--quiet", "--flood",
+                          "--set", "transport.policy=lossless")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"]["read"] == summary["frames"]["scored"] == 12
+    source = summary["stages"]["capture"]["source"]
+    assert source["kind"] == "DicomSource" and source["sector"]["box"] == list(REGION)
+    frames = read_journal(out, "frame")
+    assert frames[0]["source"]["pixel_spacing_mm"] == pytest.approx([0.3, 0.28])
+    assert "DOE" not in (out / "events.jsonl").read_text()
