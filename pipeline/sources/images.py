@@ -7,6 +7,8 @@ from pathlib import Path
 
 import cv2
 
+from pipeline.sector import to_gray
+
 from .base import GeneratedSource, SourceError, SourceFrame
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -34,11 +36,12 @@ class ImageFolderSource(GeneratedSource):
         return IMAGES_FPS
 
     def _generate(self) -> Iterator[SourceFrame]:
-        flag = cv2.IMREAD_GRAYSCALE if self.pixel_format == "gray" else cv2.IMREAD_COLOR
         for index, path in enumerate(self.files):
-            image = cv2.imread(str(path), flag)
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if image is None:
                 raise SourceError(f"source {path}: not a readable image")
+            if self.pixel_format == "gray":
+                image = to_gray(image)  # luma, as everywhere (imread's own grey conversion rounds apart)
             self.size = (image.shape[1], image.shape[0])
             yield SourceFrame(image, index, index / self.fps)
 
