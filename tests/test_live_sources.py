@@ -201,3 +201,15 @@ def test_bench_capture_prints_latency_and_reconnect_figures(tmp_path: Path) -> N
     restart = report["restarts"][0]
     assert 0 < restart["reconnect_s"] <= restart["outage_s"]
     assert "capture latency arrival -> ring" in result.stdout and "restart 1: reconnect" in result.stdout
+
+
+def test_a_protocol_this_ffmpeg_lacks_is_named() -> None:
+    """PyAV's wheels carry an FFmpeg without libsrt: an SRT source says so in one line (a PyAV built on a
+    system FFmpeg with libsrt reads it like any stream)."""
+    try:
+        source = open_source(f"srt://127.0.0.1:{free_udp_port()}?mode=caller", "gray")
+    except SourceError as exc:
+        assert "cannot" in str(exc) and str(exc).startswith("source srt://127.0.0.1:")
+    else:  # an FFmpeg with SRT: nothing listens there, yet it opened; then it must be a live stream
+        assert source.live
+        source.close()
