@@ -113,7 +113,8 @@ class KserveEngine(Engine):
         self._client: Any = None
         self._module: Any = None
         self._headers: dict[str, str] = {}
-        self._failures = 0  # consecutive failed batches: how long to wait before the next reconnect
+        self._failures = 0  # consecutive failed reconnects: how long to wait before the next one
+        self._lost_while_down = 0
         self._retry_at = 0.0
 
     @classmethod
@@ -246,8 +247,8 @@ class KserveEngine(Engine):
                 raise EngineError(f"kserve model '{self.model}' at {self.url}: {_first_line(exc)}") from None
             self._lost(f"no answer within {self.timeout_s:g} s ({_first_line(exc)})")
         if self._failures:
-            log.info("kserve: %s answers again after %d lost batch(es)", self.url, self._failures)
-            self._failures = 0
+            log.info("kserve: %s answers again after %d lost batch(es)", self.url, self._lost_while_down)
+            self._failures = self._lost_while_down = 0
         return self._outputs(result, len(batch))
 
     def _reconnect(self) -> None:
@@ -267,6 +268,7 @@ class KserveEngine(Engine):
     def _lost(self, why: str, retry: bool = True) -> None:
         """Count a lost batch, drop the client so the next call reconnects, and raise EngineTimeout."""
         self.timeouts += 1
+        self._lost_while_down += 1
         if retry and self._client is not None:
             self._client.close()
             self._client = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -28,6 +29,8 @@ from engines.onnxruntime import OrtEngine
 V2_DATATYPES = {"bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "uint16": "UINT16", "int16": "INT16",
                 "int32": "INT32", "int64": "INT64", "float16": "FP16", "float32": "FP32", "float64": "FP64"}
 """numpy dtype names -> KServe v2 tensor datatypes."""
+STOP_GRACE_S = 2
+"""Seconds a stopping server gives calls in flight (kserve's default, 30, outlasts a cart's timeout)."""
 SERVE_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "serve_bundle.py"
 
 
@@ -95,8 +98,9 @@ def serve(bundle: Bundle, grpc_port: int, http_port: int, precision: str, thread
                                              precision=precision))
     model = bundle_model(engine)
     model.load()
+    logging.getLogger("kserve.trace").setLevel(logging.WARNING)  # a timing line per request otherwise
     server = kserve.ModelServer(http_port=http_port, grpc_port=grpc_port, workers=1,
-                                enable_latency_logging=False)
+                                enable_latency_logging=False, grace_period=STOP_GRACE_S)
     print(f"serving bundle {bundle.name} ({engine.describe()['precision']}) on gRPC port {grpc_port}, "
           f"HTTP port {http_port}", flush=True)
     server.start([model])
