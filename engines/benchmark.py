@@ -5,10 +5,7 @@ All rows are measured in one process run, in this fixed order (not interleaved):
 1. torch eager fp32 on CPU (the bundle's torch model; skipped with a note if it has none),
 2. ONNX Runtime fp32 on CPU (model.onnx),
 3. ONNX Runtime INT8 on CPU (the gated model.int8.onnx; skipped with a note if it has none),
-4. with CUDA: torch eager with fp16 autocast on the GPU,
-5. with --kserve: the kserve engine over gRPC, then HTTP, against tools/serve_bundle.py started here on
-   loopback (the bundle's fp32 model in ONNX Runtime, --threads as the local rows): a frame's cost through
-   a KServe v2 server against the same model run in-process (the server shares this machine's cores).
+4. with CUDA: torch eager with fp16 autocast on the GPU.
 
 Each backend is built through engines.registry.select_engine with the same EngineOptions the
 pipeline uses (so this measures what the pipeline runs), loaded once (load() warms up on
@@ -28,7 +25,6 @@ Writes --json and a bar chart PNG next to it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -45,11 +41,8 @@ from tqdm import tqdm
 from engines.base import EngineError, EngineOptions
 from engines.bundle import Bundle, BundleError, load_bundle
 from engines.export.quantize import row_cosines, sample_frames
-from engines.kserve import KserveOptions
 from engines.registry import engine_class, nvidia_driver_present, select_engine
-from engines.serve import serving
 
-KSERVE_BENCH_TIMEOUT_S = 120.0
 TARGET_SPEEDUP = 3.0
 TARGET_COSINE = 0.999
 DEFAULT_MLP_RATIO = 4.0
@@ -63,7 +56,6 @@ class Backend:
     engine: str
     device: str
     precision: str
-    own_options: Any = None  # the engine's own options (``infer.<engine>``), e.g. the kserve server's URL
 
 
 TORCH_CPU = Backend("torch eager fp32", "torch", "cpu", "auto")
@@ -87,9 +79,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=0, help="intra-op threads, 0 = backend default (default 0)"
     )
-    parser.add_argument(
-        "--kserve", action="store_true",
-        help="also time the kserve engine (gRPC, HTTP) against tools/serve_bundle.py on loopback")
     parser.add_argument(
         "--json",
         type=Path,
@@ -134,15 +123,6 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def kserve_backends(server: tuple[Any, int, int]) -> list[Backend]:
-    """The kserve rows against a server from engines.serve.serving (process, gRPC port, HTTP port); the
-    timeout is generous, since a frame that timed out would have no figure."""
-    _, grpc_port, http_port = server
-    return [Backend(f"kserve {scheme}", "kserve", "auto", "auto",
-                    KserveOptions(url=f"{scheme}://127.0.0.1:{port}", timeout_s=KSERVE_BENCH_TIMEOUT_S))
-            for scheme, port in (("grpc", grpc_port), ("http", http_port))]
 
 
 def plan(bundle: Bundle) -> tuple[list[Backend], list[str]]:
@@ -195,8 +175,7 @@ def measure(
                 max_batch=max(args.batches),
                 precision=backend.precision,
             )
-            own = {} if backend.own_options is None else {backend.engine: backend.own_options}
-            engine, _ = select_engine(backend.engine, bundle, options, own)
+            engine, _ = select_engine(backend.engine, bundle, options)
             engine.load()
             info = engine.describe()
             for n in args.batches:
@@ -347,12 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     gflop = vit_gflop(bundle.manifest["source"].get("config"), bundle.input.size)
 
     try:
-        with contextlib.ExitStack() as stack:
-            if args.kserve:
-                backends += kserve_backends(stack.enter_context(serving(bundle.path, precision="fp32",
-                                                                        threads=args.threads)))
-            rows, embeddings = measure(bundle, backends, frames, args)
-    except (BundleError, EngineError, RuntimeError) as exc:
+        rows, embeddings = measure(bundle, backends, frames, args)
+    except (BundleError, EngineError) as exc:
         print(f"bench_engine: error: {exc}", file=sys.stderr)
         return 1
     reference = annotate(rows, embeddings, gflop)

@@ -31,6 +31,8 @@ V2_DATATYPES = {"bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "uint16": "UIN
 """numpy dtype names -> KServe v2 tensor datatypes."""
 STOP_GRACE_S = 2
 """Seconds a stopping server gives calls in flight (kserve's default, 30, outlasts a cart's timeout)."""
+PER_REQUEST_LOGGERS = ("kserve", "kserve.trace", "uvicorn.access")
+"""kserve's loggers that write a line or two per request at INFO (a cart sends 30 a second)."""
 SERVE_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "serve_bundle.py"
 
 
@@ -98,9 +100,10 @@ def serve(bundle: Bundle, grpc_port: int, http_port: int, precision: str, thread
                                              precision=precision))
     model = bundle_model(engine)
     model.load()
-    logging.getLogger("kserve.trace").setLevel(logging.WARNING)  # a timing line per request otherwise
     server = kserve.ModelServer(http_port=http_port, grpc_port=grpc_port, workers=1,
                                 enable_latency_logging=False, grace_period=STOP_GRACE_S)
+    for name in PER_REQUEST_LOGGERS:  # after the server has configured logging, which resets levels
+        logging.getLogger(name).setLevel(logging.WARNING)
     print(f"serving bundle {bundle.name} ({engine.describe()['precision']}) on gRPC port {grpc_port}, "
           f"HTTP port {http_port}", flush=True)
     server.start([model])
