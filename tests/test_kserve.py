@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -304,3 +305,18 @@ def test_live_triton_scores_as_local_ort() -> None:
         engine.close()
     for name in bundle.outputs:
         np.testing.assert_allclose(got[name].astype(np.float64), expected[name].astype(np.float64), atol=1e-4)
+
+
+def test_bench_kserve_prints_and_writes_the_three_engines(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(REPO / "tools" / "bench_kserve.py"), "--bundle", str(REFERENCE),
+               "--batches", "1,2", "--rounds", "2", "--warmup", "1", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    engines = ["ort fp32 (local)", "kserve grpc", "kserve http"]
+    assert [(row["engine"], row["batch"]) for row in rows] == [(e, n) for n in (1, 2) for e in engines]
+    for row in rows:
+        assert len(row["ms_per_frame"]) == 2 and row["max_abs_diff_vs_local"] <= SCORE_ATOL
+        assert row["engine"] in result.stdout
+    assert out.with_suffix(".png").stat().st_size > 0
