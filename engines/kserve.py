@@ -169,7 +169,8 @@ class KserveEngine(Engine):
 
     def check_server(self) -> None:
         """Connect and check the served model against the manifest (names, dtypes, shapes); the
-        supervisor's preflight calls this so a mismatch is one error before any stage starts."""
+        supervisor's preflight calls this so a mismatch is one error before any stage starts. A server
+        that does not answer is an EngineTimeout, a model that does not fit an EngineError."""
         where = f"kserve model '{self.model}' at {self.url}"
         self._headers = self._auth_headers()
         self._connect()
@@ -177,7 +178,7 @@ class KserveEngine(Engine):
             metadata = self._metadata()
         except Exception as exc:
             if self._transient(exc):
-                raise EngineError(f"{where}: the server does not answer ({_first_line(exc)})") from None
+                raise EngineTimeout(f"{where}: the server does not answer ({_first_line(exc)})") from None
             raise EngineError(f"{where}: {_first_line(exc)}") from None
         try:
             check_model_io(self.bundle,
@@ -260,9 +261,7 @@ class KserveEngine(Engine):
         self.reconnects += 1
         try:
             self.check_server()
-        except EngineError as exc:
-            if "does not answer" not in str(exc):
-                raise
+        except EngineTimeout as exc:
             self._lost(str(exc))
 
     def _lost(self, why: str, retry: bool = True) -> None:
