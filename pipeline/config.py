@@ -5,8 +5,9 @@ Every option lives in one dataclass field whose metadata carries its help text a
 values are errors raised before any process starts.
 
 Each inference backend declares its own options (`Engine.options_type`, e.g. `engines.tensorrt.TrtOptions`);
-they are the sub-tables of `[infer]` named by engine key (`[infer.trt]`, `--set infer.trt.cache_dir=...`),
-so a backend's settings reach it without this file naming them. Reading them imports each backend module,
+they are the sub-tables of `[infer]` named by engine key (`[infer.trt]`, `--set infer.trt.cache_dir=...`, or
+spelled flat, `--set infer.kserve_url=...` for `infer.kserve.url`), so a backend's settings reach it without
+this file naming them. Reading them imports each backend module,
 never its library (no tensorrt, torch or onnxruntime).
 """
 
@@ -117,7 +118,8 @@ class PreprocessConfig:
 class InferConfig:
     bundle: str = option(str(DEFAULT_BUNDLE), "model bundle directory (bundle.json + model files)")
     engine: Literal[ENGINE_CHOICES] = option(  # type: ignore[valid-type]
-        "auto", "inference backend; auto tries TensorRT, then torch-CUDA, then ONNX Runtime")
+        "auto", "inference backend; auto tries TensorRT, then torch-CUDA, then ONNX Runtime; kserve (a "
+        "remote KServe v2 / Triton server, infer.kserve_url) and null only when asked")
     max_batch: int | Literal["auto"] = option(
         "auto", "largest batch taken from what is waiting (never waits to fill one); auto: 1 on a CPU (a "
         "batch of N costs N inferences there, so it only makes frames wait behind each other), up to 8 on "
@@ -298,8 +300,27 @@ def _coerced(cls: type, name: str, values: dict[str, Any], origin: str, tables: 
             for key, value in values.items()}
 
 
+def _flat_table_key(key: str, tables: dict[str, Any], fields: set[str]) -> tuple[str, str] | None:
+    """(table, option) when `key` spells a sub-table's option flat, as TABLE_OPTION (`kserve_url` for
+    `kserve.url`), and is no option of the section itself; else None."""
+    if key in fields or key in tables:
+        return None
+    for table, options in tables.items():
+        option_name = key.removeprefix(f"{table}_")
+        if option_name != key and option_name in {f.name for f in dataclasses.fields(options)}:
+            return table, option_name
+    return None
+
+
 def _apply(section: Any, section_name: str, values: dict[str, Any], origin: str) -> None:
     tables = _tables(section)
+    fields = {f.name for f in dataclasses.fields(section)}
+    for key in list(values):
+        if (flat := _flat_table_key(key, tables, fields)) is not None:
+            table, option_name = flat
+            nested = values.setdefault(table, {})
+            if isinstance(nested, dict):
+                nested[option_name] = values.pop(key)
     plain = {key: value for key, value in values.items() if key not in tables}
     for key, value in _coerced(type(section), section_name, plain, origin, tables).items():
         setattr(section, key, value)
@@ -432,7 +453,7 @@ def _describe(name: str, cls: type) -> list[str]:
 def describe_options() -> str:
     """All options with defaults and help, for the end of `--help`."""
     lines = ["configuration options (TOML section.key, a backend's as [infer.ENGINE] key; override any "
-             "with --set section.key=value or --set infer.ENGINE.key=value):"]
+             "with --set section.key=value or --set infer.ENGINE.key=value, also spelled infer.ENGINE_key):"]
     for name, cls in SECTIONS.items():
         lines.extend(_describe(name, cls))
     return "\n".join(lines)

@@ -224,6 +224,11 @@ def frame_accounting(counters: dict[str, dict[str, int]], graph: Graph) -> dict:
             "boundaries": boundaries}
 
 
+ENGINE_COUNTERS = ("refine_engine_timeout",)
+"""An infer stage's refined frames lost to an engine timeout: outside the frame accounting, as refined frames
+are (the newest ones lost count as drop_engine_timeout at the link into the stage)."""
+
+
 def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, refine: bool = True,
                    screen: bool = False, remote: str | None = None) -> Graph:
     """The four-stage pipeline. `infer_workers` local infer processes share the work (0: none, only remote
@@ -244,8 +249,10 @@ def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, r
         bound_by="sender", hwm="batch", serves="newest" if screen else "all",
         backpressure="preprocess holds the newest prepared frames, one batch's worth, until a "
                      "worker asks (older ones: drop_held); a worker gone with its frames: "
-                     "drop_send_full",
+                     "drop_send_full; a batch the engine did not answer in time (a remote server slow or "
+                     "gone): drop_engine_timeout",
         drops=(("preprocess", "drop_held"), ("preprocess", "drop_send_full"), (newest, "drop_stale"),
+               (newest, "drop_engine_timeout"),
                *([("preprocess", "drop_worker_lost")] if remote and not screen else [])),
         endpoint=None if screen else inputs_endpoint, remote=None if screen else remote)
     links = [
@@ -294,15 +301,15 @@ def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, r
                          "to the frame accounting (preprocess refine_sent, postprocess refined)",
             drops=()))
     # The main model's own counts where its link is outside the accounting (refined frames only).
-    main_counters = ("drop_stale", "drop_send_full") if screen else ()
+    main_counters = ("drop_stale", "drop_send_full", "drop_engine_timeout") if screen else ()
     stages = [
         StageSpec("capture", "capture", counters=("read", *SOURCE_COUNTERS)),
         StageSpec("preprocess", "preprocess",
                   counters=("refine_sent", "refine_gone",
                             *(("relayed", "remote_late", "refused", "workers_joined", "workers_lost")
                               if remote else ()))),
-        *([StageSpec("screen", "infer", bundle="screen")] if screen else []),
-        StageSpec("infer", "infer", counters=main_counters, replicas=infer_workers),
+        *([StageSpec("screen", "infer", bundle="screen", counters=ENGINE_COUNTERS)] if screen else []),
+        StageSpec("infer", "infer", counters=(*main_counters, *ENGINE_COUNTERS), replicas=infer_workers),
         StageSpec("postprocess", "postprocess",
                   counters=("scored", "refined", "refine_requests_lost", "best_image_missed",
                             "operator_start", "operator_stop", "operator_rejected", "refused")),

@@ -10,6 +10,8 @@ from typing import ClassVar
 import numpy as np
 import zmq
 
+from engines.base import EngineTimeout
+
 from . import wire
 from .messages import Kind, PreparedInput, Result, control
 from .stage import Stage
@@ -27,6 +29,9 @@ class InferStage(Stage):
 
     The same class plays the screen of a screening cascade (its own bundle, its own links; the rate limit
     is the main model's, so the screen runs free).
+
+    A batch the engine cannot answer in time (EngineTimeout: a remote server slow or gone) loses its
+    frames, counted, and the stage goes on asking for the newest ones.
 
     Links: a work link in (asks for work, takes PreparedInput: `inputs`, or `screen_inputs`), a results
     link out (Result: `results`, or `screened`)."""
@@ -99,11 +104,26 @@ class InferStage(Stage):
 
     def _run(self, frames: list[PreparedInput]) -> None:
         self._batch_started = time.monotonic()
-        rows = infer_batch(self.engine, self.bundle, [prepared.pixels for prepared in frames])
+        try:
+            rows = infer_batch(self.engine, self.bundle, [prepared.pixels for prepared in frames])
+        except EngineTimeout as exc:
+            self._lost(frames, exc)
+            return
         for prepared, outputs in zip(frames, rows, strict=True):
             # Waiting here (rather than dropping a result already paid for) slows infer's pulling, so an
             # overloaded postprocess makes preprocess drop the oldest unscored frames instead.
             self.push(self.out, Result.of(prepared, outputs), wait=True)
+
+    def _lost(self, frames: list[PreparedInput], exc: EngineTimeout) -> None:
+        """A batch the engine did not answer in time (a remote server slow or gone): its frames are
+        dropped and counted, newest ones in the frame accounting (drop_engine_timeout), refined ones apart
+        (their sweep's final best_frame stops waiting for them at infer.refine_timeout_s)."""
+        refined = sum(prepared.refined for prepared in frames)
+        self.counters["drop_engine_timeout"] += len(frames) - refined
+        self.counters["refine_engine_timeout"] += refined
+        lost = self.counters["drop_engine_timeout"] + self.counters["refine_engine_timeout"]
+        if lost <= len(frames) or lost // 100 > (lost - len(frames)) // 100:
+            log.warning("infer: %d frame(s) dropped: %s (%d so far)", len(frames), exc, lost)
 
     def acceptable(self, hop: PreparedInput) -> bool:
         pixels = hop.pixels

@@ -55,6 +55,19 @@ def load_engine(infer: Any, bundle: Any, max_batch: int | str | None = None) -> 
     return engine, f"{reason}; batch up to {engine.max_batch}, {engine.options.threads} thread(s)"
 
 
+def preflight_engine(infer: Any, bundle: Any) -> None:
+    """Build the engine the run asks for (not `auto`, which would import every backend) and run its checks
+    that need no model load, so a wrong option or a remote model that does not fit the bundle is one error
+    before any stage starts (EngineError)."""
+    if infer.engine == "auto":
+        return
+    engine, _ = _open(infer, bundle, None, infer.threads or default_threads())
+    try:
+        engine.preflight()
+    finally:
+        engine.close()
+
+
 def _open(infer: Any, bundle: Any, max_batch: int | str | None, threads: int) -> tuple[Engine, str]:
     options = EngineOptions(threads=threads, device=infer.device, max_batch=max_batch or infer.max_batch,
                             precision=infer.precision)

@@ -24,7 +24,6 @@ import zmq
 
 from engines.base import EngineError
 from engines.bundle import Bundle, BundleError, load_bundle
-from engines.registry import engine_class
 
 from . import wire
 from .config import Config, ConfigError, to_toml
@@ -34,6 +33,7 @@ from .messages import Kind, control, kind_of
 from .ring import FrameRing
 from .security import console_keys
 from .stage import run_stage
+from .steps import preflight_engine
 from .telemetry import Telemetry, format_summary, write_summary
 from .wire import Message
 
@@ -151,9 +151,9 @@ class Supervisor:
         if screen is not None and screen.sha256 == bundles["main"].sha256:
             raise ConfigError(f"infer.screen_bundle: {infer.screen_bundle} is the main bundle's own model; "
                               "a screen must be a faster model (or leave it unset)")
-        if self.config.infer.engine != "auto":
+        for bundle in bundles.values():
             try:
-                engine_class(self.config.infer.engine)
+                preflight_engine(infer, bundle)
             except EngineError as exc:
                 raise ConfigError(f"infer.engine: {exc}") from None
         if (self.out / "events.jsonl").exists():

@@ -145,6 +145,8 @@ class Telemetry:
                        "max": ms(e2e.max)},
             "frames": {k: interval.accounting[k] for k in ("read", "scored", "dropped")},
             "drops": interval.drops,
+            "drop_causes": {cause: count for boundary in interval.accounting["boundaries"].values()
+                            for cause, count in boundary["drops"].items() if count},
             "stages": states,
             "restarts": self.restart_counts(),
             **self.peers(),
