@@ -24,9 +24,12 @@ from engines.bundle import Bundle
 
 from . import wire
 from .analysis import Finding, SweepAnalyzer, resolve
+from .annotate import with_annotations
 from .events import EventSink, make_event
+from .exam import EXAM_END, ExamRecorder
 from .messages import Kind, RefineRequest, Result, kind_of
 from .metrics import SEGMENTS, segment_row
+from .preview import PreviewFeed
 from .ring import FrameRing
 from .stage import MAX_TAKE, Stage
 from .steps import analyzed_frame, frame_score
@@ -99,9 +102,11 @@ class PostprocessStage(Stage):
                                    f"{exc}") from None
             self.inputs.append(self.operator)
             self._sockets.append(self.operator)
-        self.sink = EventSink(self.context, self.config.postprocess.events,
-                              Path(self.wiring.out) / "events.jsonl")
         self.best_dir = Path(self.wiring.out) / BEST_DIR if self.config.postprocess.best_frames else None
+        self.sink = ExamRecorder(EventSink(self.context, self.config.postprocess.events,
+                                           Path(self.wiring.out) / "events.jsonl"),
+                                 self.wiring.run_id, Path(self.wiring.out), self.best_dir)
+        self.preview = PreviewFeed.open(self.context) if self.config.run.viewer is not None else None
         infer = self.config.infer
         self.refining = infer.refine != "off"
         self.analyzer = SweepAnalyzer(self.config.sweep.for_bundle(self.bundle.best_frame.min_score),
@@ -146,6 +151,8 @@ class PostprocessStage(Stage):
         findings = self.analyzer.add(analyzed, view, refined=result.refined, screened=scorer.screens)
         if view is not None and not self.ring.valid(frame.slot, frame.seq):
             self.analyzer.discard_image(frame.id)
+        elif view is not None and self.preview is not None and not result.refined:
+            self.preview.offer(analyzed, view)
         del view
         if result.refined:  # an older frame: the ring's marks and the stream's clock stay where they are
             self.counters["refined"] += 1
@@ -214,7 +221,7 @@ class PostprocessStage(Stage):
 
     def _publish_all(self, findings: list[Finding], trigger_ns: int | None, frame_event: dict | None,
                      decided_ns: int) -> None:
-        for finding in resolve(findings):
+        for finding in with_annotations(resolve(findings)):
             self._publish(finding, trigger_ns, decided_ns)
         if frame_event is not None:
             self.sink.emit(frame_event)
@@ -264,9 +271,14 @@ class PostprocessStage(Stage):
             name = parsed.get("command") if isinstance(parsed, dict) else None
         except (UnicodeDecodeError, json.JSONDecodeError):
             name = None
+        if name == EXAM_END:
+            self._writes.append(self.writer.submit(self.sink.end_exam))
+            self.counters[f"operator_{name}"] += 1
+            return {"ok": True, "command": name, "sweep_id": self.analyzer.tracker.sweep_id}
         if name not in OPERATOR_COMMANDS:
             self.counters["operator_rejected"] += 1
-            return {"ok": False, "error": f"expected {{\"command\": one of {list(OPERATOR_COMMANDS)}}}"}
+            commands = [*OPERATOR_COMMANDS, EXAM_END]
+            return {"ok": False, "error": f"expected {{\"command\": one of {commands}}}"}
         t = self._last_t if self._last_t is not None else time.monotonic()
         self._write(self.analyzer.command(name, t), None)
         self.counters[f"operator_{name}"] += 1
@@ -278,6 +290,7 @@ class PostprocessStage(Stage):
         self._flushed = True
         t = self._last_t if self._last_t is not None else time.monotonic()
         self._write(self.analyzer.flush(t), None)
+        self._writes.append(self.writer.submit(self.sink.finish))
         self._wait_for_writes()
 
     def _heads(self, bundle: Bundle, outputs: dict[str, np.ndarray]) -> dict:
@@ -303,7 +316,8 @@ class PostprocessStage(Stage):
 
     def describe(self) -> dict:
         control = None if self.operator is None else self.operator.getsockopt(zmq.LAST_ENDPOINT).decode()
-        return {"events": self.sink.bound, "control": control}
+        return {"events": self.sink.bound, "control": control,
+                "preview": None if self.preview is None else self.preview.bound}
 
     def stop(self) -> None:
         """Stopped before the end of stream: the open sweep still gets its final events. If they cannot be
@@ -317,5 +331,7 @@ class PostprocessStage(Stage):
         finally:
             if getattr(self, "sink", None) is not None:
                 self.sink.close()
+            if getattr(self, "preview", None) is not None:
+                self.preview.close()
             if getattr(self, "ring", None) is not None:
                 self.ring.close()

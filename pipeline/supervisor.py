@@ -34,6 +34,7 @@ from .messages import Kind, control, kind_of
 from .ring import FrameRing
 from .stage import run_stage
 from .telemetry import Telemetry, format_summary, write_summary
+from .viewer import Viewer, open_viewer
 from .wire import Message
 
 log = logging.getLogger("sweepstream")
@@ -72,6 +73,7 @@ class Supervisor:
         self.error: str | None = None
         self.summary: dict[str, Any] = {}
         self._view: EventView | None = None
+        self.viewer: Viewer | None = None
 
     # -- the run -----------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -80,6 +82,7 @@ class Supervisor:
         try:
             bundles = self._preflight()
             self._make_run_folder()
+            self.viewer = open_viewer(self.config, self.out)
         except ConfigError as exc:
             print(f"sweepstream: error: {exc}", file=sys.stderr)
             return 2
@@ -116,6 +119,8 @@ class Supervisor:
                 self.error = str(exc)
             self.t_end = self.t_end or time.monotonic()
         self._write_summary()
+        if self.viewer is not None:
+            self.viewer.finish(self.telemetry, self.config.run.viewer_linger)
         if self.error:
             print(f"sweepstream: {self.error}", file=sys.stderr)
             return 1
@@ -194,6 +199,8 @@ class Supervisor:
                 self._go(now)
                 next_health = now + cfg.health_interval
             self._show_events()
+            if self.viewer is not None:
+                self.viewer.update(self.telemetry)
             if self.stop_signal and not draining:
                 log.info("%s: draining the pipeline", self.stop_signal)
                 draining = True
@@ -221,6 +228,9 @@ class Supervisor:
             events = next((endpoint for endpoint in described if endpoint), None)
             if events:
                 self._view = EventView(self.context, events)
+        post = next((h.describe for h in self.handles.values() if h.describe.get("events")), None)
+        if self.viewer is not None and post is not None:
+            self.viewer.follow(post["events"], post.get("preview"), post.get("control"))
         self._tell_stage(self.graph.source.name, Kind.GO)
 
     def _show_events(self) -> None:
