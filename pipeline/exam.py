@@ -8,10 +8,11 @@ refinement may end after the next case has begun).
 The rule (:func:`combine`): the exam's AC is the confidence-weighted median of its sweeps' final ACs (each
 sweep's own AC is already the median over its top-k frames, and its confidence says how well they agree);
 sweeps with no valid measurement take no part, and when every confidence is 0 the sweeps count equally.
-The uncertainty is `spread_mm`, the confidence-weighted median absolute deviation of the sweeps' ACs from
-the exam's. Sweeps disagree (flag `sweeps_disagree`) when any taking part lies more than
-EXAM_DISAGREEMENT (10 %) from the exam's AC: the bound, twice the usual inter-observer variability of a
-manual AC, within which the combined AC of sweeps with optimal picks agrees with the reference.
+The uncertainty is `spread_mm`, the confidence-weighted mean absolute deviation of the sweeps' ACs from
+the exam's (0 for a single sweep). Sweeps disagree (flag `sweeps_disagree`) when any taking part lies
+more than EXAM_DISAGREEMENT (10 %) from the exam's AC: the bound, twice the usual inter-observer
+variability of a manual AC, within which the combined AC of sweeps with optimal picks agrees with the
+reference.
 The GA is Hadlock's (1984) from the combined AC.
 
 :class:`ExamTracker` is pure (events in, summaries out); :class:`ExamRecorder` wraps the event sink in
@@ -93,7 +94,7 @@ def combine(sweeps: Sequence[SweepAC]) -> Combined:
         weights = [1.0] * len(measured)
     ac = weighted_median(values, weights)
     deviations = [abs(v - ac) for v in values]
-    spread = weighted_median(deviations, weights)
+    spread = float(np.average(deviations, weights=weights))
     disagreement = max(deviations) / ac if ac > 0 else math.inf
     flags = []
     if len(measured) == 1:

@@ -4,8 +4,9 @@ postprocess's preview PUB in, the control REP for the buttons, so it never sits 
 
 WebSocket messages to the page: JSON text (`state` on connect, then `score`, `sweep`, `best`, `card`,
 `exam`, `health`) and binary previews: a 4-byte big-endian header length, the JSON header (frame id, capture
-time, score, mask outline), then the JPEG. Each page has one pending preview slot, replaced by a newer one
-while a send is in flight: a slow page sees fewer frames, never older ones.
+time, score, mask outline), then the JPEG. A page acknowledges each preview it has drawn (text `ack`) and
+is sent no other until then; meanwhile its one pending slot is replaced by each newer preview, so a slow
+page sees fewer frames, never older ones, and no socket buffer fills with pictures.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class _Page:
         self.socket = socket
         self.messages: deque[str] = deque()
         self.preview: bytes | None = None
+        self.drawing = False  # a preview was sent and the page has not acknowledged it yet
         self.wake = asyncio.Event()
 
     def push(self, message: str) -> bool:
@@ -60,14 +62,18 @@ class _Page:
         self.preview = payload
         self.wake.set()
 
+    def drawn(self) -> None:
+        self.drawing = False
+        self.wake.set()
+
     async def pump(self) -> None:
         while not self.socket.closed:
             await self.wake.wait()
             self.wake.clear()
             while self.messages:
                 await self.socket.send_str(self.messages.popleft())
-            if self.preview is not None:
-                payload, self.preview = self.preview, None
+            if self.preview is not None and not self.drawing:
+                payload, self.preview, self.drawing = self.preview, None, True
                 await self.socket.send_bytes(payload)
 
 
@@ -213,9 +219,11 @@ class ViewerServer:
         self.pages.add(page)
         pump = asyncio.ensure_future(page.pump())
         try:
-            async for message in socket:  # the page sends nothing; this waits for it to go
+            async for message in socket:  # the page sends only its acknowledgements
                 if message.type == WSMsgType.ERROR:
                     break
+                if message.type == WSMsgType.TEXT and message.data == "ack":
+                    page.drawn()
         finally:
             self.pages.discard(page)
             pump.cancel()

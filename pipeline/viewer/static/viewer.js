@@ -4,7 +4,8 @@
 const token = new URLSearchParams(location.search).get("token");
 const withToken = (url) => token ? `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}` : url;
 const $ = (id) => document.getElementById(id);
-const stats = window.viewerStats = { previews: 0, latencies: [], messages: 0 };
+// latencies: capture -> drawn on this page; transport: the server's send -> drawn (ms, last 300 each)
+const stats = window.viewerStats = { previews: 0, latencies: [], transport: [], messages: 0 };
 const view = { sweep: null, curve: [], best: null };
 
 function fmt(value, digits = 1) { return value === null || value === undefined ? "-" : Number(value).toFixed(digits); }
@@ -135,7 +136,7 @@ function onMessage(message) {
   }
 }
 
-async function onPreview(buffer) {
+async function onPreview(buffer, socket) {
   const length = new DataView(buffer).getUint32(0);
   const header = JSON.parse(new TextDecoder().decode(new Uint8Array(buffer, 4, length)));
   const bitmap = await createImageBitmap(new Blob([new Uint8Array(buffer, 4 + length)], { type: "image/jpeg" }));
@@ -148,10 +149,12 @@ async function onPreview(buffer) {
     line.forEach(([px, py], i) => i ? g.lineTo(px, py) : g.moveTo(px, py));
     g.closePath(); g.stroke();
   }
-  const latency = Date.now() - header.t_capture * 1000;
+  socket.send("ack");
+  const now = Date.now();
   stats.previews += 1;
-  stats.latencies.push(latency);
-  if (stats.latencies.length > 300) stats.latencies.shift();
+  stats.latencies.push(now - header.t_capture * 1000);
+  stats.transport.push(now - header.t_sent * 1000);
+  if (stats.latencies.length > 300) { stats.latencies.shift(); stats.transport.shift(); }
   const sorted = [...stats.latencies].sort((a, b) => a - b);
   $("preview-count").textContent = stats.previews;
   $("preview-frame").textContent = header.frame_id;
@@ -167,7 +170,7 @@ function connect() {
     $("connection").textContent = "disconnected"; $("connection").className = "off";
     setTimeout(connect, 1000);
   };
-  socket.onmessage = (e) => typeof e.data === "string" ? onMessage(JSON.parse(e.data)) : onPreview(e.data);
+  socket.onmessage = (e) => typeof e.data === "string" ? onMessage(JSON.parse(e.data)) : onPreview(e.data, socket);
 }
 
 async function command(name) {
