@@ -27,6 +27,7 @@ from pipeline.viewer.browser import PipelineRun, find_chromium, open_page, previ
 SEED, CASES, FRAMES = 7, 2, 70
 ARTIFACTS = Path(os.environ.get("SWEEPSTREAM_ARTIFACTS", REPO / "runs" / "test-artifacts"))
 CHROMIUM = find_chromium()
+pytestmark = pytest.mark.timeout(600)  # one pipeline run with a browser serves the module
 needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium (.ci/run installs it: "
                                    "apt-get install chromium)")
 
@@ -63,6 +64,12 @@ def viewed_run(tmp_path_factory: pytest.TempPathFactory):
             _wait(page, "[...document.querySelectorAll('.card img.annotated')]"
                         ".some(img => img.complete && img.naturalWidth > 0)", timeout_s=120)
             seen["card"] = page.locator(".card").first.inner_text()
+            late = page.context.browser.new_page()  # a page that connects late is sent the current state
+            late.goto(url)
+            _wait(late, "document.querySelectorAll('.card img.annotated').length >= 1"
+                        " && Number(document.getElementById('curve-points').textContent) > 0", timeout_s=15)
+            seen["late_cards"] = late.locator(".card img.annotated").count()
+            late.close()
             # Operator buttons in the last sweeps of the second case, so the first case keeps its sweeps.
             _wait(page, "Number((document.getElementById('sweep-state').textContent.match(/sweep (\\d+)/)"
                         " || [0, -1])[1]) >= 10", timeout_s=120)
@@ -76,7 +83,7 @@ def viewed_run(tmp_path_factory: pytest.TempPathFactory):
             seen["started"] = _text(page, "#sweep-state")
             run.wait_for_line(re.compile(r"^viewer: serving the finished run"), timeout_s=180)
             _wait(page, "document.querySelectorAll('.exam').length >= 2", timeout_s=30)
-            seen["exams"] = page.locator(".exam").count()
+            seen["exams"] = [page.locator(".exam").nth(i).inner_text() for i in range(2)]
             seen["preview_latency_ms"] = preview_latency(page)
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "viewer.png"), full_page=True)
@@ -99,6 +106,9 @@ def test_the_page_shows_frames_scores_best_frame_cards_and_health(viewed_run) ->
     assert fps_in > 0
     assert re.match(r"\d+ / \d+ / \d+", seen["health"]["frames"])
     assert "AC" in seen["card"] and "GA" in seen["card"]
+    assert seen["late_cards"] >= 1
+    for exam in seen["exams"]:
+        assert re.search(r"AC \d+\.\d mm .*GA \d+w \dd from [1-6] of 6 sweeps", exam), exam
     assert seen["preview_latency_ms"]["count"] >= 3
     assert (ARTIFACTS / "viewer.png").stat().st_size > 10_000
     assert seen["exit_code"] == 0, "\n".join(seen["stderr_tail"])
@@ -245,3 +255,20 @@ def test_a_page_that_connects_late_is_sent_the_current_state() -> None:
     (card,) = snapshot["cards"]
     assert card["annotated_png"].endswith("-annotated.png") and card["biometry"]["ac_mm"] == 250.0
     assert snapshot["health"]["fps_in"] == 30.0
+
+
+def test_a_bad_viewer_address_is_one_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    from pipeline.config import ConfigError, load_config
+    from pipeline.viewer import open_viewer
+
+    with pytest.raises(ConfigError, match=r"run\.viewer: 'localhost' is not HOST:PORT"):
+        load_config(overrides={"run.viewer": "localhost"})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = load_config(overrides={"run.viewer": f"127.0.0.1:{taken.getsockname()[1]}"})
+        with pytest.raises(ConfigError, match=r"run\.viewer: cannot serve on 127\.0\.0\.1:\d+"):
+            open_viewer(config, tmp_path)
+    assert open_viewer(load_config(overrides={"run.viewer": "none"}), tmp_path) is None
