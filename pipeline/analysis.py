@@ -28,6 +28,7 @@ import numpy as np
 from .acouslic import convex_fov_mask
 from .biometry import Measurement, measure, robust_ac
 from .letterbox import Geometry, to_frame
+from .recovery import Recovered
 from .refine import SweepScores, plan
 from .sweep import BestFrameEvent, FrameInfo, SweepConfig, SweepEvent, SweepTracker
 
@@ -113,6 +114,20 @@ class SweepAnalyzer:
                 scores.add(frame_id, frame.info.score, frame.t_capture_ns)
                 self._keep(frame, image, sweep_id)
         return self._findings(events, frame)
+
+    def resume(self, recovered: Recovered) -> list[Finding]:
+        """A restarted postprocess: the tracker's state from the journal, and the open sweeps' published
+        scores for refinement planning (see pipeline.recovery)."""
+        findings = self._findings(self.tracker.resume(recovered), None)
+        for open_sweep in recovered.open:
+            scores = self.scores.setdefault(open_sweep.sweep_id, SweepScores(open_sweep.first.frame_id,
+                                                                              open_sweep.first.frame_id))
+            for frame_id, (score, captured_ns, refined) in open_sweep.scores.items():
+                if self.tracker.screened and not refined:  # the screen model's, in a cascade
+                    scores.add_screened(frame_id, score, captured_ns)
+                else:
+                    scores.add(frame_id, score, captured_ns)
+        return findings
 
     # -- lookback refinement ------------------------------------------------------------------------------
     def refine_plan(self, held_since_ns: int, limit: int) -> list[int]:

@@ -29,7 +29,7 @@ from .analysis import SweepAnalyzer, resolve
 from .capture import Pacer
 from .config import ENGINE_CHOICES, REFERENCE_BUNDLE, Config, ConfigError, load_config
 from .decisions import decisions, has_ground_truth
-from .events import Journal, make_event
+from .events import Journal, make_event, read_journal
 from .letterbox import Letterbox
 from .messages import FrameRef, Result
 from .metrics import LatencyHistogram
@@ -111,10 +111,6 @@ def scenario_config(args: argparse.Namespace, scenario: dict, out: Path) -> Conf
         raise SystemExit(f"bench_latency: {exc}") from None
 
 
-def read_journal(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def run_pipeline(config: Config, scenario: dict) -> tuple[dict, list[dict]]:
     out = Path(config.run.out)
     if Supervisor(config).run() != 0:
@@ -136,7 +132,7 @@ def run_baseline(config: Config, workdir: Path) -> tuple[dict, list[dict]]:
     source = open_source(config.source.uri, config.source.pixel_format)
     pacer = None if config.source.flood or source.live else Pacer(source.fps)
     prepare = Letterbox.for_bundle(bundle.input, config.preprocess.roi, config.preprocess.interpolation)
-    journal = Journal(workdir / "baseline.jsonl")
+    journal = Journal(workdir / "baseline.jsonl", config.postprocess.fsync)
     analyzer = SweepAnalyzer(config.sweep.for_bundle(bundle.best_frame.min_score))
     mask_output = next((n for n, spec in bundle.outputs.items() if spec.kind == "mask"), None)
     ring_slot = None

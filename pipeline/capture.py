@@ -82,6 +82,22 @@ class CaptureStage(Stage):
         self._next_id = 0
         self._running = False
         self._in_flight: dict[int, int] = {}  # ring slot -> id of the frame sent from it
+        if self.life:
+            self._resume()
+
+    def _resume(self) -> None:
+        """A restarted capture: frame ids go on after the newest frame in the ring, and a recording goes on
+        from the frame after it (read past; a live source simply delivers its newest)."""
+        self._next_id = self.ring.resume()
+        if self.source.live:
+            return
+        for _ in range(self._next_id):
+            if self.source.read() is None:
+                if not self.config.source.loop:
+                    break
+                self.source.rewind()
+                self.source.read()
+        log.info("capture: restarted; going on from frame %d", self._next_id)
 
     def go(self) -> None:
         self._running = True
@@ -109,7 +125,7 @@ class CaptureStage(Stage):
 
     def _limit_reached(self) -> bool:
         cfg = self.config.source
-        return (cfg.max_frames is not None and self.counters["read"] >= cfg.max_frames) or (
+        return (cfg.max_frames is not None and self._next_id >= cfg.max_frames) or (
             cfg.duration is not None and time.monotonic() - self._started >= cfg.duration)
 
     def _publish(self, frame: SourceFrame, t_capture: int) -> None:

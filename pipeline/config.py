@@ -148,6 +148,10 @@ class PostprocessConfig:
         "biometry is reported in pixels and flagged uncalibrated", min=1e-6, max=100)
     best_frames: bool = option(True, "save each sweep's final best frame and its mask as full-resolution "
                                "PNGs in the run folder (best/)")
+    fsync: Literal["event", "interval", "off"] = option(
+        "event", "when the journal reaches the disk: every event is written through to the kernel at once "
+        "(a crash loses nothing); event: fsync'd per event (a power cut loses nothing either); interval: "
+        "at most 1 s of events at risk; off: whenever the kernel writes it")
 
 
 @dataclass
@@ -161,7 +165,16 @@ class RunConfig:
     stop_timeout: float = option(2.0, "seconds the stages get to drain and exit on shutdown", min=0.1, max=60)
     start_timeout: float = option(120.0, "seconds a stage may take to start (engine load, warm-up)",
                                   min=1, max=3600)
-    stall_timeout: float = option(10.0, "a started stage silent this long is declared stuck", min=1, max=3600)
+    stall_timeout: float = option(
+        10.0, "a started stage silent this long is declared stuck and restarted (engine load and warm-up "
+        "count against start_timeout instead)", min=1, max=3600)
+    max_restarts: int = option(
+        5, "restarts a stage may have within restart_window_s; one more failure stops the run, naming the "
+        "stage (0: any failure stops the run)", min=0, max=1000)
+    restart_window_s: float = option(60.0, "the window max_restarts counts over", min=1, max=86400)
+    restart_backoff_s: float = option(
+        0.25, "wait before the first restart of a stage; doubled for each further restart in the window, "
+        "at most 8 s", min=0, max=60)
     summary_skip: int = option(10, "frames skipped at each end of the run in the latency summary",
                                min=0, max=100000)
     viewer: str | None = option(

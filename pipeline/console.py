@@ -55,6 +55,7 @@ class EventView:
     """Subscribes to the pipeline's own event socket; never blocks the supervisor."""
 
     def __init__(self, context: zmq.Context, endpoint: str) -> None:
+        self.endpoint = endpoint
         self._sub = context.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         for topic in SHOWN:

@@ -187,6 +187,7 @@ def summary_fields(number: int, case: Any, reason: str, sweeps: Sequence[SweepAC
 
 class _Sink(Protocol):
     bound: str
+    not_recording: str | None
 
     def emit(self, event: dict) -> None: ...
     def close(self) -> None: ...
@@ -204,6 +205,21 @@ class ExamRecorder:
     def emit(self, event: dict) -> None:
         self.sink.emit(event)
         self._publish(self.tracker.observe(event))
+
+    @property
+    def not_recording(self) -> str | None:
+        return self.sink.not_recording
+
+    def replay(self, journal: list[dict[str, Any]]) -> None:
+        """A restarted postprocess: the exams its last life left open are taken back from the journal, and
+        a summary that life completed but did not get to publish is published now."""
+        pending: dict[int, dict[str, Any]] = {}
+        for event in journal:
+            if event.get("type") == "exam_summary":
+                pending.pop(event.get("exam"), None)
+            elif event.get("type") in ("sweep_started", "best_frame", "biometry", "sweep_ended"):
+                pending.update((s["exam"], s) for s in self.tracker.observe(event))
+        self._publish(list(pending.values()))
 
     def end_exam(self) -> None:
         """The operator's `exam_end`: the exam's summary follows its open sweeps' ends."""

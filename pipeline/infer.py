@@ -14,6 +14,7 @@ from .stage import Stage
 from .steps import infer_batch, load_engine
 
 log = logging.getLogger("sweepstream")
+ASK_AGAIN_S = 0.25  # a request for work unanswered this long is sent again
 
 
 class InferStage(Stage):
@@ -48,8 +49,11 @@ class InferStage(Stage):
     def _ask(self) -> None:
         if not wire.send(self.work, control(Kind.WANT, {"n": self.engine.max_batch}), block=True):
             raise RuntimeError("infer: preprocess did not take a request for work")
+        self._asked_at = time.monotonic()
 
     def step(self, ready: bool) -> None:
+        if self._asking and time.monotonic() - self._asked_at > ASK_AGAIN_S:
+            self._ask()  # a restarted preprocess never heard the last request (asking again is harmless)
         if not self._asking:
             wait = self._next_ask - time.monotonic()
             if wait > 0:

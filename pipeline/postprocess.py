@@ -7,8 +7,10 @@ uses the PUB socket and the journal; the frame path only hands it work."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,11 +27,12 @@ from engines.bundle import Bundle
 from . import wire
 from .analysis import Finding, SweepAnalyzer, resolve
 from .annotate import with_annotations
-from .events import EventSink, make_event
+from .events import EventSink, make_event, read_journal
 from .exam import EXAM_END, ExamRecorder
 from .messages import Kind, RefineRequest, Result, kind_of
 from .metrics import SEGMENTS, segment_row
 from .preview import PreviewFeed
+from .recovery import Recovered, recover
 from .ring import FrameRing
 from .stage import MAX_TAKE, Stage
 from .steps import analyzed_frame, frame_score
@@ -80,6 +83,11 @@ class PostprocessStage(Stage):
         if list(hop.outputs) != expected:
             self.reject(f"frame {hop.frame.id}: outputs {list(hop.outputs)}, expected {expected}")
             return False
+        broken = [name for name, value in hop.outputs.items()
+                  if value.dtype.kind == "f" and not np.isfinite(value).all()]
+        if broken:  # a NaN score would compare false with everything and silently win or lose selection
+            self.reject(f"frame {hop.frame.id}: non-finite values in {', '.join(broken)}")
+            return False
         return True
 
     def start(self) -> None:
@@ -102,10 +110,17 @@ class PostprocessStage(Stage):
                                    f"{exc}") from None
             self.inputs.append(self.operator)
             self._sockets.append(self.operator)
+        journal = Path(self.wiring.out) / "events.jsonl"
+        history = read_journal(journal) if self.life and journal.exists() else []
+        recovered = recover(history) if self.life and journal.exists() else Recovered()
+        self._published = recovered.published  # frames already in the journal: never published twice
+        self._stream_from = recovered.last_frame_id  # newest-path frames up to here were the last life's
         self.best_dir = Path(self.wiring.out) / BEST_DIR if self.config.postprocess.best_frames else None
-        self.sink = ExamRecorder(EventSink(self.context, self.config.postprocess.events,
-                                           Path(self.wiring.out) / "events.jsonl"),
+        self.sink = ExamRecorder(EventSink(self.context, self.config.postprocess.events, journal,
+                                           fsync=self.config.postprocess.fsync),
                                  self.wiring.run_id, Path(self.wiring.out), self.best_dir)
+        self.sink.replay(history)
+        self._unsaved: str | None = None  # why best-frame images cannot be written, once they cannot
         self.preview = PreviewFeed.open(self.context) if self.config.run.viewer is not None else None
         infer = self.config.infer
         self.refining = infer.refine != "off"
@@ -121,6 +136,10 @@ class PostprocessStage(Stage):
             self.poll_ms = REFINE_POLL_MS
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess-events")
         self._writes: deque[Future] = deque()
+        if self.life:
+            self._write(self.analyzer.resume(recovered), None)
+            log.info("postprocess: restarted; took back %d open sweep(s) and %d published frames from the "
+                     "journal", len(recovered.open), len(recovered.published))
         self._last_t: float | None = None
         self._flushed = False
         self._rows: list[list[float]] = []
@@ -145,6 +164,8 @@ class PostprocessStage(Stage):
     def _score(self, result: Result, scorer: _Scorer) -> None:
         seen = time.monotonic_ns()
         frame = result.frame
+        if not result.refined and frame.id <= self._stream_from:
+            return  # the last life of this stage already saw it (a restart): its events are in the journal
         score = frame_score(scorer.bundle, result.outputs)
         analyzed = analyzed_frame(result, score, scorer.mask_output, self.config.postprocess.pixel_spacing_mm)
         view = self.ring.borrow(frame.slot, frame.seq) if 0 <= frame.slot < self.ring.slots else None
@@ -164,7 +185,7 @@ class PostprocessStage(Stage):
             sweep_id = self.analyzer.tracker.sweep_id
         self.counters["best_image_missed"] = self.analyzer.images_missed
         frame_event = None
-        if self.config.postprocess.frame_events:
+        if self.config.postprocess.frame_events and frame.id not in self._published:
             cap = frame.stamps["cap"]
             frame_event = make_event(
                 "frame", self.wiring.run_id, sweep_id=sweep_id, frame_id=frame.id,
@@ -229,13 +250,17 @@ class PostprocessStage(Stage):
     def _publish(self, finding: Finding, trigger_ns: int | None, decided_ns: int) -> None:
         fields = dict(finding.fields)
         if self.best_dir is not None and finding.images:
-            self.best_dir.mkdir(exist_ok=True)
+            try:
+                self.best_dir.mkdir(exist_ok=True)
+            except OSError as exc:
+                self._not_saving(self.best_dir, exc)
             stem = f"sweep-{finding.sweep_id:04d}-frame-{finding.frame_id:06d}"
             for name, image in finding.images.items():
                 path = self.best_dir / f"{stem}-{name}.png"
-                # Fastest zlib level: a 562 x 744 frame in a few ms instead of tens, at 10-20 % more bytes.
-                if not cv2.imwrite(str(path), image, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
-                    log.warning("postprocess: could not write %s", path)
+                try:
+                    _write_png(path, image)
+                except OSError as exc:
+                    self._not_saving(path, exc)
                     continue
                 fields[f"{name}_png"] = f"{BEST_DIR}/{path.name}"
         now = time.monotonic_ns()
@@ -252,8 +277,21 @@ class PostprocessStage(Stage):
             super().on_control(msg)
             return
         event = make_event("health", self.wiring.run_id, sweep_id=self.analyzer.tracker.sweep_id,
-                           **msg.header)
+                           **msg.header, **self._recording())
         self._writes.append(self.writer.submit(self.sink.emit, event))
+
+    def _not_saving(self, path: Path, exc: OSError) -> None:
+        """A best-frame image that cannot be written: said once in the log, then in every health event;
+        the stream and the events go on."""
+        if self._unsaved is None:
+            self._unsaved = f"best frames {path}: {exc.strerror or exc}"
+            log.error("postprocess: not saving best-frame images: %s (events are still published)",
+                      self._unsaved)
+
+    def _recording(self) -> dict[str, Any]:
+        """What health says about recording: whether the journal and the best-frame images are written."""
+        problems = [p for p in (self.sink.not_recording, self._unsaved) if p]
+        return {"recording": not problems, **({"not_recording": "; ".join(problems)} if problems else {})}
 
     def _serve_operator(self) -> None:
         while self.operator is not None:
@@ -335,3 +373,20 @@ class PostprocessStage(Stage):
                 self.preview.close()
             if getattr(self, "ring", None) is not None:
                 self.ring.close()
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    """Atomically (a temporary file renamed into place): a crash never leaves a torn PNG under the name
+    an event points to. Fastest zlib level: a 562 x 744 frame in a few ms instead of tens, at 10-20 %
+    more bytes."""
+    ok, data = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise OSError("the image could not be encoded as PNG")
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_bytes(data.tobytes())
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise

@@ -99,7 +99,10 @@ class PreprocessStage(Stage):
                 and not self._refining_after_end()):
             for outlet in self.outlets:
                 for worker in outlet.known:
-                    self.send_eos(outlet.socket, to=worker)
+                    try:
+                        self.send_eos(outlet.socket, to=worker)
+                    except zmq.ZMQError:  # a worker that was restarted: its old self is gone
+                        log.info("preprocess: infer worker %r is gone at the end of stream", worker)
             self.finished = True
 
     def _keep(self) -> int:

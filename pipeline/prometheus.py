@@ -3,9 +3,9 @@
 The supervisor takes a :func:`snapshot` of its telemetry (frame accounting per boundary, each process's
 counters, the run's latency histograms) on its own thread; :class:`RunCollector` renders the latest one at
 scrape time on the server's thread, so a scrape never reads a structure the supervisor is changing, and the
-counters at the end of a run are exactly those of summary.json. Restarts and reconnects are read from the
-health events (fields `restarts`, `reconnects`) and stage counters of those names when a run has them; the
-sweeps, best frames and exams from the events the viewer follows.
+counters at the end of a run are exactly those of summary.json (restarts per stage too). Reconnects are
+the stage counters of that name, or a health event's `reconnects`, when a run has them; the sweeps, best
+frames and exams come from the events the viewer follows.
 """
 
 from __future__ import annotations
@@ -50,12 +50,15 @@ class Snapshot:
     accounting: dict[str, Any]
     counters: dict[str, dict[str, int]]  # process -> counters
     latency: dict[str, Histogram]  # segment -> histogram (the run's: what summary.json's latency_ms says)
+    restarts: dict[str, int]  # stage -> its restarts so far (every stage of the graph)
 
 
 def snapshot(telemetry: Telemetry) -> Snapshot:
     """Copies of what the metrics need, taken on the supervisor's thread."""
+    restarts = telemetry.restart_counts()
     return Snapshot(telemetry.accounting(), copy.deepcopy(telemetry.counters),
-                    {name: prometheus_buckets(hist) for name, hist in telemetry.book.run.items()})
+                    {name: prometheus_buckets(hist) for name, hist in telemetry.book.run.items()},
+                    {spec.name: restarts.get(spec.name, 0) for spec in telemetry.graph.stages})
 
 
 @dataclass
@@ -75,8 +78,8 @@ class EventCounts:
             self.best_frames += 1
         elif kind == "exam_summary":
             self.exams += 1
-        elif kind == "health":
-            self.health = dict(event)
+        elif kind == "health":  # a restart's own health event carries only `restart`: merged, not kept
+            self.health.update(event)
 
 
 def _total(value: Any) -> float:
@@ -99,11 +102,14 @@ class RunCollector(Collector):
             yield from self._frames(shot)
             yield from self._latency(shot)
             yield from self._stage_counters(shot)
-        for name, what in (("restarts", "stage restarts"), ("reconnects", "source reconnects")):
-            counted = _total(self.events.health.get(name)) + sum(
-                c.get(name, 0) for c in (shot.counters.values() if shot else ()))
-            yield CounterMetricFamily(f"{PREFIX}_{name}", f"{what} (0 until the pipeline reports any)",
-                                      value=counted)
+            restarts = CounterMetricFamily(f"{PREFIX}_restarts", "stage process restarts (summary.json "
+                                           "restarts.by_stage)", labels=["stage"])
+            for stage, count in shot.restarts.items():
+                restarts.add_metric([stage], count)
+            yield restarts
+        counted = sum(c.get("reconnects", 0) for c in (shot.counters.values() if shot else ()))
+        yield CounterMetricFamily(f"{PREFIX}_reconnects", "source reconnects (0 until a source reports any)",
+                                  value=counted or _total(self.events.health.get("reconnects")))
         for name, value, what in (("sweeps", self.events.sweeps, "sweeps started"),
                                   ("best_frames", self.events.best_frames, "final best frames picked"),
                                   ("exams", self.events.exams, "exam summaries")):

@@ -50,13 +50,14 @@ class Stage:
     stamp_out: ClassVar[str] = ""  # ... and when it is handed on
 
     def __init__(self, name: str, instance: str, config: Config, wiring: Wiring,
-                 bundles: dict[str, Bundle], context: zmq.Context) -> None:
+                 bundles: dict[str, Bundle], context: zmq.Context, life: int = 0) -> None:
         self.name = name  # the stage in the graph
         self.instance = instance  # this process: the name, or name-i for a replicated stage
         self.config = config
         self.wiring = wiring
         self.bundles = bundles  # "main", and "screen" in a screening cascade
         self.bundle = bundles[wiring.graph.stage(name).bundle]  # the one this stage's own model runs
+        self.life = life  # 0 for the first process; a restarted stage picks up where the last one left
         self.context = context
         self.counters = StageCounters(name, wiring.graph.counters_of(name))
         self.finished = False
@@ -238,8 +239,8 @@ def stage_class(role: str) -> type[Stage]:
     return getattr(importlib.import_module(module), name)
 
 
-def run_stage(name: str, instance: str, config: Config, wiring: Wiring, bundles: dict[str, Bundle]
-              ) -> None:
+def run_stage(name: str, instance: str, config: Config, wiring: Wiring, bundles: dict[str, Bundle],
+              life: int = 0) -> None:
     """Process entry point (spawned by the supervisor)."""
     _configure_child(instance)
     context = zmq.Context()
@@ -248,7 +249,8 @@ def run_stage(name: str, instance: str, config: Config, wiring: Wiring, bundles:
     control_socket.setsockopt(zmq.LINGER, int(config.run.stop_timeout * 1000))
     control_socket.setsockopt(zmq.SNDTIMEO, CONTROL_SEND_MS)  # a DEALER whose peer died would block forever
     control_socket.connect(wiring.control)
-    stage = stage_class(wiring.graph.stage(name).role)(name, instance, config, wiring, bundles, context)
+    stage = stage_class(wiring.graph.stage(name).role)(name, instance, config, wiring, bundles, context,
+                                                                 life)
     code = 0
     try:
         _check_supervisor(wiring)

@@ -23,9 +23,12 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .options import option
+
+if TYPE_CHECKING:
+    from .recovery import Recovered
 
 NO_GOOD_FRAME = "no good frame"
 DEFAULT_MIN_SCORE = 0.5  # for a probability-like score whose bundle declares no operating point
@@ -197,6 +200,11 @@ class BestFrameSelector:
         self._check_open()
         scored = ScoredFrame(self.sweep_id, frame.frame_id, frame.t, float(frame.score), float(frame.score))
         return self._consider(scored, (scored,))
+
+    def restore(self, best: ScoredFrame) -> None:
+        """A selector taken back from the journal (pipeline.recovery): its best so far, already reported."""
+        self._best = self._live = best
+        self._top[best.frame_id] = (best.score, 0, best)
 
     def _check_open(self) -> None:
         if self._finished:
@@ -395,6 +403,29 @@ class SweepTracker:
         live = None if self.screened else sweep.selector.update(frame)
         if live is not None:
             events.append(live)
+        return events
+
+    def resume(self, recovered: Recovered) -> list[Event]:
+        """Take back a lost tracker's state from the journal: the sweep numbering, the case's best, and its
+        open sweeps. The newest goes on as the open sweep; older ones (waiting for their finals when the
+        last process died) are finished now, as they would have been."""
+        self._next_id = max(self._next_id, recovered.next_sweep_id)
+        if recovered.session_best is not None or recovered.session_case is not None:
+            self.session = SessionBest(recovered.session_case)
+            self.session.best = recovered.session_best
+        events: list[Event] = []
+        for open_sweep in recovered.open:
+            if self._sweep is not None:
+                events += self._end(self._sweep.last.t, "restart")
+            case = open_sweep.first.source.get("case")
+            if self.session is None or self.session.case != case:
+                self.session = SessionBest(case)
+            selector = BestFrameSelector(open_sweep.sweep_id, self.config)
+            if open_sweep.best is not None:
+                selector.restore(open_sweep.best)
+            self._sweep = _Sweep(open_sweep.sweep_id, _source_key(open_sweep.last), selector,
+                                 open_sweep.first, open_sweep.last, open_sweep.count)
+            self._last_t = open_sweep.last.t
         return events
 
     def selector_of(self, sweep_id: int) -> BestFrameSelector | None:

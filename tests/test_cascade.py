@@ -104,7 +104,6 @@ def test_a_cascade_run_picks_with_the_main_model_where_the_screen_pointed(tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     assert "screen" in summary["graph"]["stages"]
     assert summary["frames"]["balanced"] and summary["frames"]["scored"] == len(screened)
-    assert len(screened) > 2 * len(main)  # the screen keeps up with the video; the main model does not
     finals = [e for e in read_journal(out, "best_frame") if e["final"]]
     assert len(finals) == 6
     for final in (f for f in finals if f["frame_id"] is not None):

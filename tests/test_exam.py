@@ -127,3 +127,34 @@ def test_with_annotations_draws_a_final_with_the_biometry_that_follows_it() -> N
 def test_ga_is_written_in_weeks_and_days() -> None:
     assert ga_text(28.43) == "GA 28w 3d"
     assert ga_text(None) == "GA -"
+
+
+def test_a_restarted_postprocess_takes_its_open_exams_back_from_the_journal(tmp_path) -> None:
+    import zmq
+
+    from pipeline.events import EventSink, read_journal
+    from pipeline.exam import ExamRecorder
+
+    path = tmp_path / "events.jsonl"
+    context = zmq.Context()
+
+    def life() -> ExamRecorder:
+        return ExamRecorder(EventSink(context, "tcp://127.0.0.1:*", path), "run", tmp_path, None)
+    try:
+        first = life()
+        for event in [*_events(0, "A", 250.0), *_events(1, "B", 260.0)[:2]]:
+            first.emit(event)
+        first.close()  # the process dies here, with case B's sweep open
+        journal = read_journal(path)
+        assert [e["exam"] for e in journal if e["type"] == "exam_summary"] == [1]
+        second = life()
+        second.replay(journal)
+        assert read_journal(path) == journal  # nothing published twice
+        for event in _events(1, "B", 260.0)[2:]:
+            second.emit(event)
+        second.finish()
+        second.close()
+    finally:
+        context.term()
+    summaries = [e for e in read_journal(path) if e["type"] == "exam_summary"]
+    assert [(e["exam"], e["case"], e["ac_mm"]) for e in summaries] == [(1, "A", 250.0), (2, "B", 260.0)]

@@ -149,7 +149,10 @@ def test_metrics_parse_as_prometheus_text_and_agree_with_the_summary(viewed_run)
     assert samples[("sweepstream_sweeps_total", ())] == sum(e["type"] == "sweep_started" for e in events)
     finals = [e for e in events if e["type"] == "best_frame" and e["final"] and e["frame_id"] is not None]
     assert samples[("sweepstream_best_frames_total", ())] == len(finals)
-    assert samples[("sweepstream_restarts_total", ())] == 0
+    restarts = {dict(labels)["stage"]: value for (name, labels), value in samples.items()
+                if name == "sweepstream_restarts_total"}
+    assert set(restarts) >= {"capture", "preprocess", "infer", "postprocess"}
+    assert sum(restarts.values()) == summary["restarts"]["count"]
 
 
 @needs_browser

@@ -100,7 +100,11 @@ class ViewerServer:
 
     # -- following the pipeline ------------------------------------------------------------------------
     def follow(self, events: str, preview: str | None, control: str | None) -> None:
-        """Subscribe to the pipeline's events (and previews); called on the loop once they are bound."""
+        """Subscribe to the pipeline's events (and previews); called on the loop once they are bound, and
+        again when a restarted postprocess has bound them anew (a `*` port moves)."""
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
         self.control = control
         self._tasks.append(asyncio.ensure_future(self._follow_events(events)))
         if preview is not None:

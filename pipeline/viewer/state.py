@@ -70,7 +70,8 @@ class ViewerState:
             self.exams.append(exam)
             return {"type": "exam", "exam": exam}
         if kind == "health":
-            self.health = {k: event[k] for k in _HEALTH_FIELDS if k in event}
+            # A restart's own health event carries only `restart`: merged into the last figures.
+            self.health = {**(self.health or {}), **{k: event[k] for k in _HEALTH_FIELDS if k in event}}
             return {"type": "health", "health": self.health}
         return None
 
