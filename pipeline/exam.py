@@ -37,7 +37,6 @@ from .events import make_event
 
 log = logging.getLogger("sweepstream")
 EXAM_DISAGREEMENT = 0.10  # relative distance from the exam's AC beyond which a sweep disagrees
-EXAM_END = "exam_end"  # the operator's command that ends the exam
 RULE = "confidence_weighted_median"
 
 

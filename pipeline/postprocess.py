@@ -28,7 +28,7 @@ from . import wire
 from .analysis import Finding, SweepAnalyzer, resolve
 from .annotate import with_annotations
 from .events import EventSink, make_event, read_journal
-from .exam import EXAM_END, ExamRecorder
+from .exam import ExamRecorder
 from .messages import Kind, RefineRequest, Result, kind_of
 from .metrics import SEGMENTS, segment_row
 from .preview import PreviewFeed
@@ -36,7 +36,7 @@ from .recovery import Recovered, recover
 from .ring import FrameRing
 from .stage import MAX_TAKE, Stage
 from .steps import analyzed_frame, frame_score
-from .sweep import OPERATOR_COMMANDS
+from .sweep import EXAM_END, OPERATOR_COMMANDS
 from .wire import Message
 
 log = logging.getLogger("sweepstream")

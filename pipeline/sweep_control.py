@@ -15,8 +15,7 @@ import sys
 
 import zmq
 
-from pipeline.exam import EXAM_END
-from pipeline.sweep import OPERATOR_COMMANDS
+from pipeline.sweep import EXAM_END, OPERATOR_COMMANDS
 
 
 def send_command(endpoint: str, command: str, timeout_s: float) -> dict:
