@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from .browser import PipelineRun, find_chromium, open_page, preview_latency
 
 FINISHED = re.compile(r"^viewer: serving the finished run")
@@ -70,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     extra = [item for pair in (("--set", s) for s in args.set) for item in pair]
     results = {}
-    for name in ("viewer_off", "viewer_on"):
+    for name in tqdm(("viewer_off", "viewer_on"), desc="bench_viewer", unit="run"):
         out = Path(args.out) / f"{stamp}-{name}"
-        print(f"bench_viewer: {name} -> {out}", file=sys.stderr, flush=True)
+        tqdm.write(f"bench_viewer: {name} -> {out}", file=sys.stderr)
         results[name] = (run_off(args.source, out, extra) if name == "viewer_off"
                          else run_on(args.source, out, extra, chromium))
     print(f"{'run':<12}{'read':>7}{'scored':>8}{'dropped':>9}{'e2e p50':>10}{'p99':>10}{'max':>10}  (ms)")
