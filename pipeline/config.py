@@ -22,10 +22,12 @@ from typing import Any, Literal
 
 import psutil
 import tomli_w
+import zmq
 
 from engines.registry import ENGINE_MODULES, backend_options
 
 from .options import option
+from .security import KeyFolderError, check_server_keys, is_loopback
 from .sweep import SweepConfig
 
 if sys.version_info >= (3, 11):
@@ -84,6 +86,17 @@ class TransportConfig:
     policy: Literal["latest", "lossless"] = option(
         "latest", "latest: a stage that is behind drops older frames (counted); "
         "lossless: stages block instead (evaluation, no drops)")
+    remote: str | None = option(
+        None, "tcp://ADDR:PORT where preprocess also serves its work queue to infer workers on other "
+        "machines (tools/infer_worker.py --connect tcp://HOST:PORT); they ask for work and send their "
+        "results back over that one connection. An address beyond loopback needs transport.curve_keys")
+    curve_keys: str | None = option(
+        None, "key folder made by tools/keys.py --out DIR: CurveZMQ on the remote endpoint, the events "
+        "PUB and the operator REP (even on loopback), letting in only the client keys in DIR/clients "
+        "(ZAP); required for any endpoint bound beyond loopback")
+    remote_timeout_s: float = option(
+        5.0, "a remote worker silent this long (no result, no request) is gone: the frames it held are "
+        "counted as dropped (drop_worker_lost); it is used again when it asks again", min=0.5, max=600)
 
 
 @dataclass
@@ -103,6 +116,9 @@ class InferConfig:
         "auto", "largest batch taken from what is waiting (never waits to fill one); auto: 1 on a CPU (a "
         "batch of N costs N inferences there, so it only makes frames wait behind each other), up to 8 on "
         "a GPU", min=1, max=MAX_BATCH)
+    workers: int = option(
+        1, "local infer processes sharing the work; 0: none, all inference by remote workers "
+        "(transport.remote)", min=0, max=16)
     threads: int = option(0, "intra-op threads for the engine (0 = one fewer than the usable CPU cores, at "
                           "least 1: the other stages need a core)", min=0, max=256)
     refine: Literal["auto", "on", "off"] = option(
@@ -359,6 +375,7 @@ def _check_consistency(config: Config) -> None:
             parse_address(config.run.viewer)
         except ValueError as exc:
             raise ConfigError(f"run.viewer: {exc}") from None
+    _check_endpoints(config)
     history = refine_history_bytes(config.infer.refine_window_s)
     spare = psutil.virtual_memory().available * REFINE_MEMORY_SHARE
     if config.infer.refine != "off" and history > spare:
@@ -375,6 +392,31 @@ def parse_address(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{text!r} is not HOST:PORT (port 0-65535; 0 picks a free one)")
     return host, int(port)
+
+
+def _check_endpoints(config: Config) -> None:
+    """Remote inference and the security rule: whatever binds beyond loopback needs Curve keys."""
+    transport = config.transport
+    remote = transport.remote
+    if remote is not None:
+        if not remote.startswith("tcp://") or not remote.rsplit(":", 1)[-1].isdigit():
+            raise ConfigError(f"transport.remote: {remote!r} is not tcp://ADDR:PORT (a fixed port, which "
+                              "remote workers connect to)")
+    elif config.infer.workers == 0:
+        raise ConfigError("infer.workers: 0 local workers needs transport.remote (else nothing scores)")
+    if transport.curve_keys is not None:
+        if not zmq.has("curve"):
+            raise ConfigError("transport.curve_keys: this pyzmq's libzmq was built without CurveZMQ")
+        try:
+            check_server_keys(transport.curve_keys)
+        except KeyFolderError as exc:
+            raise ConfigError(f"transport.curve_keys: {exc}") from None
+        return
+    for key, endpoint in (("transport.remote", remote), ("postprocess.events", config.postprocess.events),
+                          ("postprocess.control", config.postprocess.control)):
+        if endpoint is not None and not is_loopback(endpoint):
+            raise ConfigError(f"{key}: {endpoint} binds beyond this host, which needs CurveZMQ keys: make "
+                              "them with tools/keys.py --out DIR and add --set transport.curve_keys=DIR")
 
 
 REFINE_MEMORY_SHARE = 0.25  # of the available memory the refinement history may take at most

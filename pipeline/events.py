@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,12 +96,14 @@ class EventSink:
     and appends it to the journal."""
 
     def __init__(self, context: zmq.Context, endpoint: str, journal_path: Path, hwm: int = 1000,
-                 fsync: str = "event") -> None:
+                 fsync: str = "event", secure: Callable[[zmq.Socket], None] | None = None) -> None:
         self.endpoint = endpoint
         self.journal_path = journal_path
         self._pub = context.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, hwm)
+        if secure is not None:  # CurveZMQ server (pipeline.security), set before the bind
+            secure(self._pub)
         try:
             self._pub.bind(endpoint)
         except zmq.ZMQError as exc:

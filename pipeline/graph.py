@@ -8,10 +8,11 @@ accounting (read = scored + dropped) is derived from it.
         +== ring slot: capture writes; preprocess marks consumed, postprocess marks released ==+
                                                               infer --results (push, waits)--> postprocess
 
-A graph is data: several infer workers are `replicas`, a remote worker is a link with a fixed `endpoint`
-that off-host workers connect to (and `replicas` counting the local ones only), a screening cascade is one
-more infer stage (its own bundle) with links of its own: the screen's work link serves the newest frames,
-the main model's serves only the frames postprocess asks for. The stages do not change for any of these.
+A graph is data: several infer workers are `replicas`; workers on other machines connect to a work
+link's `remote` endpoint and return results over it, which preprocess relays on `remote_results`
+(`replicas` counts the local ones only, and may be 0); a screening cascade is one more infer stage (its
+own bundle) with links of its own: the screen's work link serves the newest frames, the main model's serves
+only the frames postprocess asks for. The stages do not change for any of these.
 
     screening cascade:  preprocess --screen_inputs (newest)--> screen --screened--> postprocess
                         preprocess --inputs (refined only)---> infer  --results---> postprocess
@@ -57,6 +58,11 @@ class Link:
     backpressure: str  # what happens when the receiver is behind, in words (for --describe and docs)
     drops: tuple[tuple[str, str], ...]  # (stage, counter): the places this boundary loses frames
     endpoint: str | None = None  # a fixed endpoint (remote workers); None: ipc in the run's socket folder
+    # Work links: a TCP endpoint the sender's ROUTER also binds for workers on other machines (Curve when
+    # the run has keys). They ask for work and return results over that one connection; the sender
+    # relays the results on its RESULT link (so it alone can tell a returned frame from a lost one).
+    remote: str | None = None
+    sent_counter: str = "sent"  # the sender's counter of what crossed this link (a relay counts its own)
     # Which frames: "newest" (the live path), "refined" (only frames postprocess asked for: extra to the
     # frame accounting), or "all".
     serves: Literal["all", "newest", "refined"] = "all"
@@ -159,7 +165,7 @@ class Graph:
             "stages": {s.name: {"role": s.role, "bundle": s.bundle, "processes": s.instances()}
                        for s in self.stages},
             "links": {link.name: {"from": link.sender, "to": link.receiver, "carries": link.carries.value,
-                                  "pattern": link.pattern, "serves": link.serves,
+                                  "pattern": link.pattern, "serves": link.serves, "remote": link.remote,
                                   "bound_by": link.bound_by, "hwm": link.hwm,
                                   "backpressure": link.backpressure,
                                   "drops": [f"{stage}.{key}" for stage, key in link.drops]}
@@ -204,7 +210,8 @@ def frame_accounting(counters: dict[str, dict[str, int]], graph: Graph) -> dict:
     boundaries = {}
     for link in (link for link in graph.links if link.carries_frames):
         drops = {f"{stage}.{key}": get(stage, key) for stage, key in link.drops}
-        boundaries[link.boundary] = {"sent": get(link.sender, "sent"), "dropped": sum(drops.values()),
+        boundaries[link.boundary] = {"sent": get(link.sender, link.sent_counter),
+                                     "dropped": sum(drops.values()),
                                      "drops": drops}
     read, scored = get(*graph.counted_in), get(*graph.counted_out)
     rejected = sum(get(spec.name, "rejected") for spec in graph.stages)
@@ -214,12 +221,16 @@ def frame_accounting(counters: dict[str, dict[str, int]], graph: Graph) -> dict:
 
 
 def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, refine: bool = True,
-                   screen: bool = False) -> Graph:
-    """The four-stage pipeline. `infer_workers` local infer processes share the work; `inputs_endpoint`
-    fixes where preprocess serves work, so infer workers on other machines can connect to it too; `refine`
-    adds the back link on which postprocess asks preprocess for frames to score late (pipeline.refine);
-    `screen` adds the screening stage (a fast bundle scoring the newest frames), leaving the main model
-    the frames postprocess asks for (a screening cascade; needs `refine`)."""
+                   screen: bool = False, remote: str | None = None) -> Graph:
+    """The four-stage pipeline. `infer_workers` local infer processes share the work (0: none, only remote
+    ones); `inputs_endpoint` fixes where preprocess serves work to local workers; `remote` is the TCP
+    endpoint where workers on other machines get the main model's work and return its results (relayed
+    by preprocess, `remote_results`); `refine` adds the back link on which postprocess asks preprocess
+    for frames to score late (pipeline.refine); `screen` adds the screening stage (a fast bundle scoring
+    the newest frames), leaving the main model the frames postprocess asks for (a screening cascade;
+    needs `refine`)."""
+    if infer_workers == 0 and remote is None:
+        raise ValueError("graph: no local infer worker and no remote endpoint: nothing would score")
     if screen and not refine:
         raise ValueError("graph: a screening cascade needs the refine link (its main model scores only "
                          "the frames postprocess asks for)")
@@ -230,8 +241,9 @@ def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, r
         backpressure="preprocess holds the newest prepared frames, one batch's worth, until a "
                      "worker asks (older ones: drop_held); a worker gone with its frames: "
                      "drop_send_full",
-        drops=(("preprocess", "drop_held"), ("preprocess", "drop_send_full"), (newest, "drop_stale")),
-        endpoint=None if screen else inputs_endpoint)
+        drops=(("preprocess", "drop_held"), ("preprocess", "drop_send_full"), (newest, "drop_stale"),
+               *([("preprocess", "drop_worker_lost")] if remote and not screen else [])),
+        endpoint=None if screen else inputs_endpoint, remote=None if screen else remote)
     links = [
         Link("frames", "capture", "preprocess", Kind.FRAME, "push", bound_by="sender", hwm="transport",
              backpressure="capture never waits on a live source (a full queue is a counted drop); "
@@ -240,24 +252,36 @@ def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, r
              drops=(("capture", "drop_send_full"), ("preprocess", "drop_stale"),
                     ("preprocess", "drop_overwritten"))),
         held,
-        Link("screened" if screen else "results", newest, "postprocess", Kind.RESULT, "push",
-             bound_by="receiver", hwm="batch",
-             backpressure="infer waits for postprocess (a result already paid for is not thrown away), "
-                          "which slows its asking, so preprocess drops the oldest unscored frames",
-             drops=((newest, "drop_send_full"), ("postprocess", "drop_stale"))),
     ]
+    if screen or infer_workers:
+        links.append(Link(
+            "screened" if screen else "results", newest, "postprocess", Kind.RESULT, "push",
+            bound_by="receiver", hwm="batch",
+            backpressure="infer waits for postprocess (a result already paid for is not thrown away), "
+                         "which slows its asking, so preprocess drops the oldest unscored frames",
+            drops=((newest, "drop_send_full"), ("postprocess", "drop_stale"))))
     if screen:
-        links += [
+        links.append(
             Link("inputs", "preprocess", "infer", Kind.INPUT, "work", bound_by="sender", hwm="batch",
-                 serves="refined", endpoint=inputs_endpoint,
+                 serves="refined", endpoint=inputs_endpoint, remote=remote,
                  backpressure="the main model is sent only the frames postprocess asked for, when it asks; "
                               "they are extra to the frame accounting (a worker gone with them: "
                               "refine_gone)",
-                 drops=()),
-            Link("results", "infer", "postprocess", Kind.RESULT, "push", bound_by="receiver", hwm="batch",
-                 serves="refined", drops=(),
-                 backpressure="infer waits for postprocess; refined results are extra to the accounting"),
-        ]
+                 drops=()))
+        if infer_workers:
+            links.append(
+                Link("results", "infer", "postprocess", Kind.RESULT, "push", bound_by="receiver",
+                     hwm="batch", serves="refined", drops=(),
+                     backpressure="infer waits for postprocess; refined results are extra to the "
+                                  "accounting"))
+    if remote:
+        links.append(Link(
+            "remote_results", "preprocess", "postprocess", Kind.RESULT, "push", bound_by="receiver",
+            hwm="batch", serves="refined" if screen else "all", sent_counter="relayed",
+            backpressure="results of remote workers, relayed by preprocess as they come back (waiting "
+                         "for postprocess like infer does); one for a frame not handed to that worker, "
+                         "or no longer awaited, is refused (remote_late)",
+            drops=(("postprocess", "drop_stale"),)))
     if refine:
         links.append(Link(
             "refine", "postprocess", "preprocess", Kind.REFINE, "push", bound_by="receiver", hwm="transport",
@@ -269,12 +293,15 @@ def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, r
     main_counters = ("drop_stale", "drop_send_full") if screen else ()
     stages = [
         StageSpec("capture", "capture", counters=("read",)),
-        StageSpec("preprocess", "preprocess", counters=("refine_sent", "refine_gone")),
+        StageSpec("preprocess", "preprocess",
+                  counters=("refine_sent", "refine_gone",
+                            *(("relayed", "remote_late", "refused", "workers_joined", "workers_lost")
+                              if remote else ()))),
         *([StageSpec("screen", "infer", bundle="screen")] if screen else []),
         StageSpec("infer", "infer", counters=main_counters, replicas=infer_workers),
         StageSpec("postprocess", "postprocess",
                   counters=("scored", "refined", "refine_requests_lost", "best_image_missed",
-                            "operator_start", "operator_stop", "operator_rejected")),
+                            "operator_start", "operator_stop", "operator_rejected", "refused")),
     ]
     return Graph(stages=tuple(stages), links=tuple(links),
                  ring=Ring(writer="capture", first_reader="preprocess", last_reader="postprocess"))

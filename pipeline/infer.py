@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import ClassVar
 
 import numpy as np
+import zmq
 
 from . import wire
 from .messages import Kind, PreparedInput, Result, control
@@ -31,29 +33,48 @@ class InferStage(Stage):
 
     stamp_in = "inf_in"
     stamp_out = "inf_out"
+    relays: ClassVar[bool] = False  # results go back on the work connection (a remote worker)
 
     def start(self) -> None:
         self.engine, self.reason = load_engine(self.config.infer, self.bundle)
         log.info("infer: %s", self.reason)
         self.input_shape = self.bundle.input.frame_shape
         graph = self.wiring.graph
-        (work,), (out,) = graph.links_into(self.name, Kind.INPUT), graph.links_from(self.name, Kind.RESULT)
-        self.work = self.open(work.name)
-        self.out = self.open(out.name)
+        self.work, self.out = self.open_links()
         rate = self.config.infer.rate_limit_fps if graph.stage(self.name).bundle == "main" else None
         self.min_interval_s = 0.0 if rate is None else 1.0 / rate
         self._next_ask = 0.0  # when the engine may take its next batch (rate limit)
         self._asking = True
+        self._asks = 0
         self._ask()
 
-    def _ask(self) -> None:
-        if not wire.send(self.work, control(Kind.WANT, {"n": self.engine.max_batch}), block=True):
+    def open_links(self) -> tuple[zmq.Socket, zmq.Socket]:
+        """The work link in and the results link out (a remote worker: one connection for both)."""
+        graph = self.wiring.graph
+        (work,), (out,) = graph.links_into(self.name, Kind.INPUT), graph.links_from(self.name, Kind.RESULT)
+        return self.open(work.name), self.open(out.name)
+
+    def want(self) -> wire.Message:
+        """The standing ask: up to a batch, its id (the same until answered), the bundle this engine runs,
+        and whether results come back on the work connection (`relays`: a remote worker)."""
+        return control(Kind.WANT, {"n": self.engine.max_batch, "ask": self._asks,
+                                   "bundle": self.bundle.sha256, "relay": self.relays})
+
+    def _ask(self, again: bool = False) -> None:
+        """A new ask, or `again` the standing one (same id: it cannot fetch a second batch)."""
+        self._asks += not again
+        if not wire.send(self.work, self.want(), block=True):
             raise RuntimeError("infer: preprocess did not take a request for work")
         self._asked_at = time.monotonic()
 
+    @property
+    def waiting(self) -> bool:
+        """Asked for work and not yet given any."""
+        return self._asking
+
     def step(self, ready: bool) -> None:
         if self._asking and time.monotonic() - self._asked_at > ASK_AGAIN_S:
-            self._ask()  # a restarted preprocess never heard the last request (asking again is harmless)
+            self._ask(again=True)  # a restarted preprocess never heard the standing ask
         if not self._asking:
             wait = self._next_ask - time.monotonic()
             if wait > 0:

@@ -35,7 +35,7 @@ from .preview import PreviewFeed
 from .recovery import Recovered, recover
 from .ring import FrameRing
 from .stage import MAX_TAKE, Stage
-from .steps import analyzed_frame, frame_score
+from .steps import analyzed_frame, frame_score, output_problem
 from .sweep import EXAM_END, OPERATOR_COMMANDS
 from .wire import Message
 
@@ -79,14 +79,9 @@ class PostprocessStage(Stage):
     stamp_out = "post_out"
 
     def acceptable(self, hop: Result) -> bool:
-        expected = self._taking.outputs
-        if list(hop.outputs) != expected:
-            self.reject(f"frame {hop.frame.id}: outputs {list(hop.outputs)}, expected {expected}")
-            return False
-        broken = [name for name, value in hop.outputs.items()
-                  if value.dtype.kind == "f" and not np.isfinite(value).all()]
-        if broken:  # a NaN score would compare false with everything and silently win or lose selection
-            self.reject(f"frame {hop.frame.id}: non-finite values in {', '.join(broken)}")
+        problem = output_problem(self._taking.bundle, hop.outputs)
+        if problem is not None:
+            self.reject(f"frame {hop.frame.id}: {problem}")
             return False
         return True
 
@@ -102,6 +97,7 @@ class PostprocessStage(Stage):
         if self.config.postprocess.control is not None:
             self.operator = self.context.socket(zmq.REP)
             self.operator.setsockopt(zmq.LINGER, 0)
+            self.security.secure(self.operator)  # Curve when the run has keys, even on loopback
             try:
                 self.operator.bind(self.config.postprocess.control)
             except zmq.ZMQError as exc:
@@ -117,7 +113,7 @@ class PostprocessStage(Stage):
         self._stream_from = recovered.last_frame_id  # newest-path frames up to here were the last life's
         self.best_dir = Path(self.wiring.out) / BEST_DIR if self.config.postprocess.best_frames else None
         self.sink = ExamRecorder(EventSink(self.context, self.config.postprocess.events, journal,
-                                           fsync=self.config.postprocess.fsync),
+                                           fsync=self.config.postprocess.fsync, secure=self.security.secure),
                                  self.wiring.run_id, Path(self.wiring.out), self.best_dir)
         self.sink.replay(history)
         self._unsaved: str | None = None  # why best-frame images cannot be written, once they cannot
@@ -354,8 +350,13 @@ class PostprocessStage(Stage):
 
     def describe(self) -> dict:
         control = None if self.operator is None else self.operator.getsockopt(zmq.LAST_ENDPOINT).decode()
-        return {"events": self.sink.bound, "control": control,
+        return {"events": self.sink.bound, "control": control, "curve": self.security.enabled,
                 "preview": None if self.preview is None else self.preview.bound}
+
+    def status(self) -> dict:
+        """Nothing beyond the counters; the peers refused on the events and operator sockets are one."""
+        self.counters["refused"] = self.security.count_refused()
+        return {}
 
     def stop(self) -> None:
         """Stopped before the end of stream: the open sweep still gets its final events. If they cannot be

@@ -15,8 +15,9 @@ from . import wire
 from .config import refine_history_bytes
 from .graph import FLOOD_IN_FLIGHT, Link
 from .letterbox import Letterbox
-from .messages import FrameRef, Kind, PreparedInput, RefineRequest, kind_of
+from .messages import HOPS, FrameRef, Kind, PreparedInput, RefineRequest, Result, kind_of
 from .refine import History
+from .remote import WorkerBook
 from .ring import FrameRing
 from .stage import MAX_TAKE, Stage
 
@@ -31,8 +32,10 @@ class _Outlet:
     link: Link
     socket: zmq.Socket
     prepare: Letterbox
+    bundle_sha256: str = ""  # what its workers must run
     held: deque[PreparedInput] = field(default_factory=deque)  # newest prepared frames, for "newest"/"all"
-    wanted: dict[bytes, int] = field(default_factory=dict)  # worker -> frames it asked for
+    wanted: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # worker -> (frames, ask id)
+    answered: dict[bytes, int] = field(default_factory=dict)  # worker -> its last ask id answered
     known: set[bytes] = field(default_factory=set)
     hold: int = 1  # grows to the largest batch a worker asks for (its engine's max_batch)
     newest_turn: bool = True  # "all": with refinement pending, newest and refined frames take turns
@@ -57,8 +60,11 @@ class PreprocessStage(Stage):
     In a screening cascade the screen's link serves the newest frames and the main model's link only the
     refined ones, each prepared for its own bundle's input.
 
+    A work link with a `remote` endpoint also serves workers on other machines (pipeline.remote): they
+    return their results on the same connection, and preprocess relays them to postprocess.
+
     Links: `frames` in (FrameRef), `refine` in (RefineRequest), work links out (PreparedInput: `inputs`,
-    and `screen_inputs` in a cascade)."""
+    and `screen_inputs` in a cascade), `remote_results` out (Result, relayed from remote workers)."""
 
     stamp_in = "pre_in"
     stamp_out = "pre_out"
@@ -72,7 +78,7 @@ class PreprocessStage(Stage):
         for link in graph.links_from(self.name, Kind.INPUT):
             bundle = self.bundles[graph.stage(link.receiver).bundle]
             prepare = Letterbox.for_bundle(bundle.input, cfg.roi, cfg.interpolation)
-            self.outlets.append(_Outlet(link, self.open(link.name), prepare))
+            self.outlets.append(_Outlet(link, self.open(link.name), prepare, bundle.sha256))
         self.live = next(o for o in self.outlets if o.newest)
         self.end_of_stream = False
         infer = self.config.infer
@@ -81,9 +87,14 @@ class PreprocessStage(Stage):
         # What the history keeps: the inputs of the bundle that scores refined frames.
         self.keeps_for = next((o.prepare for o in self.outlets if o.refined), None)
         self._ended_at = 0.0
+        relay = graph.links_from(self.name, Kind.RESULT)
+        self.relay = self.open(relay[0].name) if relay else None
+        self.book = WorkerBook(self.config.transport.remote_timeout_s) if relay else None
 
     def step(self, ready: bool) -> None:
         self._hear_workers()
+        if self.book is not None:
+            self._expire_workers()
         self._hear_requests()
         if not self.end_of_stream and (not self._lossless or len(self.live.held) < self.live.hold):
             frames, self.end_of_stream = self.take(self.frames, keep=self._keep())
@@ -95,14 +106,18 @@ class PreprocessStage(Stage):
                 self._ended_at = time.monotonic()
         for outlet in self.outlets:
             self._dispatch(outlet)
+        if self.end_of_stream and self.book is not None:
+            self._drop_unclaimed()
         if (self.end_of_stream and not any(o.held for o in self.outlets)
-                and not self._refining_after_end()):
+                and not self._refining_after_end() and not (self.book and self.book.in_flight)):
             for outlet in self.outlets:
                 for worker in outlet.known:
                     try:
                         self.send_eos(outlet.socket, to=worker)
                     except zmq.ZMQError:  # a worker that was restarted: its old self is gone
                         log.info("preprocess: infer worker %r is gone at the end of stream", worker)
+            if self.relay is not None:
+                self.send_eos(self.relay)
             self.finished = True
 
     def _keep(self) -> int:
@@ -144,30 +159,115 @@ class PreprocessStage(Stage):
                 if routed is None:
                     break
                 worker, msg = routed
-                count = msg.header.get("n")
-                if kind_of(msg) is not Kind.WANT or type(count) is not int or count < 1:
-                    self.reject(f"a {msg.kind!r} request without a positive count")
-                    continue
-                outlet.known.add(worker)
-                outlet.wanted[worker] = count
-                outlet.hold = max(outlet.hold, count)
+                kind = kind_of(msg)
+                if kind is Kind.WANT:
+                    self._hear_want(outlet, worker, msg)
+                elif kind is Kind.RESULT and self.book is not None:
+                    self._relay(worker, msg)
+                elif kind is Kind.EOS and self.book is not None and worker in self.book.workers:
+                    self._lose(outlet, worker)  # a remote worker that ended (it held nothing, or loses it)
+                else:
+                    self.reject(f"a {msg.kind!r} message from worker {worker!r}")
+
+    def _hear_want(self, outlet: _Outlet, worker: bytes, msg: wire.Message) -> None:
+        """`want n` with the asker's ask id (an idle remote worker repeats its ask as a heartbeat: the same
+        id again is not a second ask) and the bundle it runs."""
+        count, ask, relays = (msg.header.get(key) for key in ("n", "ask", "relay"))
+        if type(count) is not int or count < 1 or type(ask) is not int or type(relays) is not bool:
+            self.reject("a want without a positive count, an ask id and whether results come back")
+            return
+        if msg.header.get("bundle") != outlet.bundle_sha256:
+            self.reject(f"a want from worker {worker!r} running another bundle than {outlet.link.name}'s "
+                        f"({str(msg.header.get('bundle'))[:12]}, expected {outlet.bundle_sha256[:12]})")
+            return
+        if relays:
+            if self.book is None:
+                self.reject(f"worker {worker!r} would return results, but this run has no remote endpoint")
+                return
+            if self.book.heard(worker, time.monotonic()):
+                self.counters["workers_joined"] += 1
+                log.info("preprocess: remote worker %r serves %s", worker.decode(errors="replace"),
+                         outlet.link.name)
+        outlet.known.add(worker)
+        if outlet.answered.get(worker) != ask:
+            outlet.wanted[worker] = (count, ask)
+            outlet.hold = max(outlet.hold, count)
+
+    def _relay(self, worker: bytes, msg: wire.Message) -> None:
+        """A remote worker's result, passed on to postprocess. Only its outputs are taken from it: the frame,
+        geometry and timestamps are the ones preprocess handed out (the worker's clock is its own, so its
+        inference time is placed to end now)."""
+        now = time.monotonic()
+        try:
+            result = HOPS[Kind.RESULT](msg)
+        except wire.WireError as exc:
+            self.reject(f"a malformed result from worker {worker!r}: {exc}")
+            return
+        if self.book.heard(worker, now):
+            self.counters["workers_joined"] += 1
+        prepared = self.book.returned(worker, result.frame.id)
+        if prepared is None:
+            self.counters["remote_late"] += 1
+            return
+        stamps = prepared.frame.stamps
+        took = max(0, result.frame.stamps["inf_out"] - result.frame.stamps["inf_in"])
+        stamps["inf_out"] = time.monotonic_ns()
+        stamps["inf_in"] = max(stamps["pre_out"], stamps["inf_out"] - took)
+        self.push(self.relay, Result.of(prepared, result.outputs), wait=True, stamp=False, sent="relayed")
+
+    def _expire_workers(self) -> None:
+        for worker in self.book.silent(time.monotonic()):
+            log.warning("preprocess: remote worker %r silent for %g s: gone", worker.decode(errors="replace"),
+                        self.book.timeout_s)
+            for outlet in self.outlets:
+                self._lose(outlet, worker)
+
+    def _lose(self, outlet: _Outlet, worker: bytes) -> None:
+        """`worker` is gone from `outlet`; a remote one's frames are counted lost."""
+        outlet.known.discard(worker)
+        outlet.wanted.pop(worker, None)
+        outlet.answered.pop(worker, None)
+        if self.book is not None and worker in self.book.workers and not self.book.workers[worker].gone:
+            for prepared in self.book.forget(worker):
+                self._count_lost(prepared)
+            self.counters["workers_lost"] += 1
+
+    def _count_lost(self, prepared: PreparedInput) -> None:
+        """A frame a remote worker took with it: a dropped frame, or a refinement less."""
+        self.counters["refine_gone" if prepared.refined else "drop_worker_lost"] += 1
+
+    def _drop_unclaimed(self) -> None:
+        """At the end of the stream, frames held for a link that has had no worker for the remote timeout
+        are dropped (with every inference remote, there may be no worker left to ask)."""
+        if time.monotonic() - self._ended_at <= self.config.transport.remote_timeout_s:
+            return
+        for outlet in self.outlets:
+            if outlet.held and not outlet.known:
+                self.counters["drop_held"] += len(outlet.held)
+                outlet.held.clear()
 
     def _dispatch(self, outlet: _Outlet) -> None:
         history = self.history
         while outlet.wanted and ((outlet.newest and outlet.held)
                                  or (outlet.refined and history is not None and history.pending)):
-            worker, count = outlet.wanted.popitem()
+            worker, (count, ask) = outlet.wanted.popitem()
             batch = self._batch(outlet, count)
             if not batch:  # the requested frames were gone; the newest, if any, goes on the next pass
-                outlet.wanted[worker] = count
+                outlet.wanted[worker] = (count, ask)
                 continue
+            outlet.answered[worker] = ask
+            remote = self.book is not None and worker in self.book.workers
+            sent = 0
             try:
                 for prepared in batch:
-                    self.push(outlet.socket, prepared, wait=True, to=worker, stamp=False)
-            except zmq.ZMQError as exc:  # the worker is gone (EHOSTUNREACH); its frame is lost with it
-                outlet.known.discard(worker)
-                # A lost newest frame is a dropped frame; a lost refined one only a refinement less.
-                self.counters["drop_send_full" if outlet.newest else "refine_gone"] += 1
+                    if self.push(outlet.socket, prepared, wait=True, to=worker, stamp=False) and remote:
+                        self.book.gave(worker, prepared)
+                    sent += 1
+            except zmq.ZMQError as exc:  # the worker is gone (EHOSTUNREACH); its frames are lost with it
+                for prepared in batch[sent:]:
+                    # A lost newest frame is a dropped frame; a lost refined one only a refinement less.
+                    self.counters["refine_gone" if prepared.refined else "drop_send_full"] += 1
+                self._lose(outlet, worker)
                 log.warning("preprocess: infer worker %r is gone: %s", worker, exc)
 
     def _batch(self, outlet: _Outlet, count: int) -> list[PreparedInput]:
@@ -220,6 +320,13 @@ class PreprocessStage(Stage):
         window = self.config.infer.refine_window_s
         bound = refine_history_bytes(window, math.prod(self.bundle.input.frame_shape))
         return {"refine": {"window_s": window, "max_history_mib": round(bound / 2**20, 1)}}
+
+    def status(self) -> dict:
+        """Remote workers, each counted (state, frames scored, held, lost), and the peers refused."""
+        if getattr(self, "book", None) is None:
+            return {}
+        self.counters["refused"] = self.security.count_refused()
+        return {"remote_workers": self.book.status()}
 
     def stop(self) -> None:
         if getattr(self, "ring", None) is not None:

@@ -26,7 +26,7 @@ def _stages(supervisor: psutil.Process) -> dict[str, psutil.Process]:
     found = {}
     for child in supervisor.children():
         try:
-            title = " ".join(child.cmdline())
+            title = " ".join(child.cmdline()).strip()
         except psutil.Error:
             continue
         if title.startswith("sweepstream: "):
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=100_000, help="frames to run (default 100000)")
     parser.add_argument("--source", default="synthetic://320x240?fps=30",
                         help="source URI; a live-paced synthetic one by default (--flood runs it flat out)")
-    parser.add_argument("--flood", action="store_true", help="as fast as the pipeline goes")
+    parser.add_argument("--flood", action="store_true",
+                        help="as fast as the pipeline goes, every frame scored (lossless)")
     parser.add_argument("--bundle", default=str(REFERENCE_BUNDLE), help="bundle (default: the reference)")
     parser.add_argument("--kill-every", type=float, default=60.0,
                         help="seconds between injected kill -9s of a random stage (0: none)")
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     command = [sys.executable, "-m", "pipeline.cli", "--source", args.source, "--bundle", args.bundle,
                "--out", str(args.out), "--quiet", "--events", "tcp://127.0.0.1:*", "--control",
                "tcp://127.0.0.1:*", "--set", f"source.max_frames={args.frames}",
-               "--set", "run.max_restarts=1000", *(["--flood"] if args.flood else [])]
+               "--set", "run.max_restarts=1000",
+               *(["--flood", "--set", "transport.policy=lossless"] if args.flood else [])]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     supervisor = psutil.Process(process.pid)
     rng = random.Random(args.seed)

@@ -83,6 +83,21 @@ def infer_batch(engine: Any, bundle: Any, inputs: Sequence[np.ndarray]) -> list[
     return [{name: outputs[name][i] for name in bundle.outputs} for i in range(len(inputs))]
 
 
+def output_problem(bundle: Any, outputs: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with one frame's outputs against the bundle's manifest (names, shapes, dtypes, finite
+    values), or None: a result from another process is checked before anything reads it."""
+    if list(outputs) != list(bundle.outputs):
+        return f"outputs {list(outputs)}, expected {list(bundle.outputs)}"
+    for name, spec in bundle.outputs.items():
+        value = outputs[name]
+        if value.shape != tuple(spec.shape) or value.dtype != np.dtype(spec.dtype):
+            return (f"output {name!r} is {value.dtype}{list(value.shape)}, expected "
+                    f"{spec.dtype}{list(spec.shape)}")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return f"output {name!r} holds NaN or infinity"
+    return None
+
+
 def frame_score(bundle: Any, outputs: dict[str, np.ndarray]) -> float:
     """The output the bundle says drives best-frame selection, as one number."""
     return float(bundle.best_frame.score({k: v[None] for k, v in outputs.items()})[0])

@@ -32,6 +32,7 @@ from .console import EventView
 from .graph import Graph, Wiring, pipeline_graph
 from .messages import Kind, control, kind_of
 from .ring import FrameRing
+from .security import ClientKeys, console_keys
 from .stage import run_stage
 from .telemetry import Telemetry, format_summary, write_summary
 from .viewer import Viewer, open_viewer
@@ -66,8 +67,10 @@ class StageFailure(RuntimeError):
 class Supervisor:
     def __init__(self, config: Config, graph: Graph | None = None) -> None:
         self.config = config
-        self.graph = graph or pipeline_graph(refine=config.infer.refine != "off",
-                                             screen=config.infer.screen_bundle is not None)
+        self.graph = graph or pipeline_graph(infer_workers=config.infer.workers,
+                                             refine=config.infer.refine != "off",
+                                             screen=config.infer.screen_bundle is not None,
+                                             remote=config.transport.remote)
         self.run_id = uuid.uuid4().hex[:12]
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         self.out = Path(config.run.out or Path("runs") / f"{stamp}-{self.run_id}")
@@ -81,6 +84,7 @@ class Supervisor:
         self._view: EventView | None = None
         self.viewer: Viewer | None = None
         self._draining = False
+        self._stopping = False  # the run is over: a failure now is reported, not restarted
         self._notes: list[dict[str, Any]] = []  # restart notes waiting to go out as health events
 
     # -- the run -----------------------------------------------------------------------------------------
@@ -192,7 +196,7 @@ class Supervisor:
         now = time.monotonic()
         recent = [t for t in handle.restarted_at if now - t < cfg.restart_window_s]
         what = f"stage '{handle.instance}' {why}"
-        if self.stop_signal or self._draining or cfg.max_restarts == 0:
+        if self.stop_signal or self._draining or self._stopping or cfg.max_restarts == 0:
             raise StageFailure(what)
         if len(recent) >= cfg.max_restarts:
             raise StageFailure(f"{what}; restarted {len(recent)} times within {cfg.restart_window_s:g} s "
@@ -227,7 +231,13 @@ class Supervisor:
             self._view.close()
             self._view = EventView(self.context, events)
         if events and self.viewer is not None:
-            self.viewer.follow(events, handle.describe.get("preview"), handle.describe.get("control"))
+            self.viewer.follow(events, handle.describe.get("preview"), handle.describe.get("control"),
+                               self._client_keys())
+
+    def _client_keys(self) -> ClientKeys | None:
+        """The console's client keys in a run with Curve keys (the viewer is the console's too)."""
+        keys = self.config.transport.curve_keys
+        return None if keys is None else console_keys(keys)
 
     def _instances(self, stage: str) -> list[str]:
         return [h.instance for h in self.handles.values() if h.stage == stage]
@@ -284,11 +294,12 @@ class Supervisor:
         if not self.config.run.quiet:
             described = (h.describe.get("events") for h in self.handles.values())
             events = next((endpoint for endpoint in described if endpoint), None)
+            keys = self.config.transport.curve_keys
             if events:
-                self._view = EventView(self.context, events)
+                self._view = EventView(self.context, events, keys and console_keys(keys))
         post = next((h.describe for h in self.handles.values() if h.describe.get("events")), None)
         if self.viewer is not None and post is not None:
-            self.viewer.follow(post["events"], post.get("preview"), post.get("control"))
+            self.viewer.follow(post["events"], post.get("preview"), post.get("control"), self._client_keys())
         self._tell_stage(self.graph.source.name, Kind.GO)
 
     def _show_events(self) -> None:
@@ -337,7 +348,8 @@ class Supervisor:
             if handle.life:
                 self._rejoin(handle)
         elif kind in (Kind.REPORT, Kind.DONE):
-            self.telemetry.report(handle.instance, msg.header.get("counters", {}), msg.arrays)
+            self.telemetry.report(handle.instance, msg.header.get("counters", {}), msg.arrays,
+                                  msg.header.get("status", {}))
             if kind is Kind.DONE:
                 handle.state = "done"
         elif kind is Kind.ERROR:
@@ -387,6 +399,7 @@ class Supervisor:
         (Stages ignore SIGTERM, so that a signal to the whole process group reaches only the supervisor.)
         A stage that fails while stopping (say, postprocess cannot write the open sweep's final events)
         fails the run: its error is heard after it exits."""
+        self._stopping = True
         self._show_events()
         if self._view is not None:
             self._view.close()

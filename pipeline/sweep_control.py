@@ -15,14 +15,17 @@ import sys
 
 import zmq
 
+from pipeline.security import ClientKeys, KeyFolderError
 from pipeline.sweep import EXAM_END, OPERATOR_COMMANDS
 
 
-def send_command(endpoint: str, command: str, timeout_s: float) -> dict:
-    """One request/reply; raises TimeoutError when no pipeline answers in time."""
+def send_command(endpoint: str, command: str, timeout_s: float, keys: ClientKeys | None = None) -> dict:
+    """One request/reply; raises TimeoutError when no pipeline answers in time (or it refused `keys`)."""
     context = zmq.Context.instance()
     socket = context.socket(zmq.REQ)
     socket.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.apply(socket)
     socket.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
     try:
         socket.connect(endpoint)
@@ -44,10 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", default="tcp://127.0.0.1:5557",
                         help="the pipeline's postprocess.control endpoint (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    parser.add_argument("--curve-keys", metavar="DIR",
+                        help="client key folder (DIR/client-NAME from tools/keys.py) for a run with "
+                        "transport.curve_keys")
     args = parser.parse_args(argv)
     try:
-        reply = send_command(args.endpoint, args.command, args.timeout)
-    except TimeoutError as exc:
+        keys = None if args.curve_keys is None else ClientKeys.load(args.curve_keys)
+        reply = send_command(args.endpoint, args.command, args.timeout, keys)
+    except (TimeoutError, KeyFolderError) as exc:
         print(f"sweep_control: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(reply))

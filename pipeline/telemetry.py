@@ -43,14 +43,18 @@ class Telemetry:
         self.counters: dict[str, dict[str, int]] = {}  # process (instance) -> its last reported counters
         self._earlier: dict[str, Counter[str]] = {}  # instance -> counters of its earlier (restarted) lives
         self.restarts: list[dict[str, Any]] = []  # one entry per restart, in order
+        self.status: dict[str, dict[str, Any]] = {}  # process -> what else it last said (remote workers)
         self._marks: dict[str, tuple[float, int, int]] = {}  # reader -> (time, frames read, scored)
         self._status_open = False
 
-    def report(self, instance: str, counters: dict[str, int], arrays: tuple[np.ndarray, ...]) -> None:
-        """A stage's counters, and (postprocess) its latency rows: newest-path frames, then refined ones.
-        A restarted stage counts from zero again; what its earlier lives counted is added."""
+    def report(self, instance: str, counters: dict[str, int], arrays: tuple[np.ndarray, ...],
+               status: dict[str, Any] | None = None) -> None:
+        """A stage's counters, and (postprocess) its latency rows: newest-path frames, then refined ones;
+        `status`: what its counters cannot say (preprocess: its remote workers). A restarted stage counts
+        from zero again; what its earlier lives counted is added."""
         earlier = self._earlier.get(instance)
         self.counters[instance] = counters if earlier is None else dict(earlier + Counter(counters))
+        self.status[instance] = status or {}
         for book, rows in zip((self.book, self.refined), arrays, strict=False):
             book.add_rows(rows)
 
@@ -130,7 +134,15 @@ class Telemetry:
             "drops": interval.drops,
             "stages": states,
             "restarts": self.restart_counts(),
+            **self.peers(),
         }
+
+    def peers(self) -> dict[str, Any]:
+        """Remote workers (each with its state and figures) and the peers refused a connection."""
+        out: dict[str, Any] = {"refused_peers": sum(int(c.get("refused", 0)) for c in self.counters.values())}
+        for status in self.status.values():
+            out.update(status)
+        return out
 
     def summary(self, *, run_id: str, outcome: str, error: str | None, signal: str | None, active_s: float,
                 stages: dict[str, dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
@@ -150,6 +162,7 @@ class Telemetry:
             "stages": stages,
             "restarts": {"count": len(self.restarts), "by_stage": self.restart_counts(),
                          "events": self.restarts},
+            **self.peers(),
             "graph": self.graph.describe(),
             "config": config,
         }

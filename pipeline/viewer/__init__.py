@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import secrets
 import sys
 import threading
@@ -21,21 +20,13 @@ from aiohttp import web
 
 from ..config import DEFAULT_SOURCE, Config, ConfigError, parse_address
 from ..prometheus import snapshot
+from ..security import ClientKeys, is_loopback
 from ..telemetry import Telemetry
 from .server import ViewerServer
 
 AUTO_ADDRESS = ("127.0.0.1", 8080)  # where `auto` serves the demo
 START_TIMEOUT_S = 10.0
 UPDATE_INTERVAL_S = 0.5  # how often the metrics' snapshot is renewed
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Viewer:
@@ -45,7 +36,7 @@ class Viewer:
 
     def __init__(self, host: str, port: int, out: Path) -> None:
         self.host, self.port, self.out = host, port, out
-        self.token = None if is_loopback(host) else secrets.token_urlsafe(18)
+        self.token = None if is_loopback(f"tcp://{_bracketed(host)}:{port}") else secrets.token_urlsafe(18)
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: OSError | None = None
@@ -55,8 +46,8 @@ class Viewer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/" + ("" if self.token is None else f"?token={self.token}")
+        query = "" if self.token is None else f"?token={self.token}"
+        return f"http://{_bracketed(self.host)}:{self.port}/{query}"
 
     def start(self) -> None:
         """Bind the server; OSError (address in use, not this host's) when it cannot."""
@@ -83,8 +74,10 @@ class Viewer:
         self.loop.run_until_complete(runner.cleanup())
         self.loop.close()
 
-    def follow(self, events: str, preview: str | None, control: str | None) -> None:
-        self.loop.call_soon_threadsafe(self.server.follow, events, preview, control)
+    def follow(self, events: str, preview: str | None, control: str | None,
+               keys: ClientKeys | None = None) -> None:
+        """Where postprocess bound its sockets; `keys`: the console's, in a run with Curve keys."""
+        self.loop.call_soon_threadsafe(self.server.follow, events, preview, control, keys)
 
     def update(self, telemetry: Telemetry, force: bool = False) -> None:
         """A fresh metrics snapshot, at most every UPDATE_INTERVAL_S unless forced (the end of the run)."""
@@ -107,6 +100,10 @@ class Viewer:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(START_TIMEOUT_S)
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def open_viewer(config: Config, out: Path) -> Viewer | None:

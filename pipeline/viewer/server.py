@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from ..console import local_endpoint
 from ..preview import PREVIEW_TOPIC
 from ..prometheus import RunCollector
+from ..security import ClientKeys
 from .state import ViewerState
 
 log = logging.getLogger("sweepstream")
@@ -91,6 +92,7 @@ class ViewerServer:
         self.pages: set[_Page] = set()
         self.context = zmq.asyncio.Context()
         self.control: str | None = None
+        self.keys: ClientKeys | None = None  # Curve client keys for the events and control sockets
         self.previews_sent = 0
         self._tasks: list[asyncio.Task] = []
         self.app = web.Application(middlewares=[self._check_token])
@@ -99,13 +101,14 @@ class ViewerServer:
                              web.get("/metrics", self._metrics), web.post("/api/command", self._command)])
 
     # -- following the pipeline ------------------------------------------------------------------------
-    def follow(self, events: str, preview: str | None, control: str | None) -> None:
+    def follow(self, events: str, preview: str | None, control: str | None,
+               keys: ClientKeys | None = None) -> None:
         """Subscribe to the pipeline's events (and previews); called on the loop once they are bound, and
         again when a restarted postprocess has bound them anew (a `*` port moves)."""
         for task in self._tasks:
             task.cancel()
         self._tasks = []
-        self.control = control
+        self.control, self.keys = control, keys
         self._tasks.append(asyncio.ensure_future(self._follow_events(events)))
         if preview is not None:
             self._tasks.append(asyncio.ensure_future(self._follow_previews(preview)))
@@ -113,6 +116,8 @@ class ViewerServer:
     async def _follow_events(self, endpoint: str) -> None:
         socket = self.context.socket(zmq.SUB)
         socket.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            self.keys.apply(socket)
         socket.setsockopt(zmq.SUBSCRIBE, b"")
         socket.connect(local_endpoint(endpoint))
         try:
@@ -206,6 +211,8 @@ class ViewerServer:
             return web.json_response({"ok": False, "error": "the pipeline has no control socket"}, status=503)
         socket = self.context.socket(zmq.REQ)
         socket.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            self.keys.apply(socket)
         socket.connect(local_endpoint(self.control))
         try:
             await socket.send_json({"command": command})
