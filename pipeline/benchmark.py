@@ -189,9 +189,9 @@ def run_baseline(config: Config, workdir: Path) -> tuple[dict, list[dict]]:
     no process hops."""
     bundle = load_bundle(config.infer.bundle)
     engine, _ = load_engine(config.infer, bundle, max_batch=1)
-    source = open_source(config.source.uri, config.source.pixel_format)
+    source = open_source(config.source.uri, config.source.pixel_format, config.preprocess.roi)
     pacer = None if config.source.flood or source.live else Pacer(source.fps)
-    prepare = Letterbox.for_bundle(bundle.input, config.preprocess.roi, config.preprocess.interpolation)
+    prepare = Letterbox.for_bundle(bundle.input, None, config.preprocess.interpolation)  # ROI: at the source
     journal = Journal(workdir / "baseline.jsonl", config.postprocess.fsync)
     analyzer = SweepAnalyzer(config.sweep.for_bundle(bundle.best_frame.min_score))
     mask_output = next((n for n, spec in bundle.outputs.items() if spec.kind == "mask"), None)

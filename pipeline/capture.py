@@ -75,7 +75,7 @@ class CaptureStage(Stage):
 
     def start(self) -> None:
         cfg = self.config.source
-        self.source: Source = open_source(cfg.uri, cfg.pixel_format)
+        self.source: Source = open_source(cfg.uri, cfg.pixel_format, self.config.preprocess.roi)
         self.ring = FrameRing.attach(self.wiring.ring)
         self.out = self.open("frames")
         self.pacer = None if (cfg.flood or self.source.live) else Pacer(self.source.fps)
@@ -113,6 +113,10 @@ class CaptureStage(Stage):
         if self._lossless or self.config.source.flood:
             self._wait_for_reader()  # before reading, so a flooded frame's latency starts when it is read
         frame = self.pacer.read(self.source) if self.pacer is not None else self.source.read()
+        for name, count in self.source.health().items():  # the source's own running totals
+            self.counters[name] = count
+        if frame is None and not self.source.ended:
+            return  # a live source with no new frame yet (or reconnecting): poll control, try again
         if frame is None and self.config.source.loop:
             self.source.rewind()
             frame = self.source.read()
@@ -121,7 +125,7 @@ class CaptureStage(Stage):
             return
         if self.pacer is not None:
             self.pacer.wait(frame.pts)
-        self._publish(frame, time.monotonic_ns())
+        self._publish(frame, frame.t_arrival or time.monotonic_ns())
 
     def _limit_reached(self) -> bool:
         cfg = self.config.source

@@ -57,10 +57,12 @@ def _default_backend_options() -> dict[str, Any]:
 
 @dataclass
 class SourceConfig:
-    uri: str = option(DEFAULT_SOURCE, "video file, stream URL (rtsp://, udp://, http://), /dev/videoN, "
-                      "image stack (.mha/.mhd/.nrrd/.nii, 6 sweeps per case) or a folder of them "
-                      "(ACOUSLIC-AI layout), phantom://SEED[?cases=N&frames=F&fps=R] (synthetic blind "
-                      "sweeps) or synthetic://WxH[?fps=F&frames=N&channels=C] (in-memory test pattern)")
+    uri: str = option(DEFAULT_SOURCE, "video file, stream URL (rtsp://, udp://, rtp://, srt://, http(s)://), "
+                      "capture card (/dev/videoN, v4l2:///dev/videoN?size=WxH&fps=F&format=yuyv|nv12|mjpg), "
+                      "DICOM (.dcm or a folder of one series), a folder of images, image stack "
+                      "(.mha/.mhd/.nrrd/.nii, 6 sweeps per case) or a folder of them (ACOUSLIC-AI layout), "
+                      "phantom or phantom://SEED[?cases=N&frames=F&fps=R] (synthetic blind sweeps) or "
+                      "synthetic://WxH[?fps=F&frames=N&channels=C] (in-memory test pattern)")
     flood: bool = option(False, "read as fast as the pipeline takes frames instead of at the source's "
                          "native rate (capture waits for preprocess; later boundaries follow the policy)")
     loop: bool = option(False, "restart the source at its end")
@@ -101,8 +103,12 @@ class TransportConfig:
 
 @dataclass
 class PreprocessConfig:
-    roi: tuple[int, int, int, int] | None = option(
-        None, "crop x,y,width,height applied to the full frame before pad-to-square and resize")
+    roi: tuple[int, int, int, int] | Literal["auto"] | None = option(
+        "auto", "the part of each frame that goes on (cropped before the ring, so saved best frames hold "
+        "only it): auto finds the imaging sector on sources that show a machine's screen (capture cards, "
+        "streams, video files, image folders, DICOM without ultrasound regions; the rest of the screen, "
+        "patient name included, is dropped), crops DICOM to its ultrasound region and keeps stacks and "
+        "phantoms whole; x,y,width,height: a fixed box; none: whole frames")
     interpolation: Literal["bicubic", "area", "cubic", "linear", "nearest"] | None = option(
         None, "final resize filter to the model input size (default: the bundle's input.resize)")
 
@@ -358,7 +364,7 @@ def _check_consistency(config: Config) -> None:
     if config.source.loop and config.source.uri.startswith(LIVE_SCHEMES):
         raise ConfigError(f"source.loop: {config.source.uri} is a live source and cannot loop")
     roi = config.preprocess.roi
-    if roi is not None and (min(roi[:2]) < 0 or min(roi[2:]) < 1):
+    if isinstance(roi, tuple) and (min(roi[:2]) < 0 or min(roi[2:]) < 1):
         raise ConfigError(f"preprocess.roi: {list(roi)} needs x, y >= 0 and width, height >= 1")
     bundle = Path(config.infer.bundle)
     if not (bundle / "bundle.json").is_file():

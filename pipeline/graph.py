@@ -33,6 +33,10 @@ Side = Literal["sender", "receiver"]
 # producing frames only to drop them (all of them get processed; see Ring).
 FLOOD_IN_FLIGHT = 4
 
+# A live source's running totals, kept by capture (pipeline.sources): times the stream was lost and came
+# back, frames its newest-frame reader replaced before capture took them, frames held back until the
+# imaging sector was found. None of them was read, so none enters read = scored + dropped.
+SOURCE_COUNTERS = ("reconnects", "reconnected", "source_overwritten", "roi_withheld")
 # Counters every stage may keep: frames taken in, handed on, and messages refused as malformed.
 COMMON_COUNTERS = ("received", "sent", "rejected")
 
@@ -292,7 +296,7 @@ def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, r
     # The main model's own counts where its link is outside the accounting (refined frames only).
     main_counters = ("drop_stale", "drop_send_full") if screen else ()
     stages = [
-        StageSpec("capture", "capture", counters=("read",)),
+        StageSpec("capture", "capture", counters=("read", *SOURCE_COUNTERS)),
         StageSpec("preprocess", "preprocess",
                   counters=("refine_sent", "refine_gone",
                             *(("relayed", "remote_late", "refused", "workers_joined", "workers_lost")

@@ -60,9 +60,8 @@ class InferStage(Stage):
         return control(Kind.WANT, {"n": self.engine.max_batch, "ask": self._asks,
                                    "bundle": self.bundle.sha256, "relay": self.relays})
 
-    def _ask(self, again: bool = False) -> None:
-        """A new ask, or `again` the standing one (same id: it cannot fetch a second batch)."""
-        self._asks += not again
+    def _ask(self) -> None:
+        self._asks += 1
         if not wire.send(self.work, self.want(), block=True):
             raise RuntimeError("infer: preprocess did not take a request for work")
         self._asked_at = time.monotonic()
@@ -74,7 +73,10 @@ class InferStage(Stage):
 
     def step(self, ready: bool) -> None:
         if self._asking and time.monotonic() - self._asked_at > ASK_AGAIN_S:
-            self._ask(again=True)  # a restarted preprocess never heard the standing ask
+            # The standing ask again (same id: it cannot fetch a second batch): a restarted preprocess
+            # never heard it. Not taken now (no peer yet), it is tried again later.
+            wire.send(self.work, self.want())
+            self._asked_at = time.monotonic()
         if not self._asking:
             wait = self._next_ask - time.monotonic()
             if wait > 0:

@@ -77,7 +77,8 @@ class PreprocessStage(Stage):
         self.frames = self.open("frames")
         for link in graph.links_from(self.name, Kind.INPUT):
             bundle = self.bundles[graph.stage(link.receiver).bundle]
-            prepare = Letterbox.for_bundle(bundle.input, cfg.roi, cfg.interpolation)
+            # The ROI is cut at the source, before the ring (pipeline/sources/screen.py).
+            prepare = Letterbox.for_bundle(bundle.input, None, cfg.interpolation)
             self.outlets.append(_Outlet(link, self.open(link.name), prepare, bundle.sha256))
         self.live = next(o for o in self.outlets if o.newest)
         self.end_of_stream = False

@@ -68,6 +68,14 @@ class Telemetry:
 
     def restart_counts(self) -> dict[str, int]:
         return dict(Counter(r["stage"] for r in self.restarts))
+    def source(self) -> dict[str, Any]:
+        """The source's link: `reconnecting` while a live stream or device is lost, reconnects so far,
+        frames its newest-frame reader replaced, frames held back until the imaging sector was found."""
+        counts = sum_counters(self.counters, self.graph).get("capture", {})
+        reconnects = counts.get("reconnects", 0)
+        return {"state": "reconnecting" if reconnects > counts.get("reconnected", 0) else "ok",
+                "reconnects": reconnects, "overwritten": counts.get("source_overwritten", 0),
+                "roi_withheld": counts.get("roi_withheld", 0)}
 
     def accounting(self) -> dict[str, Any]:
         """Frame accounting from the stages' counters; with restarts, the frames that were inside a stage
@@ -96,6 +104,11 @@ class Telemetry:
                 f"p99 {interval.e2e.percentile(99):6.1f} ms  drops {drop_text}")
         if self.restarts:
             line += "  restarts " + " ".join(f"{k} {n}" for k, n in self.restart_counts().items())
+        source = self.source()
+        if source["state"] == "reconnecting":
+            line += f"  source reconnecting ({source['reconnects']})"
+        elif source["reconnects"]:
+            line += f"  reconnects {source['reconnects']}"
         if sys.stderr.isatty():
             print("\r" + line, end="", file=sys.stderr, flush=True)
             self._status_open = True
@@ -135,6 +148,7 @@ class Telemetry:
             "stages": states,
             "restarts": self.restart_counts(),
             **self.peers(),
+            "source": self.source(),
         }
 
     def peers(self) -> dict[str, Any]:
