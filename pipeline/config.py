@@ -201,6 +201,13 @@ class RunConfig:
         "at most 8 s", min=0, max=60)
     summary_skip: int = option(10, "frames skipped at each end of the run in the latency summary",
                                min=0, max=100000)
+    viewer: str | None = option(
+        "auto", "HOST:PORT of the live web viewer (the page at /, Prometheus metrics at /metrics; port 0 "
+        "picks a free one; the URL is printed); any address but a loopback one needs the token printed "
+        "with it; auto: 127.0.0.1:8080 for the demo (the default source) on a terminal, else off; none: off")
+    viewer_linger: float = option(
+        0.0, "seconds the viewer keeps serving a finished run's page and metrics after its summary "
+        "(Ctrl-C ends it sooner)", min=0, max=86400)
 
 
 @dataclass
@@ -390,6 +397,11 @@ def _check_consistency(config: Config) -> None:
         if config.infer.refine == "off":
             raise ConfigError("infer.screen_bundle: a screening cascade needs infer.refine on or auto (the "
                               "main bundle scores only the frames refinement asks for)")
+    if config.run.viewer not in (None, "auto"):
+        try:
+            parse_address(config.run.viewer)
+        except ValueError as exc:
+            raise ConfigError(f"run.viewer: {exc}") from None
     _check_endpoints(config)
     history = refine_history_bytes(config.infer.refine_window_s)
     spare = psutil.virtual_memory().available * REFINE_MEMORY_SHARE
@@ -398,6 +410,15 @@ def _check_consistency(config: Config) -> None:
             f"infer.refine_window_s: {config.infer.refine_window_s:g} s of model inputs can take "
             f"{history / 2**20:.0f} MiB, more than a quarter of this machine's available memory "
             f"({spare / 2**20:.0f} MiB); shorten the window or set infer.refine=off")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) -> (host, port); ValueError saying what is wrong."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (port 0-65535; 0 picks a free one)")
+    return host, int(port)
 
 
 def _check_endpoints(config: Config) -> None:

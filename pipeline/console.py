@@ -48,6 +48,11 @@ def format_event(event: dict[str, Any]) -> str | None:
             f"confidence {_number(event.get('confidence'), '.2f')}{latency}{flags}")
 
 
+def local_endpoint(endpoint: str) -> str:
+    """Where a subscriber on this host connects to an endpoint bound on every interface."""
+    return endpoint.replace("tcp://0.0.0.0:", "tcp://127.0.0.1:").replace("tcp://*:", "tcp://127.0.0.1:")
+
+
 class EventView:
     """Subscribes to the pipeline's own event socket; never blocks the supervisor."""
 
@@ -59,8 +64,7 @@ class EventView:
             keys.apply(self._sub)
         for topic in SHOWN:
             self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        self._sub.connect(endpoint.replace("tcp://0.0.0.0:", "tcp://127.0.0.1:").replace("tcp://*:",
-                                                                                          "tcp://127.0.0.1:"))
+        self._sub.connect(local_endpoint(endpoint))
 
     def lines(self) -> list[str]:
         out = []

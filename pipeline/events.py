@@ -15,7 +15,8 @@ import zmq
 log = logging.getLogger("sweepstream")
 
 SCHEMA_VERSION = 1
-EVENT_TYPES = ("frame", "sweep_started", "best_frame", "biometry", "sweep_ended", "health")
+EVENT_TYPES = ("frame", "sweep_started", "best_frame", "biometry", "sweep_ended", "health",
+               "exam_summary")
 # Fields every event carries; the README documents each event type's own fields.
 COMMON_FIELDS = ("schema", "type", "run_id", "sweep_id", "frame_id", "t_capture", "t_event", "latency_ms")
 

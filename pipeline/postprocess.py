@@ -26,14 +26,17 @@ from engines.bundle import Bundle
 
 from . import wire
 from .analysis import Finding, SweepAnalyzer, resolve
+from .annotate import with_annotations
 from .events import EventSink, make_event, read_journal
+from .exam import ExamRecorder
 from .messages import Kind, RefineRequest, Result, kind_of
 from .metrics import SEGMENTS, segment_row
+from .preview import PreviewFeed
 from .recovery import Recovered, recover
 from .ring import FrameRing
 from .stage import MAX_TAKE, Stage
 from .steps import analyzed_frame, frame_score, output_problem
-from .sweep import OPERATOR_COMMANDS
+from .sweep import EXAM_END, OPERATOR_COMMANDS
 from .wire import Message
 
 log = logging.getLogger("sweepstream")
@@ -104,14 +107,17 @@ class PostprocessStage(Stage):
             self.inputs.append(self.operator)
             self._sockets.append(self.operator)
         journal = Path(self.wiring.out) / "events.jsonl"
-        recovered = recover(read_journal(journal)) if self.life and journal.exists() else Recovered()
+        history = read_journal(journal) if self.life and journal.exists() else []
+        recovered = recover(history) if self.life and journal.exists() else Recovered()
         self._published = recovered.published  # frames already in the journal: never published twice
         self._stream_from = recovered.last_frame_id  # newest-path frames up to here were the last life's
-        self.sink = EventSink(self.context, self.config.postprocess.events, journal,
-                              fsync=self.config.postprocess.fsync,
-                              secure=self.security.secure)
         self.best_dir = Path(self.wiring.out) / BEST_DIR if self.config.postprocess.best_frames else None
+        self.sink = ExamRecorder(EventSink(self.context, self.config.postprocess.events, journal,
+                                           fsync=self.config.postprocess.fsync, secure=self.security.secure),
+                                 self.wiring.run_id, Path(self.wiring.out), self.best_dir)
+        self.sink.replay(history)
         self._unsaved: str | None = None  # why best-frame images cannot be written, once they cannot
+        self.preview = PreviewFeed.open(self.context) if self.config.run.viewer is not None else None
         infer = self.config.infer
         self.refining = infer.refine != "off"
         self.analyzer = SweepAnalyzer(self.config.sweep.for_bundle(self.bundle.best_frame.min_score),
@@ -162,6 +168,8 @@ class PostprocessStage(Stage):
         findings = self.analyzer.add(analyzed, view, refined=result.refined, screened=scorer.screens)
         if view is not None and not self.ring.valid(frame.slot, frame.seq):
             self.analyzer.discard_image(frame.id)
+        elif view is not None and self.preview is not None and not result.refined:
+            self.preview.offer(analyzed, view)
         del view
         if result.refined:  # an older frame: the ring's marks and the stream's clock stay where they are
             self.counters["refined"] += 1
@@ -230,7 +238,7 @@ class PostprocessStage(Stage):
 
     def _publish_all(self, findings: list[Finding], trigger_ns: int | None, frame_event: dict | None,
                      decided_ns: int) -> None:
-        for finding in resolve(findings):
+        for finding in with_annotations(resolve(findings)):
             self._publish(finding, trigger_ns, decided_ns)
         if frame_event is not None:
             self.sink.emit(frame_event)
@@ -297,9 +305,14 @@ class PostprocessStage(Stage):
             name = parsed.get("command") if isinstance(parsed, dict) else None
         except (UnicodeDecodeError, json.JSONDecodeError):
             name = None
+        if name == EXAM_END:
+            self._writes.append(self.writer.submit(self.sink.end_exam))
+            self.counters[f"operator_{name}"] += 1
+            return {"ok": True, "command": name, "sweep_id": self.analyzer.tracker.sweep_id}
         if name not in OPERATOR_COMMANDS:
             self.counters["operator_rejected"] += 1
-            return {"ok": False, "error": f"expected {{\"command\": one of {list(OPERATOR_COMMANDS)}}}"}
+            commands = [*OPERATOR_COMMANDS, EXAM_END]
+            return {"ok": False, "error": f"expected {{\"command\": one of {commands}}}"}
         t = self._last_t if self._last_t is not None else time.monotonic()
         self._write(self.analyzer.command(name, t), None)
         self.counters[f"operator_{name}"] += 1
@@ -311,6 +324,7 @@ class PostprocessStage(Stage):
         self._flushed = True
         t = self._last_t if self._last_t is not None else time.monotonic()
         self._write(self.analyzer.flush(t), None)
+        self._writes.append(self.writer.submit(self.sink.finish))
         self._wait_for_writes()
 
     def _heads(self, bundle: Bundle, outputs: dict[str, np.ndarray]) -> dict:
@@ -336,7 +350,8 @@ class PostprocessStage(Stage):
 
     def describe(self) -> dict:
         control = None if self.operator is None else self.operator.getsockopt(zmq.LAST_ENDPOINT).decode()
-        return {"events": self.sink.bound, "control": control, "curve": self.security.enabled}
+        return {"events": self.sink.bound, "control": control, "curve": self.security.enabled,
+                "preview": None if self.preview is None else self.preview.bound}
 
     def status(self) -> dict:
         """Nothing beyond the counters; the peers refused on the events and operator sockets are one."""
@@ -355,6 +370,8 @@ class PostprocessStage(Stage):
         finally:
             if getattr(self, "sink", None) is not None:
                 self.sink.close()
+            if getattr(self, "preview", None) is not None:
+                self.preview.close()
             if getattr(self, "ring", None) is not None:
                 self.ring.close()
 

@@ -31,10 +31,11 @@ from .console import EventView
 from .graph import Graph, Wiring, pipeline_graph
 from .messages import Kind, control, kind_of
 from .ring import FrameRing
-from .security import console_keys
+from .security import ClientKeys, console_keys
 from .stage import run_stage
 from .steps import preflight_engine
 from .telemetry import Telemetry, format_summary, write_summary
+from .viewer import Viewer, open_viewer
 from .wire import Message
 
 log = logging.getLogger("sweepstream")
@@ -81,6 +82,7 @@ class Supervisor:
         self.error: str | None = None
         self.summary: dict[str, Any] = {}
         self._view: EventView | None = None
+        self.viewer: Viewer | None = None
         self._draining = False
         self._stopping = False  # the run is over: a failure now is reported, not restarted
         self._notes: list[dict[str, Any]] = []  # restart notes waiting to go out as health events
@@ -92,6 +94,7 @@ class Supervisor:
         try:
             bundles = self._preflight()
             self._make_run_folder()
+            self.viewer = open_viewer(self.config, self.out)
         except ConfigError as exc:
             print(f"sweepstream: error: {exc}", file=sys.stderr)
             return 2
@@ -128,6 +131,8 @@ class Supervisor:
                 self.error = str(exc)
             self.t_end = self.t_end or time.monotonic()
         self._write_summary()
+        if self.viewer is not None:
+            self.viewer.finish(self.telemetry, self.config.run.viewer_linger)
         if self.error:
             print(f"sweepstream: {self.error}", file=sys.stderr)
             return 1
@@ -225,6 +230,14 @@ class Supervisor:
         if events and self._view is not None and self._view.endpoint != events:
             self._view.close()
             self._view = EventView(self.context, events)
+        if events and self.viewer is not None:
+            self.viewer.follow(events, handle.describe.get("preview"), handle.describe.get("control"),
+                               self._client_keys())
+
+    def _client_keys(self) -> ClientKeys | None:
+        """The console's client keys in a run with Curve keys (the viewer is the console's too)."""
+        keys = self.config.transport.curve_keys
+        return None if keys is None else console_keys(keys)
 
     def _instances(self, stage: str) -> list[str]:
         return [h.instance for h in self.handles.values() if h.stage == stage]
@@ -253,6 +266,8 @@ class Supervisor:
                 self._go(now)
                 next_health = now + cfg.health_interval
             self._show_events()
+            if self.viewer is not None:
+                self.viewer.update(self.telemetry)
             if self.stop_signal and not draining:
                 log.info("%s: draining the pipeline", self.stop_signal)
                 draining = self._draining = True
@@ -282,6 +297,9 @@ class Supervisor:
             keys = self.config.transport.curve_keys
             if events:
                 self._view = EventView(self.context, events, keys and console_keys(keys))
+        post = next((h.describe for h in self.handles.values() if h.describe.get("events")), None)
+        if self.viewer is not None and post is not None:
+            self.viewer.follow(post["events"], post.get("preview"), post.get("control"), self._client_keys())
         self._tell_stage(self.graph.source.name, Kind.GO)
 
     def _show_events(self) -> None:

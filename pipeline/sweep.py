@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 NO_GOOD_FRAME = "no good frame"
 DEFAULT_MIN_SCORE = 0.5  # for a probability-like score whose bundle declares no operating point
 OPERATOR_COMMANDS = ("start", "stop")
+EXAM_END = "exam_end"  # the operator's command that ends the exam (pipeline.exam), not a sweep
 
 
 @dataclass

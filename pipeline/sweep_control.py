@@ -1,4 +1,5 @@
-"""Mark sweeps by hand on a running pipeline: `start` opens a sweep at the next frame, `stop` ends it.
+"""Mark sweeps by hand on a running pipeline: `start` opens a sweep at the next frame, `stop` ends it;
+`exam_end` ends the exam (its exam_summary follows its open sweep's end).
 
 From the first command on, only the operator's commands delimit sweeps (the source's sweep metadata and the
 automatic probe-lifted / gap rules stop splitting them), as a sonographer with a foot switch would expect.
@@ -15,7 +16,7 @@ import sys
 import zmq
 
 from pipeline.security import ClientKeys, KeyFolderError
-from pipeline.sweep import OPERATOR_COMMANDS
+from pipeline.sweep import EXAM_END, OPERATOR_COMMANDS
 
 
 def send_command(endpoint: str, command: str, timeout_s: float, keys: ClientKeys | None = None) -> dict:
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     """The `sweepstream-sweep-control` command: 0 when the pipeline accepted the command, else 1."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=OPERATOR_COMMANDS, help="start or stop a sweep")
+    parser.add_argument("command", choices=(*OPERATOR_COMMANDS, EXAM_END),
+                        help="start or stop a sweep, or end the exam")
     parser.add_argument("--endpoint", default="tcp://127.0.0.1:5557",
                         help="the pipeline's postprocess.control endpoint (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
