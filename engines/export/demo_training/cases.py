@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,6 +106,24 @@ def split_by_subject(cases: Sequence[CaseFiles], *, val_fraction: float, folds: 
     return train, val
 
 
+def link_cases(cases: Sequence[CaseFiles], source: Path, folder: Path) -> Path:
+    """``folder`` as an ACOUSLIC folder of just these cases (stacks symlinked, the CSV's rows copied), so
+    tools/evaluate.py scores exactly the validation split."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for stacks in (IMAGES_DIR, MASKS_DIR, CSV_PATH.parent):
+        (folder / stacks).mkdir(parents=True)
+    for case in cases:
+        (folder / IMAGES_DIR / case.image.name).symlink_to(case.image.resolve())
+        (folder / MASKS_DIR / case.mask.name).symlink_to(case.mask.resolve())
+    if (source / CSV_PATH).is_file():
+        with (source / CSV_PATH).open(newline="") as f:
+            rows = list(csv.reader(f))
+        keep = {case.case_id for case in cases}
+        with (folder / CSV_PATH).open("w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows([rows[0], *(r for r in rows[1:] if r[0] in keep)])
+    return folder
+
+
 @dataclass
 class PreparedCase:
     """One case's prepared frames, memory-mapped from the cache: model inputs [F, S, S] of every frame,
@@ -142,11 +161,12 @@ def build_entry(files: CaseFiles, letterbox: Letterbox, entry: Path) -> None:
     soft = np.empty((len(labelled), size, size), np.uint8)
     row = 0
     for frame in range(len(images)):
-        inputs, target = prepare(images[frame], masks[frame], letterbox)
-        prepared[frame] = inputs.pixels
         if labels[frame] > 0:
-            soft[row] = target
+            inputs, soft[row] = prepare(images[frame], masks[frame], letterbox)
             row += 1
+        else:  # an empty mask letterboxes to an empty mask: only the image needs the work
+            inputs = letterbox(images[frame])
+        prepared[frame] = inputs.pixels
     partial = entry.with_name(entry.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -156,14 +176,41 @@ def build_entry(files: CaseFiles, letterbox: Letterbox, entry: Path) -> None:
     os.replace(partial, entry)
 
 
-def load_cases(cases: Sequence[CaseFiles], letterbox: Letterbox, cache: Path, desc: str
-               ) -> list[PreparedCase]:
-    """The cases' prepared frames, building any cache entry that is missing or stale."""
+@dataclass
+class CacheStats:
+    """What building cache entries cost: entries built, seconds and bytes on disk (the rest were reused)."""
+
+    built: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    bytes: int = 0
+
+    def as_dict(self) -> dict:
+        def per(total: float, digits: int) -> float | None:
+            return round(total / self.built, digits) if self.built else None
+
+        return {"built": self.built, "reused": self.reused, "seconds_per_built_case": per(self.seconds, 2),
+                "cpu_seconds_per_built_case": per(self.cpu_seconds, 2),
+                "mb_per_built_case": per(self.bytes / 1e6, 1)}
+
+
+def load_cases(cases: Sequence[CaseFiles], letterbox: Letterbox, cache: Path, desc: str,
+               stats: CacheStats) -> list[PreparedCase]:
+    """The cases' prepared frames, building any cache entry that is missing or stale (counted in
+    ``stats``)."""
     loaded = []
     for files in tqdm(cases, desc=desc, unit="case"):
         entry = cache / f"{files.case_id}-{cache_key(files, letterbox)}"
-        if not entry.is_dir():
+        if entry.is_dir():
+            stats.reused += 1
+        else:
+            started, cpu = time.perf_counter(), time.process_time()
             build_entry(files, letterbox, entry)
+            stats.built += 1
+            stats.seconds += time.perf_counter() - started
+            stats.cpu_seconds += time.process_time() - cpu
+            stats.bytes += sum(f.stat().st_size for f in entry.iterdir())
         labels = np.load(entry / "labels.npy")
         rows = np.full(len(labels), -1, np.int64)
         rows[labels > 0] = np.arange(int((labels > 0).sum()))
@@ -193,8 +240,8 @@ class CasePool:
     def counts(self) -> dict[str, int]:
         return {name: len(indices) for name, indices in self.strata().items()}
 
-    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Model inputs [B, S, S] and soft masks [B, S, S] of pool frames ``indices``."""
+    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Model inputs [B, S, S], soft masks [B, S, S] and labels [B] of pool frames ``indices``."""
         picked = [(self.cases[self.case[i]], int(self.frame[i])) for i in indices]
         return (np.stack([case.images[frame] for case, frame in picked]),
-                np.stack([case.mask(frame) for case, frame in picked]))
+                np.stack([case.mask(frame) for case, frame in picked]), self.labels[indices])

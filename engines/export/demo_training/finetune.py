@@ -44,7 +44,7 @@ from engines.export.heads import MaskDecoder, QualityHead, attach_lora, read_tor
 from pipeline import acouslic
 from pipeline.letterbox import BUNDLE_RESIZE, Letterbox
 
-from .cases import CasePool, find_cases, load_cases, split_by_subject
+from .cases import CacheStats, CasePool, find_cases, link_cases, load_cases, split_by_subject
 from .data import stratified_draw
 from .options import TrainError
 from .train import lr_at, mask_loss, optimizer_step, warmup
@@ -211,7 +211,8 @@ def build_heads(clip: nn.Module, opts: HeadsOptions) -> tuple[QualityHead | None
     return quality, mask
 
 
-def losses(model: HeadsModel, images: torch.Tensor, masks: torch.Tensor, autocast: bool) -> dict:
+def losses(model: HeadsModel, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+           autocast: bool) -> dict:
     """Quality BCE against "the frame shows the abdomen" (FetalCLIP-IQA's label: optimal or suboptimal)
     and the demo trainer's mask loss (BCE + soft Dice) on every frame, so background frames ask for an
     empty mask."""
@@ -219,8 +220,7 @@ def losses(model: HeadsModel, images: torch.Tensor, masks: torch.Tensor, autocas
         quality, mask = model(images)
     parts = {}
     if quality is not None:
-        positive = (masks.flatten(1).amax(1) > 0).float()
-        parts["quality"] = F.binary_cross_entropy_with_logits(quality.float(), positive)
+        parts["quality"] = F.binary_cross_entropy_with_logits(quality.float(), (labels > 0).float())
     if mask is not None:
         parts["mask"] = mask_loss(mask.float(), masks)
     return parts
@@ -248,7 +248,7 @@ def validate(model: HeadsModel, pool: CasePool, batch: int, device: torch.device
     quality, areas, dice = [], [], []
     for start in tqdm(range(0, len(pool.labels), batch), desc="validate", unit="batch", leave=False):
         indices = np.arange(start, min(start + batch, len(pool.labels)))
-        images, masks = pool.batch(indices)
+        images, masks, _ = pool.batch(indices)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             q, m = model(torch.from_numpy(images).to(device))
         if q is not None:
@@ -314,6 +314,7 @@ class Setup:
     train: CasePool
     val: CasePool
     letterbox: Letterbox
+    cache: CacheStats
 
 
 def prepare_run(opts: HeadsOptions, device: torch.device) -> Setup:
@@ -341,13 +342,14 @@ def prepare_run(opts: HeadsOptions, device: torch.device) -> Setup:
     preprocessing = input_preprocessing(cfg)
     model = HeadsModel(clip, quality, mask, preprocessing.mean, preprocessing.std).to(device)
     letterbox = Letterbox(clip.visual.image_size[0], 1, interpolation=BUNDLE_RESIZE[preprocessing.resize])
-    train = CasePool.of(load_cases(train_cases, letterbox, opts.cache_folder, "prepare training cases"))
-    val = CasePool.of(load_cases(val_cases, letterbox, opts.cache_folder, "prepare validation cases"))
+    cache, folder = CacheStats(), opts.cache_folder
+    train = CasePool.of(load_cases(train_cases, letterbox, folder, "prepare training cases", cache))
+    val = CasePool.of(load_cases(val_cases, letterbox, folder, "prepare validation cases", cache))
     for name, pool in (("training", train), ("validation", val)):
         if not (pool.labels > 0).any():
             where = [c.files.mask for c in pool.cases]
             raise TrainError(f"{where[0].parent}: no abdomen mask in any {name} case ({len(where)} case(s))")
-    return Setup(model, lora, train, val, letterbox)
+    return Setup(model, lora, train, val, letterbox, cache)
 
 
 def save_outputs(setup: Setup, opts: HeadsOptions, path: Path) -> None:
@@ -410,6 +412,7 @@ def run(opts: HeadsOptions, command: str) -> dict:
     autocast = device.type == "cuda"
     folder = opts.run_folder
     folder.mkdir(parents=True, exist_ok=True)
+    link_cases([c.files for c in setup.val.cases], opts.cases, folder / "validation_cases")
     params = list(trainable(model).values())
     decay = [p for p in params if p.ndim >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
@@ -419,9 +422,11 @@ def run(opts: HeadsOptions, command: str) -> dict:
     samples = opts.samples_per_epoch or max(opts.batch, 2 * int((pool.labels > 0).sum()))
     steps = max(1, samples // opts.batch)
     total = steps * opts.epochs
-    counts = {"train": pool.counts(), "validation": setup.val.counts(),
-              "train_cases": len(pool.cases), "validation_cases": len(setup.val.cases)}
-    print(f"train_heads: {counts}, {steps} steps of {opts.batch} per epoch on {device}"
+    counts = {"train": pool.counts(), "validation": setup.val.counts(), "train_cases": len(pool.cases),
+              "validation_cases": len(setup.val.cases), "frame_cache": setup.cache.as_dict(),
+              "validation_ids": [c.files.case_id for c in setup.val.cases]}
+    shown = {k: v for k, v in counts.items() if k != "validation_ids"}
+    print(f"train_heads: {shown}, {steps} steps of {opts.batch} per epoch on {device}"
           + (f", resuming after epoch {progress['epoch']}" if progress["epoch"] else ""), flush=True)
 
     def summary() -> dict:
@@ -437,12 +442,12 @@ def run(opts: HeadsOptions, command: str) -> dict:
         sums: dict[str, float] = {}
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{opts.epochs}", unit="batch")
         for b in bar:
-            images, masks = pool.batch(draw[b])
+            images, masks, labels = pool.batch(draw[b])
             flip = rng.random(len(images)) < 0.5  # the sector is left-right symmetric
             images = np.where(flip[:, None, None], images[:, :, ::-1], images)
             masks = np.where(flip[:, None, None], masks[:, :, ::-1], masks)
             parts = losses(model, torch.from_numpy(images).to(device), torch.from_numpy(masks).to(device),
-                           autocast)
+                           torch.from_numpy(labels).to(device), autocast)
             lr = lr_at(progress["step"], total, opts.lr, warmup(total))
             optimizer_step(optimizer, sum(parts.values()), lr, params)
             progress["step"] += 1
