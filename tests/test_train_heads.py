@@ -23,6 +23,7 @@ pytest.importorskip("open_clip")
 pytest.importorskip("SimpleITK")
 
 from engines.bundle import load_bundle  # noqa: E402
+from engines.export.demo_training import heads_cli  # noqa: E402
 from engines.export.demo_training.finetune import (  # noqa: E402
     HeadsModel,
     HeadsOptions,
@@ -44,7 +45,7 @@ from pipeline.letterbox import Letterbox  # noqa: E402
 TRAIN_HEADS = REPO / "tools" / "train_heads.py"
 BUILD_BUNDLE = REPO / "tools" / "build_bundle.py"
 # The learning check's small backbone: pretrained here on phantom cases of other seeds, then fresh heads.
-PRETRAIN_SEED, HEADS_SEED = 3000, 4000
+PRETRAIN_SEED, HEADS_SEED = 1000, 2000
 SMALL = ("--batch", "8", "--mask-channels", "32", "--threads", "2", "--lr", "2e-3")
 
 
@@ -131,23 +132,30 @@ def test_the_split_is_by_subject(workdir: Path, three_cases: Path, tiny_ckpt: Pa
 # --------------------------------------------------------------------------- bad input
 
 
-def _one_line_error(result: subprocess.CompletedProcess, named: Path, problem: str) -> None:
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("train_heads: error: "), result.stderr
-    assert str(named) in lines[0] and problem in lines[0], lines[0]
+def _one_line_error(code: int, stderr: str, named: Path, problem: str) -> None:
+    """Exit 1 and one error line, the last one (progress bars of the frame cache may come before it)."""
+    assert code == 1
+    lines = stderr.strip().replace("\r", "\n").splitlines()
+    errors = [line for line in lines if "error" in line.lower()]
+    assert errors == [lines[-1]] and lines[-1].startswith("train_heads: error: "), stderr
+    assert "Traceback" not in stderr
+    assert str(named) in lines[-1] and problem in lines[-1], lines[-1]
 
 
 def test_bad_input_is_one_line_naming_the_file_before_training(workdir: Path, three_cases: Path,
-                                                                tiny_ckpt: Path) -> None:
+                                                                tiny_ckpt: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The command's own main (in this process: one torch import for all of them) on broken copies of the
+    phantom folder; nothing is trained, no run folder is made."""
     root = workdir / "bad"
+    root.mkdir()
 
-    def attempt(cases: Path, weights: Path = tiny_ckpt, config: str = "tiny") -> subprocess.CompletedProcess:
+    def attempt(cases: Path, named: Path, problem: str, config: str = "tiny") -> None:
         out = root / cases.name / "heads.pt"
-        result = tool(TRAIN_HEADS, "--weights", str(weights), "--config", config, "--cases", str(cases),
-                      "--out", str(out), "--epochs", "1")
+        code = heads_cli.main(["--weights", str(tiny_ckpt), "--config", config, "--cases", str(cases),
+                               "--out", str(out), "--epochs", "1"])
         assert not out.with_name("heads.run").exists(), "bad input must stop before training starts"
-        return result
+        _one_line_error(code, capsys.readouterr().err, named, problem)
 
     def copy(name: str) -> Path:
         target = root / name
@@ -160,34 +168,34 @@ def test_bad_input_is_one_line_naming_the_file_before_training(workdir: Path, th
     config = load_config("tiny")
     config["vision_cfg"]["width"] = 128
     wider.write_text(json.dumps(config))
-    _one_line_error(attempt(three_cases, config=str(wider)), tiny_ckpt, "expects a ViT with width 128")
+    attempt(three_cases, tiny_ckpt, "expects a ViT with width 128", config=str(wider))
 
     no_mask = copy("no_mask")
     (no_mask / MASKS_DIR / f"{ids[0]}.mha").unlink()
-    _one_line_error(attempt(no_mask), no_mask / MASKS_DIR / f"{ids[0]}.mha", "no mask stack")
+    attempt(no_mask, no_mask / MASKS_DIR / f"{ids[0]}.mha", "no mask stack")
 
     mismatch = copy("mismatch")
     mask_path = mismatch / MASKS_DIR / f"{ids[1]}.mha"
     write_mha(read_mha(mask_path)[:-1], mask_path)
-    _one_line_error(attempt(mismatch), mask_path, "does not match its image stack")
+    attempt(mismatch, mask_path, "does not match its image stack")
 
     short_csv = copy("short_csv")
     rows = [r for r in csv.reader((short_csv / CSV_PATH).open()) if r[0] != ids[2]]
     with (short_csv / CSV_PATH).open("w", newline="") as f:
         csv.writer(f, lineterminator="\n").writerows(rows)
-    _one_line_error(attempt(short_csv), short_csv / CSV_PATH, f"lacks 1 case(s) of the folder ({ids[2]})")
+    attempt(short_csv, short_csv / CSV_PATH, f"lacks 1 case(s) of the folder ({ids[2]})")
 
     single = copy("single")
     for case in ids[1:]:
         (single / IMAGES_DIR / f"{case}.mha").unlink()
         (single / MASKS_DIR / f"{case}.mha").unlink()
-    _one_line_error(attempt(single), single, "leave the training split empty")
+    attempt(single, single, "leave the training split empty")
 
     empty_masks = copy("empty_masks")
     for case in ids:
         path = empty_masks / MASKS_DIR / f"{case}.mha"
         write_mha(np.zeros_like(read_mha(path)), path)
-    _one_line_error(attempt(empty_masks), empty_masks / MASKS_DIR, "no abdomen mask in any training case")
+    attempt(empty_masks, empty_masks / MASKS_DIR, "no abdomen mask in any training case")
 
 
 # --------------------------------------------------------------------------- learning, resume, pipeline
@@ -211,7 +219,7 @@ def resumed(workdir: Path, pretrained: Path) -> tuple[Path, Path, subprocess.Com
     cases = make_phantoms(workdir / "heads_cases", 5, HEADS_SEED, 40)
     heads = workdir / "fresh" / "heads.pt"
     args = [sys.executable, str(TRAIN_HEADS), "--weights", str(pretrained), "--config", "tiny", "--cases",
-            str(cases), "--out", str(heads), "--epochs", "3", "--samples-per-epoch", "400", *SMALL]
+            str(cases), "--out", str(heads), "--epochs", "2", "--samples-per-epoch", "400", *SMALL]
     checkpoint = heads.with_name("heads.run") / "checkpoint.pt"
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -229,43 +237,47 @@ def resumed(workdir: Path, pretrained: Path) -> tuple[Path, Path, subprocess.Com
     return heads, cases, result, metrics
 
 
+@pytest.mark.timeout(1500)  # the module's pretraining and heads training land here
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(resumed) -> None:
     heads, _, result, metrics = resumed
     assert "resuming after epoch 1" in result.stdout
-    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2]
     assert metrics["history"][0]["train_loss"]  # epoch 1 kept from before the interruption
     assert load_heads(heads).lora is not None
 
 
+@pytest.mark.timeout(1500)  # the module's pretraining and heads training land here
 def test_fresh_heads_on_a_phantom_backbone_learn(resumed) -> None:
     """Held-out subjects (phantom cases never trained on, by the heads or the backbone). Chance is what a
     head that knows nothing but the class balance reaches: quality F1 of calling every frame positive
-    (2p / (1 + p), p the share of positive frames, about 0.2 here) and the Dice of a mask covering the
-    whole input. The thresholds ask for about twice that F1 and three times that Dice, well short of
-    what longer training reaches, so the check fails on a head that learned nothing, not on noise."""
+    (2p / (1 + p), p the share of positive frames: 0.20 here) and the Dice of a mask covering the whole
+    input (0.15). The thresholds ask for twice that F1 (at least 0.4) and three times that Dice (at least
+    0.45); these settings reached F1 0.55 and Dice 0.73 when they were chosen, so the check fails on heads
+    that learned little, not on noise."""
     _, cases, _, metrics = resumed
     best = metrics["history"][metrics["best"]["epoch"] - 1]["validation"]
     p = best["positive_frames"] / best["frames"]
     chance_f1 = 2 * p / (1 + p)
-    assert best["quality_f1"] >= max(0.35, 1.6 * chance_f1), best
+    assert best["quality_f1"] >= max(0.4, 2 * chance_f1), best
     chance_dice = whole_input_dice(cases, metrics)
-    assert best["dice_positive"] >= max(0.3, 2.5 * chance_dice), (best, chance_dice)
+    assert best["dice_positive"] >= max(0.45, 3 * chance_dice), (best, chance_dice)
     print(f"\nlearning check: quality F1 {best['quality_f1']:.3f} (chance {chance_f1:.3f}), SEG F1 "
           f"{best['seg_f1']:.3f}, Dice {best['dice_positive']:.3f} (whole-input mask {chance_dice:.3f})")
 
 
 def whole_input_dice(cases: Path, metrics: dict) -> float:
-    """Mean Dice of an all-ones mask on the labelled frames of the cases, at model resolution."""
-    letterbox = Letterbox(**{k: v for k, v in metrics["letterbox"].items()})
+    """Mean Dice of an all-ones mask on the labelled frames of the validation cases, at model resolution."""
+    letterbox = Letterbox(**metrics["letterbox"])
     scores = []
-    for path in sorted((cases / MASKS_DIR).glob("*.mha")):
-        for frame in read_mha(path):
+    for case in metrics["data"]["validation_ids"]:
+        for frame in read_mha(cases / MASKS_DIR / f"{case}.mha"):
             if frame.any():
                 truth = letterbox((frame > 0).astype(np.uint8) * 255).pixels >= 128
                 scores.append(2 * truth.sum() / (truth.size + truth.sum()))
     return float(np.mean(scores))
 
 
+@pytest.mark.timeout(1500)  # the module's pretraining and heads training land here
 def test_the_trained_bundle_gives_best_frames_and_biometry_live(workdir: Path, pretrained: Path,
                                                                 resumed) -> None:
     heads = resumed[0]
