@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,19 +76,22 @@ class Journal:
                 self._file.close()
 
 
-def read_journal(path: Path) -> list[dict]:
-    """A run's events. A torn last line (the writer died mid-line) is left out, as is anything after a
-    line that does not parse: every reader of journals in the project reads them through here."""
-    events = []
+def iter_journal(path: Path) -> Iterator[dict]:
+    """A run's events, one at a time (a long run's journal is large). A torn last line (the writer died
+    mid-line) is left out, as is anything after a line that does not parse: every reader of journals in
+    the project reads them through here."""
     with open(path, encoding="utf-8", errors="replace") as lines:
         for line in lines:
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
-                break
+                return
             if isinstance(event, dict):
-                events.append(event)
-    return events
+                yield event
+
+
+def read_journal(path: Path) -> list[dict]:
+    return list(iter_journal(path))
 
 
 class EventSink:

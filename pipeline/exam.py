@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -209,7 +209,7 @@ class ExamRecorder:
     def not_recording(self) -> str | None:
         return self.sink.not_recording
 
-    def replay(self, journal: list[dict[str, Any]]) -> None:
+    def replay(self, journal: Iterable[dict[str, Any]]) -> None:
         """A restarted postprocess: the exams its last life left open are taken back from the journal, and
         a summary that life completed but did not get to publish is published now."""
         pending: dict[int, dict[str, Any]] = {}

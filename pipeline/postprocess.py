@@ -27,7 +27,7 @@ from engines.bundle import Bundle
 from . import wire
 from .analysis import Finding, SweepAnalyzer, resolve
 from .annotate import with_annotations
-from .events import EventSink, make_event, read_journal
+from .events import EventSink, iter_journal, make_event
 from .exam import ExamRecorder
 from .messages import Kind, RefineRequest, Result, kind_of
 from .metrics import SEGMENTS, segment_row
@@ -107,15 +107,16 @@ class PostprocessStage(Stage):
             self.inputs.append(self.operator)
             self._sockets.append(self.operator)
         journal = Path(self.wiring.out) / "events.jsonl"
-        history = read_journal(journal) if self.life and journal.exists() else []
-        recovered = recover(history) if self.life and journal.exists() else Recovered()
+        restarted = self.life > 0 and journal.exists()  # the last life's journal is read back, streamed
+        recovered = recover(iter_journal(journal)) if restarted else Recovered()
         self._published = recovered.published  # frames already in the journal: never published twice
         self._stream_from = recovered.last_frame_id  # newest-path frames up to here were the last life's
+        self._open_from = recovered.open_from  # refined frames before this belong to sweeps already ended
         self.best_dir = Path(self.wiring.out) / BEST_DIR if self.config.postprocess.best_frames else None
         self.sink = ExamRecorder(EventSink(self.context, self.config.postprocess.events, journal,
                                            fsync=self.config.postprocess.fsync, secure=self.security.secure),
                                  self.wiring.run_id, Path(self.wiring.out), self.best_dir)
-        self.sink.replay(history)
+        self.sink.replay(iter_journal(journal) if restarted else [])
         self._unsaved: str | None = None  # why best-frame images cannot be written, once they cannot
         self.preview = PreviewFeed.open(self.context) if self.config.run.viewer is not None else None
         infer = self.config.infer
@@ -160,8 +161,8 @@ class PostprocessStage(Stage):
     def _score(self, result: Result, scorer: _Scorer) -> None:
         seen = time.monotonic_ns()
         frame = result.frame
-        if not result.refined and frame.id <= self._stream_from:
-            return  # the last life of this stage already saw it (a restart): its events are in the journal
+        if frame.id <= self._stream_from and (not result.refined or frame.id < self._open_from):
+            return  # the last life of this stage saw it, or its sweep ended then (a restart)
         score = frame_score(scorer.bundle, result.outputs)
         analyzed = analyzed_frame(result, score, scorer.mask_output, self.config.postprocess.pixel_spacing_mm)
         view = self.ring.borrow(frame.slot, frame.seq) if 0 <= frame.slot < self.ring.slots else None

@@ -7,6 +7,7 @@ best frame that is a recovered one is published with its score but without biome
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +31,11 @@ class OpenSweep:
 @dataclass
 class Recovered:
     next_sweep_id: int = 0
-    published: set[int] = field(default_factory=set)  # frame ids whose frame event is in the journal
+    # Frame ids of the open sweeps whose frame event is in the journal (older frames are all behind the
+    # stream: a restarted postprocess publishes nothing before `open_from`).
+    published: set[int] = field(default_factory=set)
     last_frame_id: int = -1  # the newest frame of the stream (capture order) the journal names
+    open_from: int = 0  # the first frame of the oldest open sweep (after the last frame when none is open)
     open: list[OpenSweep] = field(default_factory=list)  # oldest first
     session_case: Any = None
     session_best: ScoredFrame | None = None
@@ -53,17 +57,16 @@ def _scored(sweep_id: int, payload: dict[str, Any] | None) -> ScoredFrame | None
                        float(payload["score"]), float(payload.get("raw_score", payload["score"])))
 
 
-def recover(events: list[dict[str, Any]]) -> Recovered:
-    """The state a journal (read with `events.read_journal`) leaves behind."""
+def recover(events: Iterable[dict[str, Any]]) -> Recovered:
+    """The state a journal (read with `events.iter_journal`) leaves behind, in one pass that keeps only
+    the open sweeps' frames."""
     out = Recovered()
     started: dict[int, dict[str, Any]] = {}
-    ended: set[int] = set()
     frames: dict[int, list[dict[str, Any]]] = {}
     best: dict[int, dict[str, Any]] = {}
     for event in events:
         kind, sweep_id = event.get("type"), event.get("sweep_id")
         if kind == "frame" and event.get("frame_id") is not None:
-            out.published.add(int(event["frame_id"]))
             if not event.get("refined"):
                 out.last_frame_id = max(out.last_frame_id, int(event["frame_id"]))
             if sweep_id is not None:
@@ -72,7 +75,9 @@ def recover(events: list[dict[str, Any]]) -> Recovered:
             started[sweep_id] = event
             out.next_sweep_id = max(out.next_sweep_id, sweep_id + 1)
         elif kind == "sweep_ended":
-            ended.add(sweep_id)
+            started.pop(sweep_id, None)
+            frames.pop(sweep_id, None)
+            best.pop(sweep_id, None)
             out.last_frame_id = max(out.last_frame_id, int(event.get("frame_id") or -1))
         elif kind == "best_frame" and sweep_id is not None:
             if event.get("final"):
@@ -80,7 +85,7 @@ def recover(events: list[dict[str, Any]]) -> Recovered:
                 out.session_best = _scored(sweep_id, event.get("session_best"))
             else:
                 best[sweep_id] = event
-    for sweep_id in sorted(set(started) - ended):
+    for sweep_id in sorted(started):
         start = started[sweep_id]
         own = [e for e in frames.get(sweep_id, []) if not e.get("refined")]
         first = _info(own[0]) if own else FrameInfo(int(start["frame_id"]), float(start.get("t") or 0.0), 0.0,
@@ -88,9 +93,11 @@ def recover(events: list[dict[str, Any]]) -> Recovered:
         last = _info(max(own, key=lambda e: e["frame_id"])) if own else first
         sweep = OpenSweep(sweep_id, first, last, max(1, len(own)), _scored(sweep_id, best.get(sweep_id)))
         for event in frames.get(sweep_id, []):
+            out.published.add(int(event["frame_id"]))
             if event.get("score") is not None and event.get("t_capture") is not None:
                 sweep.scores[int(event["frame_id"])] = (float(event["score"]),
                                                         monotonic_ns_of(float(event["t_capture"])),
                                                         bool(event.get("refined")))
         out.open.append(sweep)
+    out.open_from = min((s.first.frame_id for s in out.open), default=out.last_frame_id + 1)
     return out

@@ -35,13 +35,16 @@ def _stages(supervisor: psutil.Process) -> dict[str, psutil.Process]:
 
 
 def _sample(supervisor: psutil.Process) -> dict[str, dict[str, float]]:
+    """Every process's memory and descriptors, or nothing while a stage is missing (restarting, or the run
+    shutting down): a partial sample would read as a leak or a cure."""
     out = {}
     for name, process in {"supervisor": supervisor, **_stages(supervisor)}.items():
         try:
             out[name] = {"rss_mib": process.memory_info().rss / 2**20, "fds": process.num_fds()}
         except psutil.Error:
             continue
-    return out
+    complete = set(out) == {"supervisor", *STAGES} and all(v["rss_mib"] > 0 for v in out.values())
+    return out if complete else {}
 
 
 class _FrameCount:
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             now = time.monotonic()
             bar.update(counted.update() - bar.n)
             if first is None and now - started > SETTLE_S:
-                first = _sample(supervisor)
+                first = _sample(supervisor) or None
             if now >= next_kill:
                 stage = rng.choice(STAGES)
                 victim = _stages(supervisor).get(stage)
