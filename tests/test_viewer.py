@@ -27,6 +27,15 @@ from pipeline.viewer.browser import PipelineRun, find_chromium, open_page, previ
 SEED, CASES, FRAMES = 7, 2, 70
 ARTIFACTS = Path(os.environ.get("SWEEPSTREAM_ARTIFACTS", REPO / "runs" / "test-artifacts"))
 CHROMIUM = find_chromium()
+# The curve restarts with each sweep, so its growth is measured from a base taken in the same sweep; the
+# function returns [base, now] once the curve has grown by more than 5 points.
+CURVE_GROWN_IN_ONE_SWEEP = """() => {
+  const sweep = document.getElementById('curve-sweep').textContent;
+  const points = Number(document.getElementById('curve-points').textContent);
+  const base = window.curveBase;
+  if (!base || base.sweep !== sweep) { window.curveBase = {sweep, points}; return false; }
+  return points > base.points + 5 && [base.points, points];
+}"""
 pytestmark = pytest.mark.timeout(600)  # one pipeline run with a browser serves the module
 needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium (.ci/run installs it: "
                                    "apt-get install chromium)")
@@ -56,9 +65,8 @@ def viewed_run(tmp_path_factory: pytest.TempPathFactory):
         url = run.url()
         with open_page(url, CHROMIUM) as page:
             _wait(page, "Number(document.getElementById('preview-count').textContent) >= 3")
-            first = int(_text(page, "#curve-points"))
-            _wait(page, f"Number(document.getElementById('curve-points').textContent) > {first + 5}")
-            seen["curve"] = (first, int(_text(page, "#curve-points")))
+            grown = page.wait_for_function(CURVE_GROWN_IN_ONE_SWEEP, timeout=90_000)
+            seen["curve"] = tuple(grown.json_value())
             _wait(page, "document.getElementById('health-fps').textContent !== '-'")
             seen["health"] = {name: _text(page, f"#health-{name}") for name in ("fps", "e2e", "frames")}
             _wait(page, "[...document.querySelectorAll('.card img.annotated')]"
