@@ -10,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 import zmq
 
-from engines.base import EngineTimeout
+from engines.base import Engine, EngineTimeout
 
 from . import wire
 from .messages import Kind, PreparedInput, Result, control
@@ -39,10 +39,13 @@ class InferStage(Stage):
     stamp_in = "inf_in"
     stamp_out = "inf_out"
     relays: ClassVar[bool] = False  # results go back on the work connection (a remote worker)
+    engine: Engine | None = None  # set before start by a worker that serves several runs from one engine
+    reason = ""
 
     def start(self) -> None:
-        self.engine, self.reason = load_engine(self.config.infer, self.bundle)
-        log.info("infer: %s", self.reason)
+        if self.engine is None:
+            self.engine, self.reason = load_engine(self.config.infer, self.bundle)
+            log.info("infer: %s", self.reason)
         self.input_shape = self.bundle.input.frame_shape
         graph = self.wiring.graph
         self.work, self.out = self.open_links()

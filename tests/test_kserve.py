@@ -320,3 +320,19 @@ def test_bench_kserve_prints_and_writes_the_three_engines(tmp_path: Path) -> Non
         assert len(row["ms_per_frame"]) == 2 and row["max_abs_diff_vs_local"] <= SCORE_ATOL
         assert row["engine"] in result.stdout
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_latency_streams_share_one_kserve_server(tmp_path: Path) -> None:
+    """--streams 2 --share kserve: two runs at once, both scored by one KServe v2 server (its process is
+    sampled, no local infer stage scores), every frame of both scored (lossless)."""
+    out = tmp_path / "streams.json"
+    command = [sys.executable, str(REPO / "tools" / "bench_latency.py"), "--no-pattern", "--source",
+               "phantom://3?cases=1&frames=20", "--frames", "30", "--modes", "flood", "--engine", "ort",
+               "--threads", "1", "--policy", "lossless", "--streams", "2", "--share", "kserve", "--skip", "2",
+               "--pixel-format", "gray", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (entry,) = json.loads(out.read_text())["results"]
+    assert entry["streams"]["share"] == "kserve" and entry["streams"]["fairness_p99"] >= 1.0
+    assert [s["scored"] for s in entry["streams"]["per_stream"]] == [30, 30]
+    assert "kserve-server" in entry["processes"]

@@ -309,3 +309,7 @@ def test_a_worker_with_bad_arguments_says_so_in_one_line(keys: Path) -> None:
                               capture_output=True, text=True, cwd=REPO, timeout=60)
         assert done.returncode == 2 and error in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    twice = subprocess.run([sys.executable, str(REPO / "tools" / "infer_worker.py"), "--bundle", REFERENCE,
+                            "--connect", "tcp://127.0.0.1:1", "--connect", "tcp://127.0.0.1:1"],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert twice.returncode == 2 and "a run is named twice" in twice.stderr, twice.stderr
