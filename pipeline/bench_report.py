@@ -270,10 +270,7 @@ def plot_all(report: dict[str, Any], series: dict[str, dict[str, np.ndarray]], s
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, markerscale=4)
     fig.tight_layout()
-    path = stem.with_name(stem.name + "-timeline.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, stem, "timeline", plt))
     batches = [r for r in report["results"] if r.get("max_batch") is not None]
     if len({str(r["max_batch"]) for r in batches}) > 1:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -292,17 +289,12 @@ def plot_all(report: dict[str, Any], series: dict[str, dict[str, np.ndarray]], s
         right.set_ylabel("end-to-end p99 (ms)")
         left.legend(fontsize=7)
         fig.tight_layout()
-        path = stem.with_name(stem.name + "-batch.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, stem, "batch", plt))
     if streams:
         fig, axes = plt.subplots(1, len(streams), figsize=(5 * len(streams), 4), squeeze=False)
         for ax, (name, latencies) in zip(axes[0], streams.items(), strict=True):
             for index, values in enumerate(latencies):
-                if len(values):
-                    ordered = np.sort(values)
-                    ax.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), label=f"stream {index}")
+                plot_cdf(ax, values, label=f"stream {index}")
             ax.set_xscale("log")
             ax.set_xlabel("end-to-end latency (ms)")
             ax.set_ylabel("fraction of frames")
@@ -310,17 +302,25 @@ def plot_all(report: dict[str, Any], series: dict[str, dict[str, np.ndarray]], s
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        path = stem.with_name(stem.name + "-streams.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, stem, "streams", plt))
     stage_figure = _stage_cdfs(report, plt)
     if stage_figure is not None:
-        path = stem.with_name(stem.name + "-stages.png")
-        stage_figure.savefig(path, dpi=110)
-        plt.close(stage_figure)
-        written.append(path)
+        written.append(_save(stage_figure, stem, "stages", plt))
     return written
+
+
+def _save(fig: Any, stem: Path, kind: str, plt: Any) -> Path:
+    path = stem.with_name(f"{stem.name}-{kind}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_cdf(ax: Any, values: np.ndarray, *style: str, **kwargs: Any) -> None:
+    """The empirical CDF of `values` on `ax` (nothing for none)."""
+    if len(values):
+        ordered = np.sort(values)
+        ax.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), *style, **kwargs)
 
 
 def _stage_cdfs(report: dict[str, Any], plt: Any) -> Any:

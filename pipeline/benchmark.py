@@ -45,6 +45,7 @@ from .bench_report import (
     machine,
     markdown,
     plot_all,
+    plot_cdf,
     timeline,
 )
 from .capture import Pacer
@@ -382,10 +383,7 @@ def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for index, (name, (pipe, base)) in enumerate(curves.items()):
         for values, style, label in ((pipe, "-", "pipeline"), (base, "--", "baseline")):
-            if len(values):
-                ordered = np.sort(values)
-                ax.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), style, color=f"C{index}",
-                        label=f"{name} {label}")
+            plot_cdf(ax, values, style, color=f"C{index}", label=f"{name} {label}")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("end-to-end latency (ms)")
