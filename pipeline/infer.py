@@ -112,6 +112,9 @@ class InferStage(Stage):
         except EngineTimeout as exc:
             self._lost(frames, exc)
             return
+        finally:  # a remote engine's link, for health (engine_unreachable: 1 while its server is lost)
+            self.counters["engine_reconnects"] = self.engine.reconnects
+            self.counters["engine_unreachable"] = int(not self.engine.reachable)
         for prepared, outputs in zip(frames, rows, strict=True):
             # Waiting here (rather than dropping a result already paid for) slows infer's pulling, so an
             # overloaded postprocess makes preprocess drop the oldest unscored frames instead.

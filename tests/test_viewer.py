@@ -161,6 +161,9 @@ def test_metrics_parse_as_prometheus_text_and_agree_with_the_summary(viewed_run)
                 if name == "sweepstream_restarts_total"}
     assert set(restarts) >= {"capture", "preprocess", "infer", "postprocess"}
     assert sum(restarts.values()) == summary["restarts"]["count"]
+    # a phantom and the local engine never reconnect
+    assert samples[("sweepstream_reconnects_total", ())] == 0
+    assert samples[("sweepstream_engine_reconnects_total", ())] == 0
 
 
 @needs_browser
@@ -257,7 +260,8 @@ def test_a_page_that_connects_late_is_sent_the_current_state() -> None:
               {"type": "sweep_ended", "sweep_id": 0, "reason": "source", "frame_count": 5},
               {"type": "sweep_started", "sweep_id": 1, "reason": "source", "case": "A", "frame_id": 5},
               {"type": "frame", "sweep_id": 1, "frame_id": 5, "score": 0.2},
-              {"type": "health", "fps_in": 30.0, "fps_out": 29.5, "frames": {"read": 6}}]
+              {"type": "health", "fps_in": 30.0, "fps_out": 29.5, "frames": {"read": 6},
+               "source": {"state": "ok", "reconnects": 2}, "engine": {"state": "ok", "reconnects": 1}}]
     changes = [state.apply(e) for e in events]
     assert changes[1] == {"type": "score", "sweep_id": 0, "frame_id": 0, "score": 0.0}
     snapshot = state.snapshot()
@@ -266,6 +270,8 @@ def test_a_page_that_connects_late_is_sent_the_current_state() -> None:
     (card,) = snapshot["cards"]
     assert card["annotated_png"].endswith("-annotated.png") and card["biometry"]["ac_mm"] == 250.0
     assert snapshot["health"]["fps_in"] == 30.0
+    # the page's reconnects: the source's and the engine's, as health carries them
+    assert snapshot["health"]["source"]["reconnects"] == 2 and snapshot["health"]["engine"]["reconnects"] == 1
 
 
 def test_a_bad_viewer_address_is_one_clear_error(tmp_path: Path) -> None:

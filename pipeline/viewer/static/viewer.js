@@ -57,7 +57,8 @@ function showHealth(h) {
   $("health-frames").textContent = h.frames ? `${h.frames.read} / ${h.frames.scored} / ${h.frames.dropped}` : "-";
   $("health-drops").textContent = h.drops ? Object.entries(h.drops).map(([k, v]) => `${k} ${v}`).join(", ") : "-";
   const sum = (v) => typeof v === "object" && v !== null ? Object.values(v).reduce((a, b) => a + sum(b), 0) : (v || 0);
-  $("health-restarts").textContent = `${sum(h.restarts)} / ${sum(h.reconnects)}`;
+  const reconnects = (h.source ? h.source.reconnects : 0) + (h.engine ? h.engine.reconnects : 0);
+  $("health-restarts").textContent = `${sum(h.restarts)} / ${reconnects}`;
   $("health-stages").textContent = h.stages ? Object.entries(h.stages).map(([k, v]) => `${k} ${v}`).join(", ") : "-";
 }
 
