@@ -55,3 +55,29 @@ def test_an_image_folder_plays_in_name_order_cut_to_the_sector(tmp_path: Path) -
 def test_an_empty_folder_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="no image stacks"):
         check_uri(str(tmp_path))
+
+
+def _frames(source) -> list:  # noqa: ANN001
+    frames = []
+    while (frame := source.read()) is not None:
+        frames.append(frame)
+    return frames
+
+
+@pytest.mark.parametrize("uri", ["phantom://3?cases=2&frames=12", "mp4"])
+def test_seek_goes_on_from_the_frame_reading_through_would(uri: str, mp4_60: Path) -> None:
+    """A restarted capture's Source.seek: the phantom jumps without rendering the frames before (its own
+    seek), a video reads past them (the default); both land on the very frame reading would, through loops
+    too, and past the end without a loop they are over."""
+    uri = str(mp4_60) if uri == "mp4" else uri
+    every = _frames(open_source(uri, "gray", None))
+    for index, loop in ((0, False), (7, False), (len(every) - 1, False), (len(every) + 5, True),
+                        (3 * len(every) + 2, True)):
+        source = open_source(uri, "gray", None)
+        source.seek(index, loop)
+        got, expected = source.read(), every[index % len(every)]
+        assert got.index == expected.index and got.meta == expected.meta
+        assert np.array_equal(got.image, expected.image)
+    source = open_source(uri, "gray", None)
+    source.seek(len(every), False)
+    assert source.read() is None

@@ -55,6 +55,16 @@ class Source(ABC):
     def rewind(self) -> None:
         """Start again from the first frame (for --loop)."""
 
+    def seek(self, index: int, loop: bool) -> None:
+        """Go on from the recording's frame `index` (a restarted capture), counted through its repeats
+        when `loop`. A source without a cheaper way reads past the frames before it."""
+        for _ in range(index):
+            if self.read() is None:
+                if not loop:
+                    return
+                self.rewind()
+                self.read()
+
     @property
     @abstractmethod
     def fps(self) -> float:
