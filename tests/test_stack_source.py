@@ -50,3 +50,21 @@ def test_bad_stacks_are_one_clear_error(tmp_path: Path) -> None:
     source = open_source(str(broken), "gray")
     with pytest.raises(SourceError, match="broken.mha: cannot read image stack"):
         source.read()
+
+
+def test_the_next_stack_is_read_while_the_current_one_plays(tmp_path: Path) -> None:
+    """Stacks are read on the source's reader thread, the next one as soon as the current one starts; what
+    goes wrong there (a broken second stack) is raised, naming the file, at its turn: after every frame of
+    the first."""
+    import threading
+
+    write_stack(tmp_path / "a.mha", 6)
+    (tmp_path / "b.mha").write_text("not an image")
+    source = open_source(str(tmp_path), "gray")
+    played = [source.read()]
+    assert any(t.name.startswith("stack-reader") for t in threading.enumerate())
+    played += [source.read() for _ in range(5)]
+    assert [f.meta["case"] for f in played] == ["a"] * 6
+    with pytest.raises(SourceError, match="b.mha: cannot read image stack"):
+        source.read()
+    source.close()
