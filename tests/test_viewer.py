@@ -36,6 +36,14 @@ CURVE_GROWN_IN_ONE_SWEEP = """() => {
   if (!base || base.sweep !== sweep) { window.curveBase = {sweep, points}; return false; }
   return points > base.points + 5 && [base.points, points];
 }"""
+# The text of the first card whose annotated picture has loaded and whose sweep was measured.
+MEASURED_CARD = """() => {
+  const card = [...document.querySelectorAll('.card')].find(c => {
+    const img = c.querySelector('img.annotated');
+    return img && img.complete && img.naturalWidth > 0 && /GA \\d+w/.test(c.innerText);
+  });
+  return card ? card.innerText : false;
+}"""
 pytestmark = pytest.mark.timeout(600)  # one pipeline run with a browser serves the module
 needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium (.ci/run installs it: "
                                    "apt-get install chromium)")
@@ -69,9 +77,9 @@ def viewed_run(tmp_path_factory: pytest.TempPathFactory):
             seen["curve"] = tuple(grown.json_value())
             _wait(page, "document.getElementById('health-fps').textContent !== '-'")
             seen["health"] = {name: _text(page, f"#health-{name}") for name in ("fps", "e2e", "frames")}
-            _wait(page, "[...document.querySelectorAll('.card img.annotated')]"
-                        ".some(img => img.complete && img.naturalWidth > 0)", timeout_s=120)
-            seen["card"] = page.locator(".card").first.inner_text()
+            # A card appears with its best frame; its biometry follows, and not every sweep is measured.
+            card = page.wait_for_function(MEASURED_CARD, timeout=120_000)
+            seen["card"] = card.json_value()
             late = page.context.browser.new_page()  # a page that connects late is sent the current state
             late.goto(url)
             _wait(late, "document.querySelectorAll('.card img.annotated').length >= 1"

@@ -63,7 +63,7 @@ function showHealth(h) {
 }
 
 function biometryText(b) {
-  if (!b) return "AC not measured";
+  if (!b) return "AC measuring…";  // the final biometry follows its best frame
   if (b.status !== "ok") return `AC not measured (${b.status})`;
   const size = b.unit === "mm" ? `AC ${fmt(b.ac_mm)} mm` : `AC ${fmt(b.ac_px, 0)} px (uncalibrated)`;
   return `${size}, ${gaText(b.ga_weeks)}, confidence ${fmt(b.confidence, 2)}`;
