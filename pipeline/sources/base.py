@@ -93,7 +93,20 @@ class GeneratedSource(Source):
     _frames: Iterator[SourceFrame] | None = None
 
     @abstractmethod
-    def _generate(self) -> Iterator[SourceFrame]: ...
+    def _generate(self, start: int = 0) -> Iterator[SourceFrame]:
+        """The frames from the recording's frame `start` on (a source that cannot start there, with
+        `frame_total` None, is only asked for 0)."""
+
+    def frame_total(self) -> int | None:
+        """Frames in one pass of the recording, when known without reading them; then seek jumps."""
+        return None
+
+    def seek(self, index: int, loop: bool) -> None:
+        total = self.frame_total()
+        if total is None:
+            super().seek(index, loop)
+        else:
+            self._frames = self._generate(index % total if loop and total else min(index, total))
 
     def open(self) -> None:
         self._frames = self._generate()

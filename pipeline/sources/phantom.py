@@ -38,10 +38,9 @@ class PhantomSource(GeneratedSource):
     def fps(self) -> float:
         return self.spec["fps"]
 
-    def seek(self, index: int, loop: bool) -> None:
-        """Straight to the frame, rendering none of those before it."""
-        total = self.spec["cases"] * SWEEPS * self.spec["frames"]
-        self._frames = self._generate(index % total if loop else min(index, total))
+    def frame_total(self) -> int:
+        """Known from the spec, so a seek renders none of the frames before its own."""
+        return self.spec["cases"] * SWEEPS * self.spec["frames"]
 
     def _generate(self, start: int = 0) -> Iterator[SourceFrame]:
         offset = 0  # index of the case's first frame

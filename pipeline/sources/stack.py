@@ -63,6 +63,7 @@ class StackSource(GeneratedSource):
         super().__init__(uri, pixel_format)
         self.files = stack_files(uri)
         self.sweep_boundaries = True
+        self._depth_list: list[int] | None = None
 
     @property
     def fps(self) -> float:
@@ -102,14 +103,47 @@ class StackSource(GeneratedSource):
         spacing = image.GetSpacing()  # (x, y, frame)
         return array, (float(spacing[1]), float(spacing[0]))
 
-    def _generate(self) -> Iterator[SourceFrame]:
-        index, pending = 0, self._load(0)
-        for number, path in enumerate(self.files):
+    def _depths(self) -> list[int]:
+        """Frames per stack from the files' headers alone (no pixels decompressed)."""
+        import SimpleITK as sitk
+
+        if self._depth_list is None:
+            depths = []
+            for path in self.files:
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(str(path))
+                try:
+                    reader.ReadImageInformation()
+                except RuntimeError as exc:
+                    raise SourceError(f"source {path}: cannot read image stack "
+                                      f"({str(exc).strip().splitlines()[-1]})") from None
+                size = reader.GetSize()
+                depths.append(int(size[2]) if len(size) > 2 else 1)
+            self._depth_list = depths
+        return self._depth_list
+
+    def frame_total(self) -> int:
+        """From the headers, so a seek skips the stacks before its frame undecompressed (an ACOUSLIC stack
+        is 350 MB of pixels)."""
+        return sum(self._depths())
+
+    def _generate(self, start: int = 0) -> Iterator[SourceFrame]:
+        first, index = 0, 0
+        if start:
+            depths = self._depths()
+            while first < len(depths) and index + depths[first] <= start:
+                index += depths[first]
+                first += 1
+        pending = self._load(first)
+        for number in range(first, len(self.files)):
+            path = self.files[number]
             stack, spacing = pending.result()  # raises the reader's SourceError
             pending = self._load(number + 1)
             self.size, self.pixel_spacing_mm = (stack.shape[2], stack.shape[1]), spacing
             per_sweep = frames_per_sweep(len(stack))
-            for i, image in enumerate(stack):
+            skip = max(0, start - index)
+            index += skip
+            for i, image in enumerate(stack[skip:], start=skip):
                 if self.pixel_format == "bgr24":
                     image = np.repeat(image[..., None], 3, axis=-1)
                 meta = {"case": case_id(path), "sweep": i // per_sweep, "sweep_frame": i % per_sweep,
