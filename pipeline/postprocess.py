@@ -115,7 +115,8 @@ class PostprocessStage(Stage):
                                  self.wiring.run_id, Path(self.wiring.out), self.best_dir)
         self.sink.replay(iter_journal(journal) if restarted else [])
         self._unsaved: str | None = None  # why best-frame images cannot be written, once they cannot
-        self.preview = PreviewFeed.open(self.context) if self.config.run.viewer is not None else None
+        run = self.config.run
+        self.preview = None if run.viewer is None else PreviewFeed.open(self.context, run.viewer_preview_fps)
         infer = self.config.infer
         self.refining = infer.refine != "off"
         self.analyzer = SweepAnalyzer(self.config.sweep.for_bundle(self.bundle.best_frame.min_score),
