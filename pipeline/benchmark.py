@@ -253,6 +253,8 @@ def run_baseline(config: Config, workdir: Path) -> tuple[dict, list[dict]]:
     t_start = time.monotonic()
     for frame_id in range(config.source.max_frames):
         frame = pacer.read(source) if pacer is not None else source.read()
+        if frame is None and not source.ended:
+            frame = source.next_frame()  # a recording still loading
         if frame is None:
             break
         if pacer is not None:

@@ -74,7 +74,7 @@ def save(ds: Dataset, path: Path) -> Path:
 def read_all(uri: str, pixel_format: str = "gray", roi=None) -> tuple[list, object]:
     source = open_source(uri, pixel_format, roi)
     frames = []
-    while (frame := source.read()) is not None:
+    while (frame := source.next_frame()) is not None:
         frames.append(frame)
     return frames, source
 

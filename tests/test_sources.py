@@ -60,7 +60,7 @@ def test_an_empty_folder_is_one_clear_error(tmp_path: Path) -> None:
 
 def _frames(source) -> list:  # noqa: ANN001
     frames = []
-    while (frame := source.read()) is not None:
+    while (frame := source.next_frame()) is not None:
         frames.append(frame)
     return frames
 
@@ -85,9 +85,9 @@ def test_seek_goes_on_from_the_frame_reading_through_would(uri: str, mp4_60: Pat
                         (3 * len(every) + 2, True)):
         source = open_source(uri, "gray", None)
         source.seek(index, loop)
-        got, expected = source.read(), every[index % len(every)]
+        got, expected = source.next_frame(), every[index % len(every)]
         assert got.index == expected.index and got.meta == expected.meta
         assert np.array_equal(got.image, expected.image)
     source = open_source(uri, "gray", None)
     source.seek(len(every), False)
-    assert source.read() is None
+    assert source.next_frame() is None

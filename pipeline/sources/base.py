@@ -51,6 +51,14 @@ class Source(ABC):
         """After read() gave None: whether the source is over (a live source waiting is not)."""
         return True
 
+    def next_frame(self) -> SourceFrame | None:
+        """The next frame, waited for through every "not yet" (each read waits a little by itself); None only
+        at the end. For readers with nothing else to do meanwhile; the capture loop reads, so it keeps
+        reporting while a source waits."""
+        while (frame := self.read()) is None and not self.ended:
+            pass
+        return frame
+
     @abstractmethod
     def rewind(self) -> None:
         """Start again from the first frame (for --loop)."""
@@ -59,11 +67,11 @@ class Source(ABC):
         """Go on from the recording's frame `index` (a restarted capture), counted through its repeats
         when `loop`. A source without a cheaper way reads past the frames before it."""
         for _ in range(index):
-            if self.read() is None:
+            if self.next_frame() is None:
                 if not loop:
                     return
                 self.rewind()
-                self.read()
+                self.next_frame()
 
     @property
     @abstractmethod
@@ -87,15 +95,24 @@ class Source(ABC):
                 "sweep_boundaries": self.sweep_boundaries}
 
 
-class GeneratedSource(Source):
-    """A recorded source whose frames come from a generator, started again on rewind."""
+_END = object()  # a generator's end, told apart from its "not yet"
 
-    _frames: Iterator[SourceFrame] | None = None
+
+class GeneratedSource(Source):
+    """A recorded source whose frames come from a generator, started again on rewind. The generator may
+    yield None for "not yet" (a file still loading on a reader thread): read gives None, not ended."""
+
+    _frames: Iterator[SourceFrame | None] | None = None
+    _over = False
 
     @abstractmethod
-    def _generate(self, start: int = 0) -> Iterator[SourceFrame]:
+    def _generate(self, start: int = 0) -> Iterator[SourceFrame | None]:
         """The frames from the recording's frame `start` on (a source that cannot start there, with
         `frame_total` None, is only asked for 0)."""
+
+    @property
+    def ended(self) -> bool:
+        return self._over
 
     def frame_total(self) -> int | None:
         """Frames in one pass of the recording, when known without reading them; then seek jumps."""
@@ -112,7 +129,9 @@ class GeneratedSource(Source):
         self._frames = self._generate()
 
     def read(self) -> SourceFrame | None:
-        return next(self._frames, None)
+        frame = next(self._frames, _END)
+        self._over = frame is _END
+        return None if frame is _END else frame
 
     def rewind(self) -> None:
         self._frames = self._generate()

@@ -57,7 +57,7 @@ class SectorSource(Source):
 
     def _prime(self) -> None:
         for _ in range(PRIME_FRAMES):
-            frame = self.inner.read()
+            frame = self.inner.next_frame()
             if frame is None:
                 break
             if self.tracker.update(to_gray(frame.image)) is not None:

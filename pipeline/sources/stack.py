@@ -9,13 +9,14 @@ pixel spacing from the file, which makes biometry calibrated without configurati
 
 Stacks are read on a thread of their own, the next one while the current one plays: an ACOUSLIC stack is
 350 MB of pixels, which a slow cart takes seconds to decompress, and a capture blocked that long between two
-frames would be taken by the watchdog for a stalled one.
+frames would be taken by the watchdog for a stalled one. While a stack is still loading (the first, or the
+next when a flooded run outpaces the reader), a read says "not yet" after a short wait instead of blocking.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ STACK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nii", ".nii.gz")
 ACOUSLIC_IMAGES = Path("images/stacked_fetal_ultrasound")
 SWEEPS_PER_CASE = 6
 STACK_FPS = 30.0  # nominal: the files carry no frame rate
+LOAD_WAIT_S = 0.05  # longest a read waits for a stack still loading before it says "not yet"
 
 
 def is_stack_path(uri: str) -> bool:
@@ -127,7 +129,7 @@ class StackSource(GeneratedSource):
         is 350 MB of pixels)."""
         return sum(self._depths())
 
-    def _generate(self, start: int = 0) -> Iterator[SourceFrame]:
+    def _generate(self, start: int = 0) -> Iterator[SourceFrame | None]:
         first, index = 0, 0
         if start:
             depths = self._depths()
@@ -137,6 +139,8 @@ class StackSource(GeneratedSource):
         pending = self._load(first)
         for number in range(first, len(self.files)):
             path = self.files[number]
+            while not wait([pending], timeout=LOAD_WAIT_S).done:
+                yield None  # still decompressing: the capture loop goes on reporting meanwhile
             stack, spacing = pending.result()  # raises the reader's SourceError
             pending = self._load(number + 1)
             self.size, self.pixel_spacing_mm = (stack.shape[2], stack.shape[1]), spacing
