@@ -193,8 +193,9 @@ class RunConfig:
         10.0, "a started stage silent this long is declared stuck and restarted (engine load and warm-up "
         "count against start_timeout instead)", min=1, max=3600)
     max_restarts: int = option(
-        5, "restarts a stage may have within restart_window_s; one more failure stops the run, naming the "
-        "stage (0: any failure stops the run)", min=0, max=1000)
+        5, "restarts a stage may have within restart_window_s, or in a row without counting anything in "
+        "between; one more failure stops the run, naming the stage (0: any failure stops the run)",
+        min=0, max=1000)
     restart_window_s: float = option(60.0, "the window max_restarts counts over", min=1, max=86400)
     restart_backoff_s: float = option(
         0.25, "wait before the first restart of a stage; doubled for each further restart in the window, "

@@ -58,6 +58,8 @@ class StageHandle:
     life: int = 0  # 0 for the first process, then one more per restart
     restarted_at: list[float] = field(default_factory=list)  # monotonic times of its restarts
     respawn_at: float = math.inf
+    counted_at_restart: int = -1  # the sum of its counters when it was last restarted
+    restarts_without_progress: int = 0  # restarts in a row with its counters unchanged in between
 
 
 class StageFailure(RuntimeError):
@@ -201,6 +203,14 @@ class Supervisor:
         if len(recent) >= cfg.max_restarts:
             raise StageFailure(f"{what}; restarted {len(recent)} times within {cfg.restart_window_s:g} s "
                                "(run.max_restarts), giving up")
+        # A stage failing the same way more slowly than the window counts (a read that outlasts the stall
+        # timeout, every 30 s) would be restarted forever: restarts with no progress between them count too.
+        counted = sum(self.telemetry.counters.get(handle.instance, {}).values())
+        stuck = handle.restarts_without_progress + 1 if counted == handle.counted_at_restart else 0
+        if stuck >= cfg.max_restarts:
+            raise StageFailure(f"{what}; restarted {stuck} times in a row without counting anything in "
+                               "between (run.max_restarts), giving up")
+        handle.counted_at_restart, handle.restarts_without_progress = counted, stuck
         if handle.process.is_alive():
             handle.process.kill()  # also ends a stopped (SIGSTOP) process
         handle.process.join(timeout=5)

@@ -146,6 +146,20 @@ def test_a_stage_that_keeps_failing_stops_the_run_after_its_restarts_with_one_li
     assert summary["outcome"] == "failed" and summary["restarts"]["by_stage"] == {"capture": 2}
 
 
+def test_a_stage_failing_slower_than_the_restart_window_still_stops_the_run(tmp_path: Path) -> None:
+    """The same failure with the restarts further apart than run.restart_window_s (a 1 s backoff against a
+    1 s window, so the window never holds two): restarts with nothing counted between them stop the run
+    after run.max_restarts, where before they went on forever."""
+    out = tmp_path / "run"
+    result = run_pipeline("--source", "synthetic://320x240?frames=30", "--out", str(out), "--quiet",
+                          "--set", "ring.slot_mb=0.01", "--set", "run.max_restarts=2",
+                          "--set", "run.restart_window_s=1", "--set", "run.restart_backoff_s=1")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "stage 'capture' failed" in last and "restarted 2 times in a row without counting" in last
+    assert json.loads((out / "summary.json").read_text())["restarts"]["by_stage"] == {"capture": 2}
+
+
 def test_every_journal_reader_tolerates_a_torn_last_line(tmp_path: Path) -> None:
     journal = tmp_path / "events.jsonl"
     whole = [{"type": "sweep_started", "sweep_id": 0, "frame_id": 3, "case": "a", "t": 0.1},
