@@ -49,7 +49,7 @@ def test_the_feed_publishes_at_its_rate_the_downscaled_crop() -> None:
         received = []
         while sub.poll(200):
             received.append(sub.recv_multipart())
-        assert offered > 100
+        assert offered > 4 * len(received)  # offers far outnumber previews, whatever this machine's speed
         # One at once, then at most one per 0.25 s of the offering; at least half that even where this
         # machine's sleeps run late (each preview is due a period after the last one sent).
         assert elapsed * 4.0 / 2 <= len(received) <= 1 + elapsed * 4.0 + 0.5, (len(received), elapsed)
@@ -68,7 +68,8 @@ def test_a_feed_nobody_reads_never_blocks() -> None:
     context = zmq.Context()
     feed = PreviewFeed.open(context, fps=30.0)
     try:
-        assert _offer_for(feed, 0.5) > 20  # no subscriber: sends are dropped, offers go on
+        # No subscriber: sends are dropped and offers go on (a blocking send would never return).
+        assert _offer_for(feed, 0.5) >= 2
     finally:
         feed.close()
         context.term()
