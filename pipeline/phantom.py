@@ -122,9 +122,9 @@ def _along(direction: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Quadric:
-    """``(p - center)^T Q (p - center) <= 1`` in fetal coordinates (a cylinder has a zero eigenvalue);
-    ``radius`` bounds the solid around its centre (infinite for a cylinder), so a plane farther away skips
-    it."""
+    """``(p - center)^T Q (p - center) <= 1`` in fetal or world coordinates (a cylinder has a zero
+    eigenvalue); ``radius`` bounds the solid around its centre (infinite for a cylinder), so a plane farther
+    away skips it."""
 
     center: np.ndarray
     q: np.ndarray
@@ -165,9 +165,9 @@ class Fetus:
     standard_z: float  # level of the standard AC plane (stomach bubble, umbilical vein), fetal z, mm
     rotation: np.ndarray
     position: np.ndarray
-    ga_weeks: float = 30.0
-    head_semi_axes: tuple[float, float, float] = (40.0, 48.0, 44.0)  # lateral (BPD / 2), AP, length (OFD / 2)
-    femur_mm: float = 55.0
+    ga_weeks: float
+    head_semi_axes: tuple[float, float, float]  # lateral (BPD / 2), antero-posterior, along the spine
+    femur_mm: float
 
     @property
     def section_semi_axes(self) -> tuple[float, float]:
