@@ -111,6 +111,13 @@ def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
     return np.eye(3) + np.sin(angle) * k + (1.0 - np.cos(angle)) * (k @ k)
 
 
+def _rotations(axis: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """(F, 3, 3) Rodrigues rotations about one unit axis, one per angle."""
+    k = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    return (np.eye(3) + np.sin(angles)[:, None, None] * k
+            + (1.0 - np.cos(angles))[:, None, None] * (k @ k))
+
+
 def _along(direction: np.ndarray) -> np.ndarray:
     """A rotation whose third column is the unit vector ``direction`` (for elongated ellipsoids)."""
     d = direction / np.linalg.norm(direction)
@@ -388,13 +395,10 @@ def _make_sweep(rng: np.random.Generator, index: int, frames: int) -> Sweep:
     breath = np.sin(2 * np.pi * cycles * t + phase)
     along = along + rng.uniform(1.5, 4.0) * breath
     depth = rng.uniform(0.5, 2.0) * breath
-    apex, lat, beam = np.empty((frames, 3)), np.empty((frames, 3)), np.empty((frames, 3))
-    for i in range(frames):
-        r = _rotation(world[:, 2], rock[i]) @ _rotation(lateral, tilt[i]) @ _rotation(world[:, 2], yaw[i])
-        lat[i], beam[i] = r @ lateral, r @ world[:, 2]
-        skin = lateral * (offset + shift[i]) + travel * along[i] + world[:, 2] * depth[i]
-        apex[i] = skin - R_MIN * beam[i]
-    return Sweep(apex, lat, beam, _contact(rng, frames))
+    r = _rotations(world[:, 2], rock) @ _rotations(lateral, tilt) @ _rotations(world[:, 2], yaw)
+    lat, beam = r @ lateral, r @ world[:, 2]
+    skin = (lateral * (offset + shift)[:, None] + travel * along[:, None] + world[:, 2] * depth[:, None])
+    return Sweep(skin - R_MIN * beam, lat, beam, _contact(rng, frames))
 
 
 def make_cases(seed: int, count: int, frames_per_sweep: int = FRAMES_PER_SWEEP) -> list[Case]:
@@ -430,6 +434,19 @@ def _scan_maps() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return map_phi, map_r, sector
 
 
+def _grids() -> tuple:
+    """Everything per sample and per pixel that does not depend on the case: polar sample positions, the
+    quadratic basis, beam directions, scan-conversion maps, sector mask, pixel coordinates and angles."""
+    px, py, r = _polar_grid()
+    basis = np.stack([px * px, px * py, py * py, px, py, np.ones_like(px)]).reshape(6, -1)
+    radius = np.hypot(px, py)
+    map_x, map_y, sector = _scan_maps()
+    cx = ((np.arange(WIDTH) - (WIDTH - 1) / 2) * PIXEL_MM).astype(np.float32)
+    cy = (np.arange(HEIGHT) * PIXEL_MM + APEX_MM).astype(np.float32)
+    return (px, py, r, basis, px / radius, py / radius, map_x, map_y, sector, cx, cy,
+            np.arctan2(cx[None], cy[:, None]))
+
+
 def _kernel(sigma: float, size: int) -> np.ndarray:
     return cv2.getGaussianKernel(size, sigma)[:, 0]
 
@@ -461,16 +478,10 @@ class Renderer:
 
     def __init__(self, case: Case) -> None:
         if Renderer._grids is None:
-            Renderer._grids = (_polar_grid(), _scan_maps())
-        (self.px, self.py, r), (self.map_x, self.map_y, self.sector) = Renderer._grids
-        self.basis = np.stack([self.px * self.px, self.px * self.py, self.py * self.py, self.px, self.py,
-                               np.ones_like(self.px)]).reshape(6, -1)
-        radius = np.hypot(self.px, self.py)
-        self.ux, self.uy = self.px / radius, self.py / radius  # beam direction at each sample
+            Renderer._grids = _grids()
+        (self.px, self.py, r, self.basis, self.ux, self.uy, self.map_x, self.map_y, self.sector, self.cx,
+         self.cy, self.pixel_phi) = Renderer._grids
         self.phi = np.linspace(-HALF_ANGLE, HALF_ANGLE, N_PHI)
-        self.cx = ((np.arange(WIDTH) - (WIDTH - 1) / 2) * PIXEL_MM).astype(np.float32)
-        self.cy = (np.arange(HEIGHT) * PIXEL_MM + APEX_MM).astype(np.float32)
-        self.pixel_phi = np.arctan2(self.cx[None], self.cy[:, None])
         self.case = case
         depth = (r - R_MIN) / (R_MAX - R_MIN)
         self.depth_weight = depth.astype(np.float32)[:, None]
