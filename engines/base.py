@@ -24,6 +24,11 @@ class EngineError(ValueError):
     """An engine cannot be selected or used as asked (unavailable backend, bad batch, bad options)."""
 
 
+class EngineTimeout(EngineError):
+    """One batch got no answer in time (a remote server slow, restarting or gone): its frames are lost,
+    the engine stays usable and the stream goes on (the infer stage counts them: drop_engine_timeout)."""
+
+
 AUTO = "auto"
 GPU_AUTO_BATCH = 8
 
@@ -106,6 +111,10 @@ class Engine(ABC):
         """Whether `--engine auto` should pick this backend for this bundle (an explicit choice skips this):
         a backend can run here yet be the wrong default, like torch without a GPU."""
         return True, ""
+
+    def preflight(self) -> None:  # noqa: B027 - most backends have nothing to check before load
+        """Checks that can fail before any stage starts, without loading the model (a remote server's
+        model against the manifest): the supervisor calls this on an engine it builds, then closes it."""
 
     @abstractmethod
     def load(self) -> None:

@@ -21,11 +21,13 @@ ENGINE_MODULES: dict[str, str] = {
     "trt": "engines.tensorrt",
     "torch": "engines.torch",
     "null": "engines.null",
+    "kserve": "engines.kserve",
 }
 """Engine key -> module defining ``ENGINE_CLASS``. Adding a backend is one module plus one line here."""
 
 AUTO_ORDER = ("trt", "torch", "ort")
-"""Preference of ``select_engine("auto")``: fastest first; each backend's ``suits_auto`` may decline."""
+"""Preference of ``select_engine("auto")``: fastest first; each backend's ``suits_auto`` may decline. Never
+kserve (it needs a server named in the config) nor null (a benchmark stand-in): those only when asked."""
 
 _GPU_ONLY_IN_AUTO = ("trt", "torch")
 _OWN_PACKAGES = ("engines", "pipeline")

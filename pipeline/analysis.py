@@ -28,6 +28,7 @@ import numpy as np
 from .acouslic import convex_fov_mask
 from .biometry import Measurement, measure, robust_ac
 from .letterbox import Geometry, to_frame
+from .recovery import Recovered
 from .refine import SweepScores, plan
 from .sweep import BestFrameEvent, FrameInfo, SweepConfig, SweepEvent, SweepTracker
 
@@ -73,9 +74,10 @@ def _gray_copy(image: np.ndarray) -> np.ndarray:
 class SweepAnalyzer:
     """Feeds a :class:`SweepTracker` and turns its events into findings with biometry attached."""
 
-    def __init__(self, config: SweepConfig | None = None, refine: bool = False) -> None:
+    def __init__(self, config: SweepConfig | None = None, refine: bool = False, screened: bool = False
+                 ) -> None:
         self.config = config or SweepConfig()
-        self.tracker = SweepTracker(self.config, hold_finals=refine)
+        self.tracker = SweepTracker(self.config, hold_finals=refine, screened=screened)
         self.scores: dict[int, SweepScores] = {}  # sweep id -> its scored frames, for refinement planning
         self._closing_since: dict[int, int] = {}  # sweep id -> when it was seen waiting for its final
         self._candidates: dict[int, np.ndarray] = {}  # frame id -> full-resolution copy, while planned
@@ -84,12 +86,15 @@ class SweepAnalyzer:
         self._fov_key: tuple[Any, tuple[int, ...]] | None = None
         self.images_missed = 0  # final best frames whose ring slot was overwritten before they were copied
 
-    def add(self, frame: AnalyzedFrame, image: np.ndarray | None, refined: bool = False) -> list[Finding]:
+    def add(self, frame: AnalyzedFrame, image: np.ndarray | None, refined: bool = False,
+            screened: bool = False) -> list[Finding]:
         """One scored frame with its full-resolution image (None when the ring slot was overwritten before
         it could be read). The image may be a borrowed view of the ring: the analyzer reads it now and
         copies only the frames it keeps (the best and the window); if the slot turns out to have been
         overwritten meanwhile, the caller says so with `discard_image`. A `refined` frame was scored late,
-        out of capture order (see pipeline.refine); its image may come from `hold_candidate`."""
+        out of capture order (see pipeline.refine); its image may come from `hold_candidate`. A `screened`
+        frame was scored by a screening cascade's screen model: it moves the sweeps and tells refinement
+        where to look, but only the main model's (refined) scores pick the best frame."""
         frame_id = frame.info.frame_id
         if refined:
             candidate = self._candidates.pop(frame_id, None)
@@ -103,9 +108,26 @@ class SweepAnalyzer:
             sweep_id = self.tracker.sweep_id
         if sweep_id is not None:
             scores = self.scores.setdefault(sweep_id, SweepScores(frame_id, frame_id))
-            scores.add(frame_id, frame.info.score, frame.t_capture_ns)
-            self._keep(frame, image, sweep_id)
+            if screened:
+                scores.add_screened(frame_id, frame.info.score, frame.t_capture_ns)
+            else:
+                scores.add(frame_id, frame.info.score, frame.t_capture_ns)
+                self._keep(frame, image, sweep_id)
         return self._findings(events, frame)
+
+    def resume(self, recovered: Recovered) -> list[Finding]:
+        """A restarted postprocess: the tracker's state from the journal, and the open sweeps' published
+        scores for refinement planning (see pipeline.recovery)."""
+        findings = self._findings(self.tracker.resume(recovered), None)
+        for open_sweep in recovered.open:
+            scores = self.scores.setdefault(open_sweep.sweep_id, SweepScores(open_sweep.first.frame_id,
+                                                                              open_sweep.first.frame_id))
+            for frame_id, (score, captured_ns, refined) in open_sweep.scores.items():
+                if self.tracker.screened and not refined:  # the screen model's, in a cascade
+                    scores.add_screened(frame_id, score, captured_ns)
+                else:
+                    scores.add(frame_id, score, captured_ns)
+        return findings
 
     # -- lookback refinement ------------------------------------------------------------------------------
     def refine_plan(self, held_since_ns: int, limit: int) -> list[int]:

@@ -1,16 +1,23 @@
-"""Measure what the multi-process pipeline costs over doing the same work in one loop.
+"""Measure the pipeline on recorded sweeps, and what it costs over doing the same work in one loop.
 
-For each scenario (the in-memory 1080p test pattern, and any --source files; paced at the native rate and
-flooded) the full four-process pipeline runs, and in the same run an in-process loop does the same work on
-the same frames (source read, preprocess, engine, event to a journal). The difference is what transport
-(ring, ZeroMQ, process hops) adds. The default engine is `null` so inference cost does not hide it.
-Prints per-stage and end-to-end percentiles, throughput, drops and the pipeline/baseline ratios; writes
-JSON and a latency CDF PNG.
+A suite: every source (the in-memory 1080p test pattern, and any --source: video files, .mha stacks,
+DICOM, phantoms) x mode (paced at the native rate / flooded) x engine x batch limit x refine value asked
+for (on the command line or in a --matrix TOML file) runs through the full pipeline, and in the same run an
+in-process loop does the same work on the same frames with the same settings (source read, preprocess,
+engine, sweep analysis, event to a journal): the difference is what transport (ring, ZeroMQ, process hops)
+adds, as ratios measured side by side. The default engine is `null` so inference cost does not hide it.
+
+Per run: per-stage and end-to-end percentiles, throughput, frames read/scored/dropped per boundary, time
+to the first event, CPU time and peak memory per process, host CPU steal, and on sources with ground truth
+the decision latencies and how often the pick equals scoring every frame. Writes JSON (with the machine),
+a Markdown report next to it, and PNGs (latency CDF, latency over time, per-stage latency, and throughput
+and p99 against the batch limit). --compare OLD.json exits 1 when a figure regressed beyond --tolerance.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import tempfile
@@ -21,15 +28,26 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import tomllib
 from tqdm import tqdm
 
 from engines.bundle import load_bundle
 
 from .analysis import SweepAnalyzer, resolve
+from .bench_report import (
+    TOLERANCE,
+    ProcessSampler,
+    compare_runs,
+    first_event_s,
+    machine,
+    markdown,
+    plot_all,
+    timeline,
+)
 from .capture import Pacer
 from .config import ENGINE_CHOICES, REFERENCE_BUNDLE, Config, ConfigError, load_config
 from .decisions import decisions, has_ground_truth
-from .events import Journal, make_event
+from .events import Journal, make_event, read_journal
 from .letterbox import Letterbox
 from .messages import FrameRef, Result
 from .metrics import LatencyHistogram
@@ -68,10 +86,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="any run config option for the pipeline runs, e.g. infer.rate_limit_fps=4 to "
                              "emulate a slower cart (repeatable); the baseline still scores every frame")
+    parser.add_argument("--engines", help="comma-separated engines, one run each (default: --engine)")
+    parser.add_argument("--batches", default="auto",
+                        help="comma-separated infer.max_batch values, one run each (e.g. 1,4,8,auto)")
+    parser.add_argument("--skip", type=int, default=10,
+                        help="warm-up and cool-down frames left out of the figures at each end")
+    parser.add_argument("--matrix", type=Path,
+                        help="a TOML file naming any of these options (sources, modes, engines, batches, "
+                             "refine, frames, bundle, set, ...) instead of the command line")
+    parser.add_argument("--compare", type=Path, metavar="OLD.json",
+                        help="compare with a saved run; exit 1 when a figure regressed beyond --tolerance")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
+                        help=f"relative change --compare accepts (default {TOLERANCE:g})")
     parser.add_argument("--json", type=Path, default=Path("bench_latency.json"),
-                        help="where to write the figures")
+                        help="where to write the figures (the Markdown report and PNGs go next to it)")
     parser.add_argument("--png", type=Path, help="latency CDF plot (default: next to --json)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.matrix is not None:
+        _apply_matrix(parser, args)
+    return args
+
+
+def _apply_matrix(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Options from a TOML file (lists for the comma-separated ones); the command line's own are defaults."""
+    try:
+        table = tomllib.loads(args.matrix.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SystemExit(f"bench_latency: --matrix {args.matrix}: {exc}") from None
+    known = {action.dest for action in parser._actions} | {"sources"}
+    for key, value in table.items():
+        dest = key.replace("-", "_")
+        if dest not in known or dest in ("matrix", "help"):
+            raise SystemExit(f"bench_latency: --matrix {args.matrix}: unknown option {key!r}")
+        if dest == "sources":
+            dest = "source"
+        if isinstance(value, list) and dest not in ("source", "set"):
+            value = ",".join(str(v) for v in value)
+        setattr(args, dest, value)
 
 
 def scenarios(args: argparse.Namespace) -> list[dict]:
@@ -84,14 +135,22 @@ def scenarios(args: argparse.Namespace) -> list[dict]:
         except SourceError as exc:
             raise SystemExit(f"bench_latency: --source: {exc}") from None
         sources.append((uri.split("?")[0].replace("://", "-") if "://" in uri else Path(uri).name, uri))
-    refines = args.refine.split(",")
+    refines, batches = args.refine.split(","), args.batches.split(",")
+    engines = (args.engines or args.engine).split(",")
+    for engine in engines:
+        if engine not in ENGINE_CHOICES:
+            raise SystemExit(f"bench_latency: --engines: unknown engine {engine!r} "
+                             f"({', '.join(ENGINE_CHOICES)})")
     out = []
     for mode in args.modes.split(","):
         if mode not in ("paced", "flood"):
             raise SystemExit(f"bench_latency: --modes: unknown mode {mode!r} (paced, flood)")
-        for refine in refines:
-            suffix = f" refine={refine}" if len(refines) > 1 else ""
-            out += [{"name": f"{name} {mode}{suffix}", "mode": mode, "uri": uri, "refine": refine}
+        for engine, batch, refine in itertools.product(engines, batches, refines):
+            group = f"{mode}" + (f" {engine}" if len(engines) > 1 else "")
+            group += f" refine={refine}" if len(refines) > 1 else ""
+            suffix = f" batch={batch}" if len(batches) > 1 else ""
+            out += [{"name": f"{name} {group}{suffix}", "group": f"{name} {group}", "mode": mode,
+                     "uri": uri, "refine": refine, "engine": engine, "max_batch": batch}
                     for name, uri in sources]
     return out
 
@@ -103,16 +162,13 @@ def scenario_config(args: argparse.Namespace, scenario: dict, out: Path) -> Conf
         return load_config(overrides={
             "source.uri": scenario["uri"], "source.flood": scenario["mode"] == "flood",
             "source.max_frames": args.frames, "source.pixel_format": args.pixel_format,
-            "infer.bundle": args.bundle, "infer.engine": args.engine, "infer.threads": args.threads,
+            "infer.bundle": args.bundle, "infer.engine": scenario.get("engine", args.engine),
+            "infer.max_batch": scenario.get("max_batch", "auto"), "infer.threads": args.threads,
             "infer.refine": scenario["refine"], "transport.policy": args.policy,
             "postprocess.events": "tcp://127.0.0.1:*", "postprocess.control": None, "run.out": str(out),
-            "run.quiet": True, **extra})
+            "run.summary_skip": args.skip, "run.quiet": True, **extra})
     except ConfigError as exc:
         raise SystemExit(f"bench_latency: {exc}") from None
-
-
-def read_journal(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def run_pipeline(config: Config, scenario: dict) -> tuple[dict, list[dict]]:
@@ -133,10 +189,10 @@ def run_baseline(config: Config, workdir: Path) -> tuple[dict, list[dict]]:
     no process hops."""
     bundle = load_bundle(config.infer.bundle)
     engine, _ = load_engine(config.infer, bundle, max_batch=1)
-    source = open_source(config.source.uri, config.source.pixel_format)
+    source = open_source(config.source.uri, config.source.pixel_format, config.preprocess.roi)
     pacer = None if config.source.flood or source.live else Pacer(source.fps)
-    prepare = Letterbox.for_bundle(bundle.input, config.preprocess.roi, config.preprocess.interpolation)
-    journal = Journal(workdir / "baseline.jsonl")
+    prepare = Letterbox.for_bundle(bundle.input, None, config.preprocess.interpolation)  # ROI: at the source
+    journal = Journal(workdir / "baseline.jsonl", config.postprocess.fsync)
     analyzer = SweepAnalyzer(config.sweep.for_bundle(bundle.best_frame.min_score))
     mask_output = next((n for n, spec in bundle.outputs.items() if spec.kind == "mask"), None)
     ring_slot = None
@@ -200,11 +256,12 @@ def stats(values: np.ndarray, skip: int = 10) -> dict:
 
 
 def compare(scenario: dict, summary: dict, pipe_lat: np.ndarray, base: dict, base_lat: np.ndarray,
-            steal: dict[str, float]) -> dict:
-    pipe, baseline = stats(pipe_lat), stats(base_lat)
+            steal: dict[str, float], skip: int = 10) -> dict:
+    pipe, baseline = stats(pipe_lat, skip), stats(base_lat, skip)
     frames = summary["frames"]
     result = {
-        "scenario": scenario["name"], "mode": scenario["mode"],
+        "scenario": scenario["name"], "scenario_group": scenario.get("group", scenario["name"]),
+        "mode": scenario["mode"], "engine": scenario.get("engine"), "max_batch": scenario.get("max_batch"),
         "pipeline": {"throughput_fps": summary["throughput_fps"], "read": frames["read"],
                      "scored": frames["scored"], "dropped": frames["dropped"],
                      "drops_per_boundary": {k: v["dropped"] for k, v in frames["boundaries"].items()},
@@ -284,32 +341,51 @@ def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    results, curves = [], {}
+    results, curves, series = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
         todo = scenarios(args)
         for scenario in tqdm(todo, desc="scenarios", unit="run"):
             workdir = Path(tmp) / str(len(results))
             workdir.mkdir()
             config = scenario_config(args, scenario, workdir / scenario["name"].replace(" ", "_"))
-            with host_steal() as pipe_steal:
+            started = time.time()
+            with host_steal() as pipe_steal, ProcessSampler() as sampler:
                 summary, pipe_events = run_pipeline(config, scenario)
             with host_steal() as base_steal:
                 base, base_events = run_baseline(config, workdir)
             steal = {"pipeline": pipe_steal["steal_pct"], "baseline": base_steal["steal_pct"]}
             pipe_lat, base_lat = newest_latencies(pipe_events), newest_latencies(base_events)
-            result = compare(scenario, summary, pipe_lat, base, base_lat, steal)
+            result = compare(scenario, summary, pipe_lat, base, base_lat, steal, args.skip)
+            result["processes"] = sampler.figures()
+            result["first_event_s"] = first_event_s(pipe_events, started)
             if has_ground_truth(base_events):
                 result["decisions"] = decisions(pipe_events, base_events, base["fps"])
             results.append(result)
             curves[scenario["name"]] = (pipe_lat, base_lat)
+            series[scenario["name"]] = timeline(pipe_events)
     for result in results:
         print_result(result)
-    report = {"targets": TARGETS, "engine": args.engine, "pixel_format": args.pixel_format,
-              "frames_per_scenario": args.frames, "results": results}
+    report = {"machine": machine(), "targets": TARGETS, "engine": args.engine, "bundle": args.bundle,
+              "pixel_format": args.pixel_format, "frames_per_scenario": args.frames, "skip": args.skip,
+              "results": results}
+    code = 0
+    if args.compare is not None:
+        try:
+            old = json.loads(args.compare.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"bench_latency: --compare {args.compare}: {exc}") from None
+        lines, regressions = compare_runs(report, old, args.tolerance)
+        report["comparison"] = {"against": str(args.compare), "tolerance": args.tolerance, "lines": lines,
+                                "regressions": regressions}
+        print(f"\nagainst {args.compare} (tolerance {100 * args.tolerance:.0f} %):")
+        print("\n".join(f"  {line}" for line in lines))
+        print(f"  {len(regressions)} regression(s)" + "".join(f"\n  REGRESSED {r}" for r in regressions))
+        code = 1 if regressions else 0
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
+    args.json.with_suffix(".md").write_text(markdown(report))
     png = args.png or args.json.with_suffix(".png")
     plot(curves, png)
-    print(f"\nwrote {args.json} and {png}")
-    return 0
-
+    extra = plot_all(report, series, args.json.with_suffix(""))
+    print(f"\nwrote {args.json}, {args.json.with_suffix('.md')}, {png}" + "".join(f", {p}" for p in extra))
+    return code

@@ -75,13 +75,29 @@ class CaptureStage(Stage):
 
     def start(self) -> None:
         cfg = self.config.source
-        self.source: Source = open_source(cfg.uri, cfg.pixel_format)
+        self.source: Source = open_source(cfg.uri, cfg.pixel_format, self.config.preprocess.roi)
         self.ring = FrameRing.attach(self.wiring.ring)
         self.out = self.open("frames")
         self.pacer = None if (cfg.flood or self.source.live) else Pacer(self.source.fps)
         self._next_id = 0
         self._running = False
         self._in_flight: dict[int, int] = {}  # ring slot -> id of the frame sent from it
+        if self.life:
+            self._resume()
+
+    def _resume(self) -> None:
+        """A restarted capture: frame ids go on after the newest frame in the ring, and a recording goes on
+        from the frame after it (read past; a live source simply delivers its newest)."""
+        self._next_id = self.ring.resume()
+        if self.source.live:
+            return
+        for _ in range(self._next_id):
+            if self.source.read() is None:
+                if not self.config.source.loop:
+                    break
+                self.source.rewind()
+                self.source.read()
+        log.info("capture: restarted; going on from frame %d", self._next_id)
 
     def go(self) -> None:
         self._running = True
@@ -97,6 +113,10 @@ class CaptureStage(Stage):
         if self._lossless or self.config.source.flood:
             self._wait_for_reader()  # before reading, so a flooded frame's latency starts when it is read
         frame = self.pacer.read(self.source) if self.pacer is not None else self.source.read()
+        for name, count in self.source.health().items():  # the source's own running totals
+            self.counters[name] = count
+        if frame is None and not self.source.ended:
+            return  # a live source with no new frame yet (or reconnecting): poll control, try again
         if frame is None and self.config.source.loop:
             self.source.rewind()
             frame = self.source.read()
@@ -105,11 +125,11 @@ class CaptureStage(Stage):
             return
         if self.pacer is not None:
             self.pacer.wait(frame.pts)
-        self._publish(frame, time.monotonic_ns())
+        self._publish(frame, frame.t_arrival or time.monotonic_ns())
 
     def _limit_reached(self) -> bool:
         cfg = self.config.source
-        return (cfg.max_frames is not None and self.counters["read"] >= cfg.max_frames) or (
+        return (cfg.max_frames is not None and self._next_id >= cfg.max_frames) or (
             cfg.duration is not None and time.monotonic() - self._started >= cfg.duration)
 
     def _publish(self, frame: SourceFrame, t_capture: int) -> None:

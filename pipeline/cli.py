@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, epilog=describe_options(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", metavar="PATH_OR_URL",
-                        help="video file, stream URL, /dev/videoN, image stack or case folder, "
-                        "phantom://SEED or synthetic://WxH (default: the demo, phantom://7?cases=1)")
+                        help="video file, stream URL (rtsp/udp/srt/http), /dev/videoN or v4l2://..., DICOM "
+                        "file or series folder, image folder, image stack or case folder, phantom[://SEED] "
+                        "or synthetic://WxH (default: the demo, phantom://7?cases=1)")
     parser.add_argument("--bundle", metavar="DIR", help="model bundle directory (default: bundles/demo)")
     parser.add_argument("--engine", choices=ENGINE_CHOICES,
                         help="inference backend (default auto: TensorRT, then torch-CUDA, then ONNX Runtime)")

@@ -5,8 +5,9 @@ Every option lives in one dataclass field whose metadata carries its help text a
 values are errors raised before any process starts.
 
 Each inference backend declares its own options (`Engine.options_type`, e.g. `engines.tensorrt.TrtOptions`);
-they are the sub-tables of `[infer]` named by engine key (`[infer.trt]`, `--set infer.trt.cache_dir=...`),
-so a backend's settings reach it without this file naming them. Reading them imports each backend module,
+they are the sub-tables of `[infer]` named by engine key (`[infer.trt]`, `--set infer.trt.cache_dir=...`, or
+spelled flat, `--set infer.kserve_url=...` for `infer.kserve.url`), so a backend's settings reach it without
+this file naming them. Reading them imports each backend module,
 never its library (no tensorrt, torch or onnxruntime).
 """
 
@@ -22,10 +23,12 @@ from typing import Any, Literal
 
 import psutil
 import tomli_w
+import zmq
 
 from engines.registry import ENGINE_MODULES, backend_options
 
 from .options import option
+from .security import KeyFolderError, check_server_keys, is_loopback
 from .sweep import SweepConfig
 
 if sys.version_info >= (3, 11):
@@ -55,10 +58,12 @@ def _default_backend_options() -> dict[str, Any]:
 
 @dataclass
 class SourceConfig:
-    uri: str = option(DEFAULT_SOURCE, "video file, stream URL (rtsp://, udp://, http://), /dev/videoN, "
-                      "image stack (.mha/.mhd/.nrrd/.nii, 6 sweeps per case) or a folder of them "
-                      "(ACOUSLIC-AI layout), phantom://SEED[?cases=N&frames=F&fps=R] (synthetic blind "
-                      "sweeps) or synthetic://WxH[?fps=F&frames=N&channels=C] (in-memory test pattern)")
+    uri: str = option(DEFAULT_SOURCE, "video file, stream URL (rtsp://, udp://, rtp://, srt://, http(s)://), "
+                      "capture card (/dev/videoN, v4l2:///dev/videoN?size=WxH&fps=F&format=yuyv|nv12|mjpg), "
+                      "DICOM (.dcm or a folder of one series), a folder of images, image stack "
+                      "(.mha/.mhd/.nrrd/.nii, 6 sweeps per case) or a folder of them (ACOUSLIC-AI layout), "
+                      "phantom or phantom://SEED[?cases=N&frames=F&fps=R] (synthetic blind sweeps) or "
+                      "synthetic://WxH[?fps=F&frames=N&channels=C] (in-memory test pattern)")
     flood: bool = option(False, "read as fast as the pipeline takes frames instead of at the source's "
                          "native rate (capture waits for preprocess; later boundaries follow the policy)")
     loop: bool = option(False, "restart the source at its end")
@@ -84,12 +89,27 @@ class TransportConfig:
     policy: Literal["latest", "lossless"] = option(
         "latest", "latest: a stage that is behind drops older frames (counted); "
         "lossless: stages block instead (evaluation, no drops)")
+    remote: str | None = option(
+        None, "tcp://ADDR:PORT where preprocess also serves its work queue to infer workers on other "
+        "machines (tools/infer_worker.py --connect tcp://HOST:PORT); they ask for work and send their "
+        "results back over that one connection. An address beyond loopback needs transport.curve_keys")
+    curve_keys: str | None = option(
+        None, "key folder made by tools/keys.py --out DIR: CurveZMQ on the remote endpoint, the events "
+        "PUB and the operator REP (even on loopback), letting in only the client keys in DIR/clients "
+        "(ZAP); required for any endpoint bound beyond loopback")
+    remote_timeout_s: float = option(
+        5.0, "a remote worker silent this long (no result, no request) is gone: the frames it held are "
+        "counted as dropped (drop_worker_lost); it is used again when it asks again", min=0.5, max=600)
 
 
 @dataclass
 class PreprocessConfig:
-    roi: tuple[int, int, int, int] | None = option(
-        None, "crop x,y,width,height applied to the full frame before pad-to-square and resize")
+    roi: tuple[int, int, int, int] | Literal["auto"] | None = option(
+        "auto", "the part of each frame that goes on (cropped before the ring, so saved best frames hold "
+        "only it): auto finds the imaging sector on sources that show a machine's screen (capture cards, "
+        "streams, video files, image folders, DICOM without ultrasound regions; the rest of the screen, "
+        "patient name included, is dropped), crops DICOM to its ultrasound region and keeps stacks and "
+        "phantoms whole; x,y,width,height: a fixed box; none: whole frames")
     interpolation: Literal["bicubic", "area", "cubic", "linear", "nearest"] | None = option(
         None, "final resize filter to the model input size (default: the bundle's input.resize)")
 
@@ -98,11 +118,15 @@ class PreprocessConfig:
 class InferConfig:
     bundle: str = option(str(DEFAULT_BUNDLE), "model bundle directory (bundle.json + model files)")
     engine: Literal[ENGINE_CHOICES] = option(  # type: ignore[valid-type]
-        "auto", "inference backend; auto tries TensorRT, then torch-CUDA, then ONNX Runtime")
+        "auto", "inference backend; auto tries TensorRT, then torch-CUDA, then ONNX Runtime; kserve (a "
+        "remote KServe v2 / Triton server, infer.kserve_url) and null only when asked")
     max_batch: int | Literal["auto"] = option(
         "auto", "largest batch taken from what is waiting (never waits to fill one); auto: 1 on a CPU (a "
         "batch of N costs N inferences there, so it only makes frames wait behind each other), up to 8 on "
         "a GPU", min=1, max=MAX_BATCH)
+    workers: int = option(
+        1, "local infer processes sharing the work; 0: none, all inference by remote workers "
+        "(transport.remote)", min=0, max=16)
     threads: int = option(0, "intra-op threads for the engine (0 = one fewer than the usable CPU cores, at "
                           "least 1: the other stages need a core)", min=0, max=256)
     refine: Literal["auto", "on", "off"] = option(
@@ -119,7 +143,13 @@ class InferConfig:
         min=0, max=60)
     rate_limit_fps: float | None = option(
         None, "at most this many frames a second through the engine (leaves CPU to other software on a "
-        "shared cart; emulates a slower cart in benchmarks); none: as fast as it goes", min=0.01, max=10000)
+        "shared cart; emulates a slower cart in benchmarks); with a screen bundle, the main engine's rate "
+        "(the screen runs free); none: as fast as it goes", min=0.01, max=10000)
+    screen_bundle: str | None = option(
+        None, "screening cascade: a fast bundle (e.g. a MobileCLIP2-S0 student) scores every newest frame "
+        "and tracks the sweeps; the main bundle scores only each sweep's best screened frames and the "
+        "frames around its own best (lookback refinement, so infer.refine may not be off), and picks the "
+        "best frames and measures them. Same engine options as the main bundle; none: no cascade")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "device for backends that have a choice")
     precision: Literal["auto", "fp32", "fp16", "int8"] = option(
         "auto", "model precision; ort: auto runs the bundle's gated int8 model on CPU when it has one "
@@ -142,6 +172,10 @@ class PostprocessConfig:
         "biometry is reported in pixels and flagged uncalibrated", min=1e-6, max=100)
     best_frames: bool = option(True, "save each sweep's final best frame and its mask as full-resolution "
                                "PNGs in the run folder (best/)")
+    fsync: Literal["event", "interval", "off"] = option(
+        "event", "when the journal reaches the disk: every event is written through to the kernel at once "
+        "(a crash loses nothing); event: fsync'd per event (a power cut loses nothing either); interval: "
+        "at most 1 s of events at risk; off: whenever the kernel writes it")
 
 
 @dataclass
@@ -155,9 +189,25 @@ class RunConfig:
     stop_timeout: float = option(2.0, "seconds the stages get to drain and exit on shutdown", min=0.1, max=60)
     start_timeout: float = option(120.0, "seconds a stage may take to start (engine load, warm-up)",
                                   min=1, max=3600)
-    stall_timeout: float = option(10.0, "a started stage silent this long is declared stuck", min=1, max=3600)
+    stall_timeout: float = option(
+        10.0, "a started stage silent this long is declared stuck and restarted (engine load and warm-up "
+        "count against start_timeout instead)", min=1, max=3600)
+    max_restarts: int = option(
+        5, "restarts a stage may have within restart_window_s; one more failure stops the run, naming the "
+        "stage (0: any failure stops the run)", min=0, max=1000)
+    restart_window_s: float = option(60.0, "the window max_restarts counts over", min=1, max=86400)
+    restart_backoff_s: float = option(
+        0.25, "wait before the first restart of a stage; doubled for each further restart in the window, "
+        "at most 8 s", min=0, max=60)
     summary_skip: int = option(10, "frames skipped at each end of the run in the latency summary",
                                min=0, max=100000)
+    viewer: str | None = option(
+        "auto", "HOST:PORT of the live web viewer (the page at /, Prometheus metrics at /metrics; port 0 "
+        "picks a free one; the URL is printed); any address but a loopback one needs the token printed "
+        "with it; auto: 127.0.0.1:8080 for the demo (the default source) on a terminal, else off; none: off")
+    viewer_linger: float = option(
+        0.0, "seconds the viewer keeps serving a finished run's page and metrics after its summary "
+        "(Ctrl-C ends it sooner)", min=0, max=86400)
 
 
 @dataclass
@@ -257,8 +307,27 @@ def _coerced(cls: type, name: str, values: dict[str, Any], origin: str, tables: 
             for key, value in values.items()}
 
 
+def _flat_table_key(key: str, tables: dict[str, Any], fields: set[str]) -> tuple[str, str] | None:
+    """(table, option) when `key` spells a sub-table's option flat, as TABLE_OPTION (`kserve_url` for
+    `kserve.url`), and is no option of the section itself; else None."""
+    if key in fields or key in tables:
+        return None
+    for table, options in tables.items():
+        option_name = key.removeprefix(f"{table}_")
+        if option_name != key and option_name in {f.name for f in dataclasses.fields(options)}:
+            return table, option_name
+    return None
+
+
 def _apply(section: Any, section_name: str, values: dict[str, Any], origin: str) -> None:
     tables = _tables(section)
+    fields = {f.name for f in dataclasses.fields(section)}
+    for key in list(values):
+        if (flat := _flat_table_key(key, tables, fields)) is not None:
+            table, option_name = flat
+            nested = values.setdefault(table, {})
+            if isinstance(nested, dict):
+                nested[option_name] = values.pop(key)
     plain = {key: value for key, value in values.items() if key not in tables}
     for key, value in _coerced(type(section), section_name, plain, origin, tables).items():
         setattr(section, key, value)
@@ -316,11 +385,24 @@ def _check_consistency(config: Config) -> None:
     if config.source.loop and config.source.uri.startswith(LIVE_SCHEMES):
         raise ConfigError(f"source.loop: {config.source.uri} is a live source and cannot loop")
     roi = config.preprocess.roi
-    if roi is not None and (min(roi[:2]) < 0 or min(roi[2:]) < 1):
+    if isinstance(roi, tuple) and (min(roi[:2]) < 0 or min(roi[2:]) < 1):
         raise ConfigError(f"preprocess.roi: {list(roi)} needs x, y >= 0 and width, height >= 1")
     bundle = Path(config.infer.bundle)
     if not (bundle / "bundle.json").is_file():
         raise ConfigError(f"infer.bundle: {bundle} has no bundle.json")
+    screen = config.infer.screen_bundle
+    if screen is not None:
+        if not (Path(screen) / "bundle.json").is_file():
+            raise ConfigError(f"infer.screen_bundle: {screen} has no bundle.json")
+        if config.infer.refine == "off":
+            raise ConfigError("infer.screen_bundle: a screening cascade needs infer.refine on or auto (the "
+                              "main bundle scores only the frames refinement asks for)")
+    if config.run.viewer not in (None, "auto"):
+        try:
+            parse_address(config.run.viewer)
+        except ValueError as exc:
+            raise ConfigError(f"run.viewer: {exc}") from None
+    _check_endpoints(config)
     history = refine_history_bytes(config.infer.refine_window_s)
     spare = psutil.virtual_memory().available * REFINE_MEMORY_SHARE
     if config.infer.refine != "off" and history > spare:
@@ -328,6 +410,40 @@ def _check_consistency(config: Config) -> None:
             f"infer.refine_window_s: {config.infer.refine_window_s:g} s of model inputs can take "
             f"{history / 2**20:.0f} MiB, more than a quarter of this machine's available memory "
             f"({spare / 2**20:.0f} MiB); shorten the window or set infer.refine=off")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) -> (host, port); ValueError saying what is wrong."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (port 0-65535; 0 picks a free one)")
+    return host, int(port)
+
+
+def _check_endpoints(config: Config) -> None:
+    """Remote inference and the security rule: whatever binds beyond loopback needs Curve keys."""
+    transport = config.transport
+    remote = transport.remote
+    if remote is not None:
+        if not remote.startswith("tcp://") or not remote.rsplit(":", 1)[-1].isdigit():
+            raise ConfigError(f"transport.remote: {remote!r} is not tcp://ADDR:PORT (a fixed port, which "
+                              "remote workers connect to)")
+    elif config.infer.workers == 0:
+        raise ConfigError("infer.workers: 0 local workers needs transport.remote (else nothing scores)")
+    if transport.curve_keys is not None:
+        if not zmq.has("curve"):
+            raise ConfigError("transport.curve_keys: this pyzmq's libzmq was built without CurveZMQ")
+        try:
+            check_server_keys(transport.curve_keys)
+        except KeyFolderError as exc:
+            raise ConfigError(f"transport.curve_keys: {exc}") from None
+        return
+    for key, endpoint in (("transport.remote", remote), ("postprocess.events", config.postprocess.events),
+                          ("postprocess.control", config.postprocess.control)):
+        if endpoint is not None and not is_loopback(endpoint):
+            raise ConfigError(f"{key}: {endpoint} binds beyond this host, which needs CurveZMQ keys: make "
+                              "them with tools/keys.py --out DIR and add --set transport.curve_keys=DIR")
 
 
 REFINE_MEMORY_SHARE = 0.25  # of the available memory the refinement history may take at most
@@ -358,7 +474,7 @@ def _describe(name: str, cls: type) -> list[str]:
 def describe_options() -> str:
     """All options with defaults and help, for the end of `--help`."""
     lines = ["configuration options (TOML section.key, a backend's as [infer.ENGINE] key; override any "
-             "with --set section.key=value or --set infer.ENGINE.key=value):"]
+             "with --set section.key=value or --set infer.ENGINE.key=value, also spelled infer.ENGINE_key):"]
     for name, cls in SECTIONS.items():
         lines.extend(_describe(name, cls))
     return "\n".join(lines)

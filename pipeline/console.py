@@ -8,6 +8,8 @@ from typing import Any
 
 import zmq
 
+from .security import ClientKeys
+
 SHOWN = ("sweep_started", "best_frame", "biometry", "sweep_ended")
 
 
@@ -46,16 +48,23 @@ def format_event(event: dict[str, Any]) -> str | None:
             f"confidence {_number(event.get('confidence'), '.2f')}{latency}{flags}")
 
 
+def local_endpoint(endpoint: str) -> str:
+    """Where a subscriber on this host connects to an endpoint bound on every interface."""
+    return endpoint.replace("tcp://0.0.0.0:", "tcp://127.0.0.1:").replace("tcp://*:", "tcp://127.0.0.1:")
+
+
 class EventView:
     """Subscribes to the pipeline's own event socket; never blocks the supervisor."""
 
-    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str, keys: ClientKeys | None = None) -> None:
+        self.endpoint = endpoint
         self._sub = context.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
+        if keys is not None:  # a run with Curve keys: the console is their client `console`
+            keys.apply(self._sub)
         for topic in SHOWN:
             self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        self._sub.connect(endpoint.replace("tcp://0.0.0.0:", "tcp://127.0.0.1:").replace("tcp://*:",
-                                                                                          "tcp://127.0.0.1:"))
+        self._sub.connect(local_endpoint(endpoint))
 
     def lines(self) -> list[str]:
         out = []

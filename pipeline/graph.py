@@ -8,9 +8,14 @@ accounting (read = scored + dropped) is derived from it.
         +== ring slot: capture writes; preprocess marks consumed, postprocess marks released ==+
                                                               infer --results (push, waits)--> postprocess
 
-A graph is data: several infer workers are `replicas`, a remote worker is a link with a fixed `endpoint`
-that off-host workers connect to (and `replicas` counting the local ones only), a screening model is one
-more infer stage with links of its own. The stages do not change for any of these.
+A graph is data: several infer workers are `replicas`; workers on other machines connect to a work
+link's `remote` endpoint and return results over it, which preprocess relays on `remote_results`
+(`replicas` counts the local ones only, and may be 0); a screening cascade is one more infer stage (its
+own bundle) with links of its own: the screen's work link serves the newest frames, the main model's serves
+only the frames postprocess asks for. The stages do not change for any of these.
+
+    screening cascade:  preprocess --screen_inputs (newest)--> screen --screened--> postprocess
+                        preprocess --inputs (refined only)---> infer  --results---> postprocess
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ Side = Literal["sender", "receiver"]
 # producing frames only to drop them (all of them get processed; see Ring).
 FLOOD_IN_FLIGHT = 4
 
+# A live source's running totals, kept by capture (pipeline.sources): times the stream was lost and came
+# back, frames its newest-frame reader replaced before capture took them, frames held back until the
+# imaging sector was found. None of them was read, so none enters read = scored + dropped.
+SOURCE_COUNTERS = ("reconnects", "reconnected", "source_overwritten", "roi_withheld")
 # Counters every stage may keep: frames taken in, handed on, and messages refused as malformed.
 COMMON_COUNTERS = ("received", "sent", "rejected")
 
@@ -53,11 +62,20 @@ class Link:
     backpressure: str  # what happens when the receiver is behind, in words (for --describe and docs)
     drops: tuple[tuple[str, str], ...]  # (stage, counter): the places this boundary loses frames
     endpoint: str | None = None  # a fixed endpoint (remote workers); None: ipc in the run's socket folder
+    # Work links: a TCP endpoint the sender's ROUTER also binds for workers on other machines (Curve when
+    # the run has keys). They ask for work and return results over that one connection; the sender
+    # relays the results on its RESULT link (so it alone can tell a returned frame from a lost one).
+    remote: str | None = None
+    sent_counter: str = "sent"  # the sender's counter of what crossed this link (a relay counts its own)
+    # Which frames: "newest" (the live path), "refined" (only frames postprocess asked for: extra to the
+    # frame accounting), or "all".
+    serves: Literal["all", "newest", "refined"] = "all"
 
     @property
     def carries_frames(self) -> bool:
-        """Whether frames cross this link (and are accounted at its boundary), not requests about them."""
-        return self.carries in (Kind.FRAME, Kind.INPUT, Kind.RESULT)
+        """Whether the stream's frames cross this link (and are accounted at its boundary), not requests
+        about them or refined frames only."""
+        return self.carries in (Kind.FRAME, Kind.INPUT, Kind.RESULT) and self.serves != "refined"
 
     @property
     def boundary(self) -> str:
@@ -92,6 +110,7 @@ class StageSpec:
     role: str
     counters: tuple[str, ...] = ()
     replicas: int = 1  # processes of this stage on this host
+    bundle: Literal["main", "screen"] = "main"  # the model it runs: infer.bundle or infer.screen_bundle
 
     def instances(self) -> list[str]:
         """Process names: the stage's name, or name-0, name-1, ... for a replicated stage."""
@@ -133,6 +152,12 @@ class Graph:
     def links_of(self, stage: str) -> Iterator[Link]:
         return (link for link in self.links if stage in (link.sender, link.receiver))
 
+    def links_into(self, stage: str, carries: Kind) -> list[Link]:
+        return [link for link in self.links if link.receiver == stage and link.carries is carries]
+
+    def links_from(self, stage: str, carries: Kind) -> list[Link]:
+        return [link for link in self.links if link.sender == stage and link.carries is carries]
+
     def counters_of(self, stage: str) -> frozenset[str]:
         """Every counter `stage` may increment: the common ones, its own, and its boundaries' drops."""
         drops = {key for link in self.links for name, key in link.drops if name == stage}
@@ -141,9 +166,11 @@ class Graph:
     def describe(self) -> dict[str, object]:
         """The run's shape as plain data, written into summary.json so a reader sees what ran."""
         return {
-            "stages": {s.name: {"role": s.role, "processes": s.instances()} for s in self.stages},
+            "stages": {s.name: {"role": s.role, "bundle": s.bundle, "processes": s.instances()}
+                       for s in self.stages},
             "links": {link.name: {"from": link.sender, "to": link.receiver, "carries": link.carries.value,
-                                  "pattern": link.pattern, "bound_by": link.bound_by, "hwm": link.hwm,
+                                  "pattern": link.pattern, "serves": link.serves, "remote": link.remote,
+                                  "bound_by": link.bound_by, "hwm": link.hwm,
                                   "backpressure": link.backpressure,
                                   "drops": [f"{stage}.{key}" for stage, key in link.drops]}
                       for link in self.links},
@@ -187,7 +214,8 @@ def frame_accounting(counters: dict[str, dict[str, int]], graph: Graph) -> dict:
     boundaries = {}
     for link in (link for link in graph.links if link.carries_frames):
         drops = {f"{stage}.{key}": get(stage, key) for stage, key in link.drops}
-        boundaries[link.boundary] = {"sent": get(link.sender, "sent"), "dropped": sum(drops.values()),
+        boundaries[link.boundary] = {"sent": get(link.sender, link.sent_counter),
+                                     "dropped": sum(drops.values()),
                                      "drops": drops}
     read, scored = get(*graph.counted_in), get(*graph.counted_out)
     rejected = sum(get(spec.name, "rejected") for spec in graph.stages)
@@ -196,10 +224,37 @@ def frame_accounting(counters: dict[str, dict[str, int]], graph: Graph) -> dict:
             "boundaries": boundaries}
 
 
-def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, refine: bool = True) -> Graph:
-    """The four-stage pipeline. `infer_workers` local infer processes share the work; `inputs_endpoint`
-    fixes where preprocess serves work, so infer workers on other machines can connect to it too; `refine`
-    adds the back link on which postprocess asks preprocess for frames to score late (pipeline.refine)."""
+ENGINE_COUNTERS = ("refine_engine_timeout",)
+"""An infer stage's refined frames lost to an engine timeout: outside the frame accounting, as refined frames
+are (the newest ones lost count as drop_engine_timeout at the link into the stage)."""
+
+
+def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, refine: bool = True,
+                   screen: bool = False, remote: str | None = None) -> Graph:
+    """The four-stage pipeline. `infer_workers` local infer processes share the work (0: none, only remote
+    ones); `inputs_endpoint` fixes where preprocess serves work to local workers; `remote` is the TCP
+    endpoint where workers on other machines get the main model's work and return its results (relayed
+    by preprocess, `remote_results`); `refine` adds the back link on which postprocess asks preprocess
+    for frames to score late (pipeline.refine); `screen` adds the screening stage (a fast bundle scoring
+    the newest frames), leaving the main model the frames postprocess asks for (a screening cascade;
+    needs `refine`)."""
+    if infer_workers == 0 and remote is None:
+        raise ValueError("graph: no local infer worker and no remote endpoint: nothing would score")
+    if screen and not refine:
+        raise ValueError("graph: a screening cascade needs the refine link (its main model scores only "
+                         "the frames postprocess asks for)")
+    newest = "screen" if screen else "infer"
+    held = Link(
+        "screen_inputs" if screen else "inputs", "preprocess", newest, Kind.INPUT, "work",
+        bound_by="sender", hwm="batch", serves="newest" if screen else "all",
+        backpressure="preprocess holds the newest prepared frames, one batch's worth, until a "
+                     "worker asks (older ones: drop_held); a worker gone with its frames: "
+                     "drop_send_full; a batch the engine did not answer in time (a remote server slow or "
+                     "gone): drop_engine_timeout",
+        drops=(("preprocess", "drop_held"), ("preprocess", "drop_send_full"), (newest, "drop_stale"),
+               (newest, "drop_engine_timeout"),
+               *([("preprocess", "drop_worker_lost")] if remote and not screen else [])),
+        endpoint=None if screen else inputs_endpoint, remote=None if screen else remote)
     links = [
         Link("frames", "capture", "preprocess", Kind.FRAME, "push", bound_by="sender", hwm="transport",
              backpressure="capture never waits on a live source (a full queue is a counted drop); "
@@ -207,18 +262,37 @@ def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, r
                            "frame whose ring slot was overwritten before it was read: drop_overwritten",
              drops=(("capture", "drop_send_full"), ("preprocess", "drop_stale"),
                     ("preprocess", "drop_overwritten"))),
-        Link("inputs", "preprocess", "infer", Kind.INPUT, "work", bound_by="sender", hwm="batch",
-             backpressure="preprocess holds the newest prepared frames, one batch's worth, until a "
-                          "worker asks (older ones: drop_held); a worker gone with its frames: "
-                          "drop_send_full",
-             drops=(("preprocess", "drop_held"), ("preprocess", "drop_send_full"),
-                    ("infer", "drop_stale")),
-             endpoint=inputs_endpoint),
-        Link("results", "infer", "postprocess", Kind.RESULT, "push", bound_by="receiver", hwm="batch",
-             backpressure="infer waits for postprocess (a result already paid for is not thrown away), "
-                          "which slows its asking, so preprocess drops the oldest unscored frames",
-             drops=(("infer", "drop_send_full"), ("postprocess", "drop_stale"))),
+        held,
     ]
+    if screen or infer_workers:
+        links.append(Link(
+            "screened" if screen else "results", newest, "postprocess", Kind.RESULT, "push",
+            bound_by="receiver", hwm="batch",
+            backpressure="infer waits for postprocess (a result already paid for is not thrown away), "
+                         "which slows its asking, so preprocess drops the oldest unscored frames",
+            drops=((newest, "drop_send_full"), ("postprocess", "drop_stale"))))
+    if screen:
+        links.append(
+            Link("inputs", "preprocess", "infer", Kind.INPUT, "work", bound_by="sender", hwm="batch",
+                 serves="refined", endpoint=inputs_endpoint, remote=remote,
+                 backpressure="the main model is sent only the frames postprocess asked for, when it asks; "
+                              "they are extra to the frame accounting (a worker gone with them: "
+                              "refine_gone)",
+                 drops=()))
+        if infer_workers:
+            links.append(
+                Link("results", "infer", "postprocess", Kind.RESULT, "push", bound_by="receiver",
+                     hwm="batch", serves="refined", drops=(),
+                     backpressure="infer waits for postprocess; refined results are extra to the "
+                                  "accounting"))
+    if remote:
+        links.append(Link(
+            "remote_results", "preprocess", "postprocess", Kind.RESULT, "push", bound_by="receiver",
+            hwm="batch", serves="refined" if screen else "all", sent_counter="relayed",
+            backpressure="results of remote workers, relayed by preprocess as they come back (waiting "
+                         "for postprocess like infer does); one for a frame not handed to that worker, "
+                         "or no longer awaited, is refused (remote_late)",
+            drops=(("postprocess", "drop_stale"),)))
     if refine:
         links.append(Link(
             "refine", "postprocess", "preprocess", Kind.REFINE, "push", bound_by="receiver", hwm="transport",
@@ -226,18 +300,22 @@ def pipeline_graph(infer_workers: int = 1, inputs_endpoint: str | None = None, r
                          "request does not carry (counted: refine_requests_lost); refined frames are extra "
                          "to the frame accounting (preprocess refine_sent, postprocess refined)",
             drops=()))
-    return Graph(
-        stages=(
-            StageSpec("capture", "capture", counters=("read",)),
-            StageSpec("preprocess", "preprocess", counters=("refine_sent", "refine_gone")),
-            StageSpec("infer", "infer", replicas=infer_workers),
-            StageSpec("postprocess", "postprocess",
-                      counters=("scored", "refined", "refine_requests_lost", "best_image_missed",
-                                "operator_start", "operator_stop", "operator_rejected")),
-        ),
-        links=tuple(links),
-        ring=Ring(writer="capture", first_reader="preprocess", last_reader="postprocess"),
-    )
+    # The main model's own counts where its link is outside the accounting (refined frames only).
+    main_counters = ("drop_stale", "drop_send_full", "drop_engine_timeout") if screen else ()
+    stages = [
+        StageSpec("capture", "capture", counters=("read", *SOURCE_COUNTERS)),
+        StageSpec("preprocess", "preprocess",
+                  counters=("refine_sent", "refine_gone",
+                            *(("relayed", "remote_late", "refused", "workers_joined", "workers_lost")
+                              if remote else ()))),
+        *([StageSpec("screen", "infer", bundle="screen", counters=ENGINE_COUNTERS)] if screen else []),
+        StageSpec("infer", "infer", counters=(*main_counters, *ENGINE_COUNTERS), replicas=infer_workers),
+        StageSpec("postprocess", "postprocess",
+                  counters=("scored", "refined", "refine_requests_lost", "best_image_missed",
+                            "operator_start", "operator_stop", "operator_rejected", "refused")),
+    ]
+    return Graph(stages=tuple(stages), links=tuple(links),
+                 ring=Ring(writer="capture", first_reader="preprocess", last_reader="postprocess"))
 
 
 @dataclass(frozen=True)

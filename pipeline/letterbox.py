@@ -102,8 +102,8 @@ def letterbox(frame: np.ndarray, size: int, channels: int, *, pad_to_square: boo
     """
     x0, y0 = 0, 0
     if roi is not None:
-        x0, y0, w, h = roi
-        frame = frame[y0:y0 + h, x0:x0 + w]
+        x0, y0 = roi[:2]
+        frame = crop(frame, roi)
     height, width = frame.shape[:2]
     if height == 0 or width == 0:
         raise ValueError(f"empty frame after ROI {roi}")
@@ -118,6 +118,18 @@ def letterbox(frame: np.ndarray, size: int, channels: int, *, pad_to_square: boo
         out = cv2.cvtColor(out, cv2.COLOR_GRAY2BGR)
     return out, Geometry((x0 + box[0], y0 + box[1], box[2], box[3]), tuple(geometry["offset"]),
                          tuple(geometry["content"]), tuple(geometry["scale"]))
+
+
+def crop(frame: np.ndarray, box: tuple[int, int, int, int], outline_mask: np.ndarray | None = None
+         ) -> np.ndarray:
+    """The frame cut to `box` (x, y, width, height) and, with `outline_mask` (box-sized, 1 inside), zero
+    outside the outline: what a screen source passes on of the machine's screen (pipeline.sector), and
+    the fixed `preprocess.roi`. A view unless masked."""
+    x, y, w, h = box
+    out = frame[y:y + h, x:x + w]
+    if outline_mask is not None:
+        out = out * (outline_mask[..., None] if out.ndim == 3 else outline_mask)
+    return out
 
 
 def content_fraction(model_input: np.ndarray, geometry: Geometry) -> float:

@@ -14,6 +14,7 @@ import sys
 import zmq
 
 from pipeline.events import EVENT_TYPES
+from pipeline.security import ClientKeys, KeyFolderError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the pipeline's postprocess.events endpoint (default %(default)s)")
     parser.add_argument("--type", action="append", choices=EVENT_TYPES, dest="types",
                         help="only these event types (repeatable; default: all)")
+    parser.add_argument("--curve-keys", metavar="DIR",
+                        help="client key folder (DIR/client-NAME from tools/keys.py) for a run with "
+                        "transport.curve_keys")
     parser.add_argument("--json", action="store_true", help="print raw JSON lines")
     parser.add_argument("--count", type=int, help="exit after this many events")
     parser.add_argument("--timeout", type=float, help="exit after this many seconds without an event")
@@ -43,9 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     """The `sweepstream-listen` command: 0 after --count events or Ctrl-C, 1 after --timeout without one,
     2 on a bad endpoint."""
     args = parse_args(argv)
+    try:
+        keys = None if args.curve_keys is None else ClientKeys.load(args.curve_keys)
+    except KeyFolderError as exc:
+        print(f"listen: --curve-keys: {exc}", file=sys.stderr)
+        return 2
     context = zmq.Context()
     socket = context.socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.apply(socket)
     for kind in args.types or [""]:
         socket.setsockopt(zmq.SUBSCRIBE, kind.encode())
     try:

@@ -178,6 +178,8 @@ class RefineRequest:
 
     @classmethod
     def from_message(cls, msg: Message) -> RefineRequest:
+        if msg.kind != Kind.REFINE.value:
+            raise WireError(f"expected a refine message, got {msg.kind!r}")
         ids = _field(msg.header, "ids", (list,), "a list")
         if not all(type(i) is int and i >= 0 for i in ids):
             raise WireError(f"field 'ids' must be frame ids, got {ids!r}")

@@ -44,6 +44,7 @@ class LatencyHistogram:
         self.counts = np.zeros(buckets, dtype=np.int64)
         self.count = 0
         self.total = 0.0
+        self.total_sq = 0.0
         self.max = 0.0
 
     def add(self, values_ms: np.ndarray) -> None:
@@ -55,6 +56,7 @@ class LatencyHistogram:
         np.add.at(self.counts, np.minimum(index, self.counts.size - 1), 1)
         self.count += values.size
         self.total += float(values.sum())
+        self.total_sq += float(np.square(values).sum())
         self.max = max(self.max, float(values.max()))
 
     def percentile(self, q: float) -> float:
@@ -69,7 +71,9 @@ class LatencyHistogram:
     def summary(self) -> dict[str, float]:
         out: dict[str, float] = {"count": self.count}
         if self.count:
-            out["mean"] = round(self.total / self.count, 4)
+            mean = self.total / self.count
+            out["mean"] = round(mean, 4)
+            out["std"] = round(math.sqrt(max(0.0, self.total_sq / self.count - mean * mean)), 4)
             out.update({f"p{q}": round(self.percentile(q), 4) for q in PERCENTILES})
             out["max"] = round(self.max, 4)
         return out

@@ -7,11 +7,14 @@ uses the PUB socket and the journal; the frame path only hands it work."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +22,21 @@ import cv2
 import numpy as np
 import zmq
 
+from engines.bundle import Bundle
+
 from . import wire
 from .analysis import Finding, SweepAnalyzer, resolve
-from .events import EventSink, make_event
+from .annotate import with_annotations
+from .events import EventSink, iter_journal, make_event
+from .exam import ExamRecorder
 from .messages import Kind, RefineRequest, Result, kind_of
 from .metrics import SEGMENTS, segment_row
+from .preview import PreviewFeed
+from .recovery import Recovered, recover
 from .ring import FrameRing
 from .stage import MAX_TAKE, Stage
-from .steps import analyzed_frame, frame_score
-from .sweep import OPERATOR_COMMANDS
+from .steps import analyzed_frame, frame_score, output_problem
+from .sweep import EXAM_END, OPERATOR_COMMANDS
 from .wire import Message
 
 log = logging.getLogger("sweepstream")
@@ -41,28 +50,54 @@ REFINE_MARGIN_NS = 200_000_000  # frames this close to leaving preprocess's hist
 MAX_PENDING_WRITES = 256  # the frame path waits for the writer beyond this many batches
 
 
+@dataclass(frozen=True)
+class _Scorer:
+    """A results link and the bundle whose outputs it carries. `screens`: the screening cascade's screen
+    model, whose scores delimit sweeps and guide refinement but never pick or measure a best frame."""
+
+    socket: zmq.Socket
+    bundle: Bundle
+    screens: bool
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(self.bundle.outputs)
+
+    @property
+    def mask_output(self) -> str | None:
+        if self.screens:
+            return None
+        return next((n for n, spec in self.bundle.outputs.items() if spec.kind == "mask"), None)
+
+
 class PostprocessStage(Stage):
-    """Links: `results` in (Result). Also binds the events PUB (`postprocess.events`) and the operator's
-    REP (`postprocess.control`), which face the outside, not another stage."""
+    """Links: results links in (Result: `results`, and `screened` in a screening cascade), `refine` out.
+    Also binds the events PUB (`postprocess.events`) and the operator's REP (`postprocess.control`), which
+    face the outside, not another stage."""
 
     stamp_in = "post_in"
     stamp_out = "post_out"
 
     def acceptable(self, hop: Result) -> bool:
-        if list(hop.outputs) != self.output_names:
-            self.reject(f"frame {hop.frame.id}: outputs {list(hop.outputs)}, expected {self.output_names}")
+        problem = output_problem(self._taking.bundle, hop.outputs)
+        if problem is not None:
+            self.reject(f"frame {hop.frame.id}: {problem}")
             return False
         return True
 
     def start(self) -> None:
-        self.output_names = list(self.bundle.outputs)
-        self.mask_output = next((n for n, spec in self.bundle.outputs.items() if spec.kind == "mask"), None)
+        graph = self.wiring.graph
         self.ring = FrameRing.attach(self.wiring.ring)
-        self.results = self.open("results")
+        self.scorers = [_Scorer(self.open(link.name), self.bundles[graph.stage(link.sender).bundle],
+                                screens=graph.stage(link.sender).bundle == "screen")
+                        for link in graph.links_into(self.name, Kind.RESULT)]
+        self._taking = self.scorers[0]
+        self._open_links = len(self.scorers)
         self.operator = None
         if self.config.postprocess.control is not None:
             self.operator = self.context.socket(zmq.REP)
             self.operator.setsockopt(zmq.LINGER, 0)
+            self.security.secure(self.operator)  # Curve when the run has keys, even on loopback
             try:
                 self.operator.bind(self.config.postprocess.control)
             except zmq.ZMQError as exc:
@@ -71,13 +106,24 @@ class PostprocessStage(Stage):
                                    f"{exc}") from None
             self.inputs.append(self.operator)
             self._sockets.append(self.operator)
-        self.sink = EventSink(self.context, self.config.postprocess.events,
-                              Path(self.wiring.out) / "events.jsonl")
+        journal = Path(self.wiring.out) / "events.jsonl"
+        restarted = self.life > 0 and journal.exists()  # the last life's journal is read back, streamed
+        recovered = recover(iter_journal(journal)) if restarted else Recovered()
+        self._published = recovered.published  # frames already in the journal: never published twice
+        self._stream_from = recovered.last_frame_id  # newest-path frames up to here were the last life's
+        self._open_from = recovered.open_from  # refined frames before this belong to sweeps already ended
         self.best_dir = Path(self.wiring.out) / BEST_DIR if self.config.postprocess.best_frames else None
+        self.sink = ExamRecorder(EventSink(self.context, self.config.postprocess.events, journal,
+                                           fsync=self.config.postprocess.fsync, secure=self.security.secure),
+                                 self.wiring.run_id, Path(self.wiring.out), self.best_dir)
+        self.sink.replay(iter_journal(journal) if restarted else [])
+        self._unsaved: str | None = None  # why best-frame images cannot be written, once they cannot
+        self.preview = PreviewFeed.open(self.context) if self.config.run.viewer is not None else None
         infer = self.config.infer
         self.refining = infer.refine != "off"
         self.analyzer = SweepAnalyzer(self.config.sweep.for_bundle(self.bundle.best_frame.min_score),
-                                      refine=self.refining)
+                                      refine=self.refining,
+                                      screened=any(scorer.screens for scorer in self.scorers))
         self.requests = self.open("refine") if self.refining else None
         self._window_ns = int(infer.refine_window_s * 1e9)
         self._timeout_ns = int(infer.refine_timeout_s * 1e9)
@@ -87,6 +133,10 @@ class PostprocessStage(Stage):
             self.poll_ms = REFINE_POLL_MS
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess-events")
         self._writes: deque[Future] = deque()
+        if self.life:
+            self._write(self.analyzer.resume(recovered), None)
+            log.info("postprocess: restarted; took back %d open sweep(s) and %d published frames from the "
+                     "journal", len(recovered.open), len(recovered.published))
         self._last_t: float | None = None
         self._flushed = False
         self._rows: list[list[float]] = []
@@ -95,25 +145,32 @@ class PostprocessStage(Stage):
     def step(self, ready: bool) -> None:
         if ready:
             self._serve_operator()
-            frames, end = self.take(self.results, keep=MAX_TAKE)
-            for result in frames:
-                self._score(result)
-            if end:
+            for scorer in self.scorers:
+                self._taking = scorer
+                frames, end = self.take(scorer.socket, keep=MAX_TAKE)
+                for result in frames:
+                    self._score(result, scorer)
+                self._open_links -= end
+            if not self._open_links:
                 self._flush()
                 self.finished = True
                 return
         if self.refining:
             self._refine()
 
-    def _score(self, result: Result) -> None:
+    def _score(self, result: Result, scorer: _Scorer) -> None:
         seen = time.monotonic_ns()
         frame = result.frame
-        score = frame_score(self.bundle, result.outputs)
-        analyzed = analyzed_frame(result, score, self.mask_output, self.config.postprocess.pixel_spacing_mm)
+        if frame.id <= self._stream_from and (not result.refined or frame.id < self._open_from):
+            return  # the last life of this stage saw it, or its sweep ended then (a restart)
+        score = frame_score(scorer.bundle, result.outputs)
+        analyzed = analyzed_frame(result, score, scorer.mask_output, self.config.postprocess.pixel_spacing_mm)
         view = self.ring.borrow(frame.slot, frame.seq) if 0 <= frame.slot < self.ring.slots else None
-        findings = self.analyzer.add(analyzed, view, refined=result.refined)
+        findings = self.analyzer.add(analyzed, view, refined=result.refined, screened=scorer.screens)
         if view is not None and not self.ring.valid(frame.slot, frame.seq):
             self.analyzer.discard_image(frame.id)
+        elif view is not None and self.preview is not None and not result.refined:
+            self.preview.offer(analyzed, view)
         del view
         if result.refined:  # an older frame: the ring's marks and the stream's clock stay where they are
             self.counters["refined"] += 1
@@ -125,13 +182,14 @@ class PostprocessStage(Stage):
             sweep_id = self.analyzer.tracker.sweep_id
         self.counters["best_image_missed"] = self.analyzer.images_missed
         frame_event = None
-        if self.config.postprocess.frame_events:
+        if self.config.postprocess.frame_events and frame.id not in self._published:
             cap = frame.stamps["cap"]
             frame_event = make_event(
                 "frame", self.wiring.run_id, sweep_id=sweep_id, frame_id=frame.id,
                 t_capture_ns=cap, latency_ms=(time.monotonic_ns() - cap) / 1e6, score=round(score, 6),
                 content=round(result.content, 4), source_index=frame.source["index"], source=frame.source,
-                refined=result.refined, heads=self._heads(result.outputs))
+                refined=result.refined, model=scorer.bundle.name,
+                heads=self._heads(scorer.bundle, result.outputs))
         self._write(findings, frame.stamps["cap"], frame_event, seen)
         frame.stamps[self.stamp_out] = time.monotonic_ns()
         (self._refined_rows if result.refined else self._rows).append(segment_row(frame.stamps))
@@ -181,7 +239,7 @@ class PostprocessStage(Stage):
 
     def _publish_all(self, findings: list[Finding], trigger_ns: int | None, frame_event: dict | None,
                      decided_ns: int) -> None:
-        for finding in resolve(findings):
+        for finding in with_annotations(resolve(findings)):
             self._publish(finding, trigger_ns, decided_ns)
         if frame_event is not None:
             self.sink.emit(frame_event)
@@ -189,13 +247,17 @@ class PostprocessStage(Stage):
     def _publish(self, finding: Finding, trigger_ns: int | None, decided_ns: int) -> None:
         fields = dict(finding.fields)
         if self.best_dir is not None and finding.images:
-            self.best_dir.mkdir(exist_ok=True)
+            try:
+                self.best_dir.mkdir(exist_ok=True)
+            except OSError as exc:
+                self._not_saving(self.best_dir, exc)
             stem = f"sweep-{finding.sweep_id:04d}-frame-{finding.frame_id:06d}"
             for name, image in finding.images.items():
                 path = self.best_dir / f"{stem}-{name}.png"
-                # Fastest zlib level: a 562 x 744 frame in a few ms instead of tens, at 10-20 % more bytes.
-                if not cv2.imwrite(str(path), image, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
-                    log.warning("postprocess: could not write %s", path)
+                try:
+                    _write_png(path, image)
+                except OSError as exc:
+                    self._not_saving(path, exc)
                     continue
                 fields[f"{name}_png"] = f"{BEST_DIR}/{path.name}"
         now = time.monotonic_ns()
@@ -212,8 +274,21 @@ class PostprocessStage(Stage):
             super().on_control(msg)
             return
         event = make_event("health", self.wiring.run_id, sweep_id=self.analyzer.tracker.sweep_id,
-                           **msg.header)
+                           **msg.header, **self._recording())
         self._writes.append(self.writer.submit(self.sink.emit, event))
+
+    def _not_saving(self, path: Path, exc: OSError) -> None:
+        """A best-frame image that cannot be written: said once in the log, then in every health event;
+        the stream and the events go on."""
+        if self._unsaved is None:
+            self._unsaved = f"best frames {path}: {exc.strerror or exc}"
+            log.error("postprocess: not saving best-frame images: %s (events are still published)",
+                      self._unsaved)
+
+    def _recording(self) -> dict[str, Any]:
+        """What health says about recording: whether the journal and the best-frame images are written."""
+        problems = [p for p in (self.sink.not_recording, self._unsaved) if p]
+        return {"recording": not problems, **({"not_recording": "; ".join(problems)} if problems else {})}
 
     def _serve_operator(self) -> None:
         while self.operator is not None:
@@ -231,9 +306,14 @@ class PostprocessStage(Stage):
             name = parsed.get("command") if isinstance(parsed, dict) else None
         except (UnicodeDecodeError, json.JSONDecodeError):
             name = None
+        if name == EXAM_END:
+            self._writes.append(self.writer.submit(self.sink.end_exam))
+            self.counters[f"operator_{name}"] += 1
+            return {"ok": True, "command": name, "sweep_id": self.analyzer.tracker.sweep_id}
         if name not in OPERATOR_COMMANDS:
             self.counters["operator_rejected"] += 1
-            return {"ok": False, "error": f"expected {{\"command\": one of {list(OPERATOR_COMMANDS)}}}"}
+            commands = [*OPERATOR_COMMANDS, EXAM_END]
+            return {"ok": False, "error": f"expected {{\"command\": one of {commands}}}"}
         t = self._last_t if self._last_t is not None else time.monotonic()
         self._write(self.analyzer.command(name, t), None)
         self.counters[f"operator_{name}"] += 1
@@ -245,12 +325,13 @@ class PostprocessStage(Stage):
         self._flushed = True
         t = self._last_t if self._last_t is not None else time.monotonic()
         self._write(self.analyzer.flush(t), None)
+        self._writes.append(self.writer.submit(self.sink.finish))
         self._wait_for_writes()
 
-    def _heads(self, outputs: dict[str, np.ndarray]) -> dict:
+    def _heads(self, bundle: Bundle, outputs: dict[str, np.ndarray]) -> dict:
         """Small heads in readable form; a mask as the share of pixels marked; embeddings stay out."""
         heads = {}
-        for name, spec in self.bundle.outputs.items():
+        for name, spec in bundle.outputs.items():
             value = outputs[name]
             if spec.classes:
                 heads[name] = {c: round(float(p), 6) for c, p in zip(spec.classes, value, strict=True)}
@@ -270,7 +351,13 @@ class PostprocessStage(Stage):
 
     def describe(self) -> dict:
         control = None if self.operator is None else self.operator.getsockopt(zmq.LAST_ENDPOINT).decode()
-        return {"events": self.sink.bound, "control": control}
+        return {"events": self.sink.bound, "control": control, "curve": self.security.enabled,
+                "preview": None if self.preview is None else self.preview.bound}
+
+    def status(self) -> dict:
+        """Nothing beyond the counters; the peers refused on the events and operator sockets are one."""
+        self.counters["refused"] = self.security.count_refused()
+        return {}
 
     def stop(self) -> None:
         """Stopped before the end of stream: the open sweep still gets its final events. If they cannot be
@@ -284,5 +371,24 @@ class PostprocessStage(Stage):
         finally:
             if getattr(self, "sink", None) is not None:
                 self.sink.close()
+            if getattr(self, "preview", None) is not None:
+                self.preview.close()
             if getattr(self, "ring", None) is not None:
                 self.ring.close()
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    """Atomically (a temporary file renamed into place): a crash never leaves a torn PNG under the name
+    an event points to. Fastest zlib level: a 562 x 744 frame in a few ms instead of tens, at 10-20 %
+    more bytes."""
+    ok, data = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise OSError("the image could not be encoded as PNG")
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_bytes(data.tobytes())
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise

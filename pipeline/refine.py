@@ -8,6 +8,11 @@ As refined frames come back the top frames change, so the search climbs to the p
 sweep's refinement is complete when every frame within `REACH` of its best frame is scored (or no longer
 held by preprocess); its final best_frame waits for that, bounded by `infer.refine_timeout_s`. While the
 sweep is open and the engine has time, the search looks further (`SEARCH`), past a lesser local peak.
+
+In a screening cascade a fast screen model scores the newest frames and the main model only what this
+plan asks for: each sweep's top `CANDIDATES` screened frames come right after its best frame's REACH, so
+the main model starts where the screen saw the plane, and the search then climbs from the main model's
+own scores. The pick is the main model's; the screen only says where to look.
 """
 
 from __future__ import annotations
@@ -23,19 +28,30 @@ SEARCH = 8  # how far either side of a top frame refinement looks while there is
 # score has local peaks: on the phantom a sweep's best can sit 4 frames from a lesser peak)
 PEAKS = 3  # running top frames of a sweep whose neighbours are refined
 MAX_SCORED = 2000  # scored frames a sweep keeps for planning before the oldest are forgotten
+CANDIDATES = 4  # a screen's top frames per sweep that the main model scores (a smaller model ranks the
+# main model's best among its first few; the search around the main model's peaks covers the rest)
 
 
 @dataclass
 class SweepScores:
-    """What the planner knows of one sweep: the frame ids it spans so far and the scored ones."""
+    """What the planner knows of one sweep: the frame ids it spans so far, the scored ones, and in a
+    screening cascade the screen's scores."""
 
     first: int
     last: int
     scores: dict[int, float] = field(default_factory=dict)  # frame id -> best-frame score
     captured_ns: dict[int, int] = field(default_factory=dict)  # frame id -> capture time (monotonic ns)
+    screened: dict[int, float] = field(default_factory=dict)  # frame id -> the screen model's score
 
     def add(self, frame_id: int, score: float, captured_ns: int) -> None:
         self.scores[frame_id] = score
+        self._saw(frame_id, captured_ns)
+
+    def add_screened(self, frame_id: int, score: float, captured_ns: int) -> None:
+        self.screened[frame_id] = score
+        self._saw(frame_id, captured_ns)
+
+    def _saw(self, frame_id: int, captured_ns: int) -> None:
         self.captured_ns[frame_id] = captured_ns
         self.first, self.last = min(self.first, frame_id), max(self.last, frame_id)
 
@@ -43,10 +59,12 @@ class SweepScores:
         """Past MAX_SCORED frames (a sweep of hours: a probe that never lifts), drop those older than
         preprocess's history, which can no longer lead to a frame worth asking for. A sweep of ordinary
         length keeps them all, so its best frame stays the peak whose neighbourhood the final waits for."""
-        if len(self.scores) <= MAX_SCORED:
+        if len(self.captured_ns) <= MAX_SCORED:
             return
         for frame_id in [i for i, t in self.captured_ns.items() if t < held_since_ns]:
-            del self.scores[frame_id], self.captured_ns[frame_id]
+            del self.captured_ns[frame_id]
+            self.scores.pop(frame_id, None)
+            self.screened.pop(frame_id, None)
 
     def peaks(self) -> list[int]:
         """The top scored frames, best first (earliest on ties)."""
@@ -64,6 +82,12 @@ class SweepScores:
                         out.append(frame_id)
         return out
 
+    def candidates(self, held_since_ns: int) -> list[int]:
+        """The screen's top frames (best first, earliest on ties) that the main model has not scored and
+        preprocess still holds; none without a screen."""
+        top = sorted(self.screened, key=lambda i: (-self.screened[i], i))[:CANDIDATES]
+        return [i for i in top if i not in self.scores and self._held(i, held_since_ns)]
+
     def _held(self, frame_id: int, held_since_ns: int) -> bool:
         """Whether preprocess still holds the frame: its capture time is taken as the nearest scored
         frame's (frames a few ids apart are a few frame periods apart)."""
@@ -71,20 +95,24 @@ class SweepScores:
         return nearest is not None and self.captured_ns[nearest] >= held_since_ns
 
     def complete(self, held_since_ns: int) -> bool:
-        """Every frame within REACH of the best frame is scored, or gone from preprocess's history."""
+        """Every frame within REACH of the best frame and every screen candidate is scored, or gone from
+        preprocess's history."""
         peaks = self.peaks()
-        return not peaks or not self.wanted(peaks[:1], held_since_ns, REACH)
+        return not self.candidates(held_since_ns) and (not peaks or not self.wanted(peaks[:1], held_since_ns,
+                                                                                     REACH))
 
 
 def plan(sweeps: list[SweepScores], held_since_ns: int, limit: int) -> list[int]:
     """Frame ids to score next, most wanted first: the sweeps in the order given (those waiting for their
-    final first), each one's best frame's REACH first (what its final waits for), then the search around
-    its top frames."""
+    final first), each one's best frame's REACH first (what its final waits for), then the screen's
+    candidates (a cascade), then the search around its top frames."""
     out: list[int] = []
     for sweep in sweeps:
         sweep.forget_before(held_since_ns)
         peaks = sweep.peaks()
-        for frame_id in sweep.wanted(peaks[:1], held_since_ns, REACH) + sweep.wanted(peaks, held_since_ns):
+        wanted = (sweep.wanted(peaks[:1], held_since_ns, REACH) + sweep.candidates(held_since_ns)
+                  + sweep.wanted(peaks, held_since_ns))
+        for frame_id in wanted:
             if frame_id not in out:
                 out.append(frame_id)
     return out[:limit]

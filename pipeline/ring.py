@@ -231,6 +231,17 @@ class FrameRing:
             if int(self._seq[slot]) == 0:
                 self._data[slot, :used] = 0
 
+    def resume(self) -> int:
+        """For a writer that replaces one that died: continue after the newest frame in the ring (its slot
+        and id); returns the next frame id (0 for an empty ring)."""
+        self._check_slot(0)
+        written = np.flatnonzero(self._seq > 0)
+        if not written.size:
+            return 0
+        newest = int(written[np.argmax(self._frame_id[written])])
+        self._next = (newest + 1) % self._slots
+        return int(self._frame_id[newest]) + 1
+
     def find(self, frame_id: int) -> tuple[int, int] | None:
         """(slot, seq) of the frame with this id while a slot still holds it, else None: a reader that
         never got the frame's reference (a frame chosen for refinement after it was skipped) finds it so."""

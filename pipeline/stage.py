@@ -24,6 +24,7 @@ from . import wire
 from .config import MAX_BATCH, Config
 from .graph import ROLES, StageCounters, Wiring
 from .messages import HOPS, FrameRef, Kind, control, kind_of
+from .security import ClientKeys, ServerSecurity
 from .wire import Message
 
 log = logging.getLogger("sweepstream")
@@ -48,14 +49,20 @@ class Stage:
     poll_ms: ClassVar[int] = 100  # how long the runner waits for input or control before calling step()
     stamp_in: ClassVar[str] = ""  # header timestamp set when a frame is taken in (metrics.STAMPS)
     stamp_out: ClassVar[str] = ""  # ... and when it is handed on
+    client_keys: ClientKeys | None = None  # Curve client keys for what it connects to (a remote worker)
+    # Reconnect interval and its backoff ceiling (ms; 0: none): a local peer that binds late is found
+    # quickly; a remote worker backs off instead of knocking at a run that refuses it 100 times a second.
+    reconnect_ms: ClassVar[tuple[int, int]] = (10, 0)
 
-    def __init__(self, name: str, instance: str, config: Config, wiring: Wiring, bundle: Bundle,
-                 context: zmq.Context) -> None:
+    def __init__(self, name: str, instance: str, config: Config, wiring: Wiring,
+                 bundles: dict[str, Bundle], context: zmq.Context, life: int = 0) -> None:
         self.name = name  # the stage in the graph
         self.instance = instance  # this process: the name, or name-i for a replicated stage
         self.config = config
         self.wiring = wiring
-        self.bundle = bundle
+        self.bundles = bundles  # "main", and "screen" in a screening cascade
+        self.bundle = bundles[wiring.graph.stage(name).bundle]  # the one this stage's own model runs
+        self.life = life  # 0 for the first process; a restarted stage picks up where the last one left
         self.context = context
         self.counters = StageCounters(name, wiring.graph.counters_of(name))
         self.finished = False
@@ -65,6 +72,7 @@ class Stage:
         self._carries: dict[zmq.Socket, Kind] = {}
         self._senders: dict[zmq.Socket, int] = {}  # input socket -> sender processes whose end it awaits
         self._lossless = config.transport.policy == "lossless"
+        self._security: ServerSecurity | None = None
 
     # -- life cycle, overridden by stages --------------------------------------------------------------
     def start(self) -> None:
@@ -93,6 +101,18 @@ class Stage:
         """Per-frame data for the supervisor since the last report (postprocess: latency rows)."""
         return ()
 
+    def status(self) -> dict[str, Any]:
+        """What the stage's counters cannot say, for health events (preprocess: its remote workers)."""
+        return {}
+
+    @property
+    def security(self) -> ServerSecurity:
+        """This process's server side of CurveZMQ (started on first use: a ZAP thread when the run has
+        keys, nothing otherwise)."""
+        if self._security is None:
+            self._security = ServerSecurity(self.context, self.config.transport.curve_keys)
+        return self._security
+
     # -- sockets and backpressure ----------------------------------------------------------------------
     def open(self, link_name: str, *, hwm: int | None = None) -> zmq.Socket:
         """This stage's end of a graph link, with the kind, binding and high-water mark the graph declares
@@ -110,16 +130,26 @@ class Stage:
         sock.setsockopt(zmq.RCVHWM, max(marks))
         sock.setsockopt(zmq.SNDTIMEO, SEND_RETRY_MS)
         sock.setsockopt(zmq.LINGER, int(self.config.run.stop_timeout * 1000))
-        sock.setsockopt(zmq.RECONNECT_IVL, 10)  # a peer that binds late is found quickly (local sockets)
+        sock.setsockopt(zmq.RECONNECT_IVL, self.reconnect_ms[0])
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, self.reconnect_ms[1])
         if kind == zmq.DEALER:
             sock.setsockopt(zmq.ROUTING_ID, f"{self.instance}-{os.getpid()}".encode())
         if kind == zmq.ROUTER:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # else a ROUTER silently drops what a peer cannot take
+        if side != link.bound_by and self.client_keys is not None:
+            self.client_keys.apply(sock)
         if kind == zmq.PUSH and side != link.bound_by:
             # Otherwise frames queue on a connection not yet made, and overflow before it is.
             sock.setsockopt(zmq.IMMEDIATE, 1)
         endpoint = self.wiring.endpoints[link.name]
         sock.bind(endpoint) if side == link.bound_by else sock.connect(endpoint)
+        if link.remote is not None and side == link.bound_by:
+            self.security.secure(sock)  # the remote endpoint only: the local one was bound before
+            try:
+                sock.bind(link.remote)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                raise RuntimeError(f"transport.remote {link.remote}: cannot bind: {exc}") from None
         self._sockets.append(sock)
         if side == "receiver" or kind == zmq.ROUTER:
             self.inputs.append(sock)
@@ -176,9 +206,10 @@ class Stage:
             log.warning("%s: rejected %s (%d so far)", self.name, why, self.counters["rejected"])
 
     def push(self, sock: zmq.Socket, hop: Any, *, wait: bool = False, to: bytes | None = None,
-             stamp: bool = True) -> bool:
+             stamp: bool = True, sent: str = "sent") -> bool:
         """Send one hop downstream: never blocks under the latest policy (a full queue is a counted drop);
-        under lossless, or when the caller asks to `wait`, it waits up to the stall timeout."""
+        under lossless, or when the caller asks to `wait`, it waits up to the stall timeout. `sent`: the
+        counter of what went (a relay counts what it passes on apart from what it sends itself)."""
         if stamp:
             frame_of(hop).stamps[self.stamp_out] = time.monotonic_ns()
         msg = hop.message()
@@ -186,11 +217,11 @@ class Stage:
             deadline = time.monotonic() + self.config.run.stall_timeout
             while time.monotonic() < deadline:
                 if wire.send(sock, msg, block=True, to=to):
-                    self.counters["sent"] += 1
+                    self.counters[sent] += 1
                     return True
                 _check_supervisor(self.wiring)
         elif wire.send(sock, msg, to=to):
-            self.counters["sent"] += 1
+            self.counters[sent] += 1
             return True
         self.counters["drop_send_full"] += 1
         return False
@@ -204,6 +235,8 @@ class Stage:
                                    f"{self.config.run.stop_timeout:g} s")
 
     def close_sockets(self) -> None:
+        if self._security is not None:  # its monitors and ZAP thread first: they watch these sockets
+            self._security.close()
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
@@ -237,7 +270,8 @@ def stage_class(role: str) -> type[Stage]:
     return getattr(importlib.import_module(module), name)
 
 
-def run_stage(name: str, instance: str, config: Config, wiring: Wiring, bundle: Bundle) -> None:
+def run_stage(name: str, instance: str, config: Config, wiring: Wiring, bundles: dict[str, Bundle],
+              life: int = 0) -> None:
     """Process entry point (spawned by the supervisor)."""
     _configure_child(instance)
     context = zmq.Context()
@@ -246,7 +280,8 @@ def run_stage(name: str, instance: str, config: Config, wiring: Wiring, bundle: 
     control_socket.setsockopt(zmq.LINGER, int(config.run.stop_timeout * 1000))
     control_socket.setsockopt(zmq.SNDTIMEO, CONTROL_SEND_MS)  # a DEALER whose peer died would block forever
     control_socket.connect(wiring.control)
-    stage = stage_class(wiring.graph.stage(name).role)(name, instance, config, wiring, bundle, context)
+    stage = stage_class(wiring.graph.stage(name).role)(name, instance, config, wiring, bundles, context,
+                                                                 life)
     code = 0
     try:
         _check_supervisor(wiring)
@@ -288,7 +323,8 @@ def _tell(control_socket: zmq.Socket, msg: Message) -> None:
 
 
 def _check_supervisor(wiring: Wiring) -> None:
-    if os.getppid() != wiring.supervisor_pid:
+    """A stage outlives no supervisor (a remote worker, supervisor_pid 0, has none)."""
+    if wiring.supervisor_pid and os.getppid() != wiring.supervisor_pid:
         raise SupervisorGone
 
 
@@ -350,4 +386,6 @@ def _loop(stage: Stage, control_socket: zmq.Socket) -> None:
 
 
 def _report(stage: Stage, control_socket: zmq.Socket, kind: Kind) -> None:
-    _tell(control_socket, control(kind, {"counters": dict(stage.counters)}, stage.report_arrays()))
+    status = stage.status()  # first: it may refresh a counter (peers refused)
+    _tell(control_socket, control(kind, {"counters": dict(stage.counters), "status": status},
+                                  stage.report_arrays()))

@@ -55,6 +55,19 @@ def load_engine(infer: Any, bundle: Any, max_batch: int | str | None = None) -> 
     return engine, f"{reason}; batch up to {engine.max_batch}, {engine.options.threads} thread(s)"
 
 
+def preflight_engine(infer: Any, bundle: Any) -> None:
+    """Build the engine the run asks for (not `auto`, which would import every backend) and run its checks
+    that need no model load, so a wrong option or a remote model that does not fit the bundle is one error
+    before any stage starts (EngineError)."""
+    if infer.engine == "auto":
+        return
+    engine, _ = _open(infer, bundle, None, infer.threads or default_threads())
+    try:
+        engine.preflight()
+    finally:
+        engine.close()
+
+
 def _open(infer: Any, bundle: Any, max_batch: int | str | None, threads: int) -> tuple[Engine, str]:
     options = EngineOptions(threads=threads, device=infer.device, max_batch=max_batch or infer.max_batch,
                             precision=infer.precision)
@@ -81,6 +94,21 @@ def infer_batch(engine: Any, bundle: Any, inputs: Sequence[np.ndarray]) -> list[
         batch = np.concatenate([batch, np.repeat(batch[-1:], short, axis=0)])
     outputs = engine.infer(batch)
     return [{name: outputs[name][i] for name in bundle.outputs} for i in range(len(inputs))]
+
+
+def output_problem(bundle: Any, outputs: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with one frame's outputs against the bundle's manifest (names, shapes, dtypes, finite
+    values), or None: a result from another process is checked before anything reads it."""
+    if list(outputs) != list(bundle.outputs):
+        return f"outputs {list(outputs)}, expected {list(bundle.outputs)}"
+    for name, spec in bundle.outputs.items():
+        value = outputs[name]
+        if value.shape != tuple(spec.shape) or value.dtype != np.dtype(spec.dtype):
+            return (f"output {name!r} is {value.dtype}{list(value.shape)}, expected "
+                    f"{spec.dtype}{list(spec.shape)}")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return f"output {name!r} holds NaN or infinity"
+    return None
 
 
 def frame_score(bundle: Any, outputs: dict[str, np.ndarray]) -> float:

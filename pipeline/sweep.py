@@ -23,13 +23,17 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .options import option
+
+if TYPE_CHECKING:
+    from .recovery import Recovered
 
 NO_GOOD_FRAME = "no good frame"
 DEFAULT_MIN_SCORE = 0.5  # for a probability-like score whose bundle declares no operating point
 OPERATOR_COMMANDS = ("start", "stop")
+EXAM_END = "exam_end"  # the operator's command that ends the exam (pipeline.exam), not a sweep
 
 
 @dataclass
@@ -198,6 +202,11 @@ class BestFrameSelector:
         scored = ScoredFrame(self.sweep_id, frame.frame_id, frame.t, float(frame.score), float(frame.score))
         return self._consider(scored, (scored,))
 
+    def restore(self, best: ScoredFrame) -> None:
+        """A selector taken back from the journal (pipeline.recovery): its best so far, already reported."""
+        self._best = self._live = best
+        self._top[best.frame_id] = (best.score, 0, best)
+
     def _check_open(self) -> None:
         if self._finished:
             raise RuntimeError(f"sweep {self.sweep_id} is finished")
@@ -307,11 +316,16 @@ class SweepTracker:
     With `hold_finals` (lookback refinement), a sweep that ends is not finished at once: it waits in
     `closing` while frames scored late are still added to it (`add_refined`), until the caller `close`s it;
     then its final best_frame and sweep_ended follow, together as always, and possibly after the next
-    sweep's sweep_started."""
+    sweep's sweep_started.
 
-    def __init__(self, config: SweepConfig | None = None, hold_finals: bool = False) -> None:
+    With `screened` (a screening cascade), frames in capture order come scored by the screen model: they
+    delimit the sweeps but are not ranked; only frames added with `add_refined` (the main model's) are."""
+
+    def __init__(self, config: SweepConfig | None = None, hold_finals: bool = False,
+                 screened: bool = False) -> None:
         self.config = config or SweepConfig()
         self.hold_finals = hold_finals
+        self.screened = screened
         self.closing: dict[int, _Closing] = {}  # sweep id -> an ended sweep waiting for its final
         self._next_id = 0
         self._sweep: _Sweep | None = None
@@ -387,9 +401,32 @@ class SweepTracker:
                                      1, frame.t, case))
         sweep.last = frame
         sweep.count += 1
-        live = sweep.selector.update(frame)
+        live = None if self.screened else sweep.selector.update(frame)
         if live is not None:
             events.append(live)
+        return events
+
+    def resume(self, recovered: Recovered) -> list[Event]:
+        """Take back a lost tracker's state from the journal: the sweep numbering, the case's best, and its
+        open sweeps. The newest goes on as the open sweep; older ones (waiting for their finals when the
+        last process died) are finished now, as they would have been."""
+        self._next_id = max(self._next_id, recovered.next_sweep_id)
+        if recovered.session_best is not None or recovered.session_case is not None:
+            self.session = SessionBest(recovered.session_case)
+            self.session.best = recovered.session_best
+        events: list[Event] = []
+        for open_sweep in recovered.open:
+            if self._sweep is not None:
+                events += self._end(self._sweep.last.t, "restart")
+            case = open_sweep.first.source.get("case")
+            if self.session is None or self.session.case != case:
+                self.session = SessionBest(case)
+            selector = BestFrameSelector(open_sweep.sweep_id, self.config)
+            if open_sweep.best is not None:
+                selector.restore(open_sweep.best)
+            self._sweep = _Sweep(open_sweep.sweep_id, _source_key(open_sweep.last), selector,
+                                 open_sweep.first, open_sweep.last, open_sweep.count)
+            self._last_t = open_sweep.last.t
         return events
 
     def selector_of(self, sweep_id: int) -> BestFrameSelector | None:

@@ -1,4 +1,5 @@
-"""Mark sweeps by hand on a running pipeline: `start` opens a sweep at the next frame, `stop` ends it.
+"""Mark sweeps by hand on a running pipeline: `start` opens a sweep at the next frame, `stop` ends it;
+`exam_end` ends the exam (its exam_summary follows its open sweep's end).
 
 From the first command on, only the operator's commands delimit sweeps (the source's sweep metadata and the
 automatic probe-lifted / gap rules stop splitting them), as a sonographer with a foot switch would expect.
@@ -14,14 +15,17 @@ import sys
 
 import zmq
 
-from pipeline.sweep import OPERATOR_COMMANDS
+from pipeline.security import ClientKeys, KeyFolderError
+from pipeline.sweep import EXAM_END, OPERATOR_COMMANDS
 
 
-def send_command(endpoint: str, command: str, timeout_s: float) -> dict:
-    """One request/reply; raises TimeoutError when no pipeline answers in time."""
+def send_command(endpoint: str, command: str, timeout_s: float, keys: ClientKeys | None = None) -> dict:
+    """One request/reply; raises TimeoutError when no pipeline answers in time (or it refused `keys`)."""
     context = zmq.Context.instance()
     socket = context.socket(zmq.REQ)
     socket.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.apply(socket)
     socket.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
     try:
         socket.connect(endpoint)
@@ -38,14 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     """The `sweepstream-sweep-control` command: 0 when the pipeline accepted the command, else 1."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=OPERATOR_COMMANDS, help="start or stop a sweep")
+    parser.add_argument("command", choices=(*OPERATOR_COMMANDS, EXAM_END),
+                        help="start or stop a sweep, or end the exam")
     parser.add_argument("--endpoint", default="tcp://127.0.0.1:5557",
                         help="the pipeline's postprocess.control endpoint (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    parser.add_argument("--curve-keys", metavar="DIR",
+                        help="client key folder (DIR/client-NAME from tools/keys.py) for a run with "
+                        "transport.curve_keys")
     args = parser.parse_args(argv)
     try:
-        reply = send_command(args.endpoint, args.command, args.timeout)
-    except TimeoutError as exc:
+        keys = None if args.curve_keys is None else ClientKeys.load(args.curve_keys)
+        reply = send_command(args.endpoint, args.command, args.timeout, keys)
+    except (TimeoutError, KeyFolderError) as exc:
         print(f"sweep_control: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(reply))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,17 +41,50 @@ class Telemetry:
         self.book = LatencyBook(skip=skip, windows=("status", "health"))
         self.refined = LatencyBook(skip=0, windows=())  # frames scored late by lookback refinement
         self.counters: dict[str, dict[str, int]] = {}  # process (instance) -> its last reported counters
+        self._earlier: dict[str, Counter[str]] = {}  # instance -> counters of its earlier (restarted) lives
+        self.restarts: list[dict[str, Any]] = []  # one entry per restart, in order
+        self.status: dict[str, dict[str, Any]] = {}  # process -> what else it last said (remote workers)
         self._marks: dict[str, tuple[float, int, int]] = {}  # reader -> (time, frames read, scored)
         self._status_open = False
 
-    def report(self, instance: str, counters: dict[str, int], arrays: tuple[np.ndarray, ...]) -> None:
-        """A stage's counters, and (postprocess) its latency rows: newest-path frames, then refined ones."""
-        self.counters[instance] = counters
+    def report(self, instance: str, counters: dict[str, int], arrays: tuple[np.ndarray, ...],
+               status: dict[str, Any] | None = None) -> None:
+        """A stage's counters, and (postprocess) its latency rows: newest-path frames, then refined ones;
+        `status`: what its counters cannot say (preprocess: its remote workers). A restarted stage counts
+        from zero again; what its earlier lives counted is added."""
+        earlier = self._earlier.get(instance)
+        self.counters[instance] = counters if earlier is None else dict(earlier + Counter(counters))
+        self.status[instance] = status or {}
         for book, rows in zip((self.book, self.refined), arrays, strict=False):
             book.add_rows(rows)
 
+    def restarted(self, stage: str, instance: str, reason: str, at_s: float) -> dict[str, Any]:
+        """A stage process is being replaced: keep what it counted, and note the restart."""
+        self._earlier[instance] = Counter(self.counters.get(instance, {}))
+        note = {"stage": stage, "instance": instance, "reason": reason, "at_s": round(at_s, 3),
+                "restart": sum(r["instance"] == instance for r in self.restarts) + 1}
+        self.restarts.append(note)
+        return note
+
+    def restart_counts(self) -> dict[str, int]:
+        return dict(Counter(r["stage"] for r in self.restarts))
+    def source(self) -> dict[str, Any]:
+        """The source's link: `reconnecting` while a live stream or device is lost, reconnects so far,
+        frames its newest-frame reader replaced, frames held back until the imaging sector was found."""
+        counts = sum_counters(self.counters, self.graph).get("capture", {})
+        reconnects = counts.get("reconnects", 0)
+        return {"state": "reconnecting" if reconnects > counts.get("reconnected", 0) else "ok",
+                "reconnects": reconnects, "overwritten": counts.get("source_overwritten", 0),
+                "roi_withheld": counts.get("roi_withheld", 0)}
+
     def accounting(self) -> dict[str, Any]:
-        return frame_accounting(sum_counters(self.counters, self.graph), self.graph)
+        """Frame accounting from the stages' counters; with restarts, the frames that were inside a stage
+        when it died are `lost_in_restarts` (counted nowhere else)."""
+        accounting = frame_accounting(sum_counters(self.counters, self.graph), self.graph)
+        if self.restarts:
+            accounting["lost_in_restarts"] = max(
+                0, accounting["read"] - accounting["scored"] - accounting["dropped"])
+        return accounting
 
     def interval(self, reader: str, now: float, since: float) -> Interval:
         accounting = self.accounting()
@@ -68,6 +102,13 @@ class Telemetry:
         line = (f"[{now - t_start:7.1f}s] in {interval.fps_in:6.1f} fps  "
                 f"out {interval.fps_out:6.1f} fps  e2e p50 {interval.e2e.percentile(50):6.1f} ms  "
                 f"p99 {interval.e2e.percentile(99):6.1f} ms  drops {drop_text}")
+        if self.restarts:
+            line += "  restarts " + " ".join(f"{k} {n}" for k, n in self.restart_counts().items())
+        source = self.source()
+        if source["state"] == "reconnecting":
+            line += f"  source reconnecting ({source['reconnects']})"
+        elif source["reconnects"]:
+            line += f"  reconnects {source['reconnects']}"
         if sys.stderr.isatty():
             print("\r" + line, end="", file=sys.stderr, flush=True)
             self._status_open = True
@@ -104,8 +145,20 @@ class Telemetry:
                        "max": ms(e2e.max)},
             "frames": {k: interval.accounting[k] for k in ("read", "scored", "dropped")},
             "drops": interval.drops,
+            "drop_causes": {cause: count for boundary in interval.accounting["boundaries"].values()
+                            for cause, count in boundary["drops"].items() if count},
             "stages": states,
+            "restarts": self.restart_counts(),
+            **self.peers(),
+            "source": self.source(),
         }
+
+    def peers(self) -> dict[str, Any]:
+        """Remote workers (each with its state and figures) and the peers refused a connection."""
+        out: dict[str, Any] = {"refused_peers": sum(int(c.get("refused", 0)) for c in self.counters.values())}
+        for status in self.status.values():
+            out.update(status)
+        return out
 
     def summary(self, *, run_id: str, outcome: str, error: str | None, signal: str | None, active_s: float,
                 stages: dict[str, dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +176,9 @@ class Telemetry:
                                    if name in ("end_to_end", "infer")},
             "latency_skip_frames": self.book.skip,
             "stages": stages,
+            "restarts": {"count": len(self.restarts), "by_stage": self.restart_counts(),
+                         "events": self.restarts},
+            **self.peers(),
             "graph": self.graph.describe(),
             "config": config,
         }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+
+from pipeline.events import read_journal as read_events
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def run_pipeline(*args: str, timeout: float = 120) -> subprocess.CompletedProces
 
 def read_journal(out: Path, kind: str | None = None) -> list[dict]:
     """The run's events, or only those of one type."""
-    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    events = read_events(out / "events.jsonl")
     return events if kind is None else [e for e in events if e["type"] == kind]
 
 

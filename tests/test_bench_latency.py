@@ -86,3 +86,54 @@ def test_decisions_compare_the_picks_and_time_the_first_optimal_best_frame() -> 
     assert row["first_optimal_to_best_ms"] == round((0.9 - 10 / 30) * 1e3, 1)  # frame 10 placed from 8
     summary = result["summary"]
     assert summary["same_pick_rate"] == 1.0 and summary["sweeps_with_optimal"] == 1
+
+
+def test_a_suite_writes_its_machine_a_report_and_compares_with_a_saved_run(mp4_60: Path, tmp_path: Path
+                                                                            ) -> None:
+    """A shortened suite from a --matrix file (one source, flood, two batch limits): the figures are
+    consistent, every scenario has its baseline, and --compare passes against an equal run and fails
+    against a doctored one."""
+    from pipeline.bench_report import compare_runs
+
+    matrix = tmp_path / "suite.toml"
+    matrix.write_text(f'sources = ["{mp4_60}"]\nno_pattern = true\nmodes = ["flood"]\nbatches = [1, 2]\n'
+                      'frames = 30\nskip = 2\npixel_format = "gray"\n')
+    out = tmp_path / "suite.json"
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "tools" / "bench_latency.py"), "--matrix",
+                               str(matrix), "--json", str(out), *extra], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+
+    result = run()
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert {"cpu", "cores", "cpu_flags", "libraries", "gpu"} <= set(report["machine"])
+    assert "avx512_vnni" in report["machine"]["cpu_flags"]
+    names = [r["scenario"] for r in report["results"]]
+    assert names == ["sweep.mp4 flood batch=1", "sweep.mp4 flood batch=2"]
+    for entry in report["results"]:
+        pipeline = entry["pipeline"]
+        assert pipeline["read"] == 30 and pipeline["scored"] + pipeline["dropped"] == pipeline["read"]
+        for values in pipeline["latency_ms"].values():
+            if values.get("count"):
+                assert values["p50"] <= values["p90"] <= values["p95"] <= values["p99"] <= values["max"]
+                assert values["std"] >= 0
+        assert entry["baseline"]["frames"] == 30 and entry["baseline"]["latency_ms"]["count"] > 0
+        assert set(entry["processes"]) >= {"capture", "preprocess", "infer", "postprocess"}
+        assert entry["first_event_s"] > 0
+    page = out.with_suffix(".md").read_text()
+    assert "# sweepstream latency benchmark" in page and "## sweep.mp4 flood batch=2" in page
+    for name in ("suite.png", "suite-timeline.png", "suite-batch.png", "suite-stages.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert compare_runs(report, report)[1] == []  # against itself: nothing changed
+    doctored = json.loads(out.read_text())
+    for entry in doctored["results"]:
+        entry["pipeline"]["throughput_fps"] *= 10  # the saved run was ten times faster
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(doctored))
+    result = run("--compare", str(saved))
+    assert result.returncode == 1 and "REGRESSED sweep.mp4 flood batch=1: throughput fps" in result.stdout
+    saved.write_text(json.dumps(report))
+    result = run("--compare", str(saved), "--tolerance", "100")  # any noise of this machine passes
+    assert result.returncode == 0, result.stdout + result.stderr

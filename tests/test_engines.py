@@ -18,6 +18,7 @@ import engines.registry
 from engines.base import EngineError, EngineOptions
 from engines.bundle import BestFrameSpec, Bundle, BundleError, load_bundle, write_manifest
 from engines.export.reference import make_reference_bundle
+from engines.kserve import KserveOptions
 from engines.null import NullEngine
 from engines.onnxruntime import OrtEngine
 from engines.registry import ENGINE_MODULES, backend_options, engine_class, select_engine
@@ -505,7 +506,7 @@ def test_auto_prefers_available_backends_in_order(
 
 
 def test_backends_declare_their_own_options() -> None:
-    assert backend_options() == {"trt": TrtOptions}
+    assert backend_options() == {"trt": TrtOptions, "kserve": KserveOptions}
     assert OrtEngine.options_type is None and NullEngine.options_type is None
 
 
@@ -535,7 +536,7 @@ def test_select_engine_refuses_options_that_do_not_fit(
         select_engine(kind, bundle, EngineOptions(), backend)
 
 
-HEAVY = ("torch", "tensorrt", "cuda", "onnxruntime", "open_clip")
+HEAVY = ("torch", "tensorrt", "cuda", "onnxruntime", "open_clip", "tritonclient", "kserve", "grpc")
 
 
 def imported_after(code: str, *args: str) -> list[str]:

@@ -112,7 +112,7 @@ def test_take_over_real_sockets_keeps_good_hops_and_counts_the_rest() -> None:
     config = load_config(overrides={"transport.policy": "lossless"})
     sender = context.socket(zmq.ROUTER)
     sender.bind("inproc://inputs")
-    stage = _Receiver("infer", "infer", config, wiring, None, context)  # type: ignore[arg-type]
+    stage = _Receiver("infer", "infer", config, wiring, {"main": None}, context)  # type: ignore[dict-item]
     try:
         sock = stage.open("inputs")
         wire.send(sock, control(Kind.WANT, {"n": 4}), block=True)

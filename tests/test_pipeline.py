@@ -134,10 +134,11 @@ def test_sigint_stops_cleanly_within_two_seconds(tmp_path: Path) -> None:
     assert shm_segments() == shm_before and socket_dirs() == dirs_before
 
 
-def test_killed_stage_takes_the_run_down_with_one_clear_error(tmp_path: Path) -> None:
+def test_without_restarts_a_killed_stage_takes_the_run_down_with_one_clear_error(tmp_path: Path) -> None:
     shm_before = shm_segments()
     out = tmp_path / "run"
-    process = _start_until_events(out, "--source", "synthetic://320x240?fps=30", "--quiet", journal_bytes=1)
+    process = _start_until_events(out, "--source", "synthetic://320x240?fps=30", "--quiet",
+                                  "--set", "run.max_restarts=0", journal_bytes=1)
     stages = stage_pids(process.pid)
     helpers = children_of(process.pid)
     os.kill(stages["infer"], signal.SIGKILL)
@@ -306,16 +307,19 @@ def test_unwritable_run_folder_is_one_clear_line(tmp_path: Path) -> None:
 REFERENCE = REPO / "bundles" / "reference"
 
 
-def test_a_lost_final_best_frame_fails_the_run_naming_the_stage(tmp_path: Path) -> None:
-    """The final best frame's PNG cannot be written (its folder is taken by a file): the run must not end
-    0 as if the sweep had its final event; what was journaled before stays."""
+def test_an_unwritable_best_frame_folder_keeps_the_stream_going_and_says_so(tmp_path: Path) -> None:
+    """The final best frames' PNGs cannot be written (their folder is taken by a file): the stream goes
+    on scoring and publishing every event (the finals without their PNG paths), and health says what is
+    not being recorded."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "best").write_text("not a folder")
     result = run_pipeline("--source", "phantom://3?frames=20", "--bundle", str(REFERENCE),
-                          "--out", str(out), "--quiet", "--flood", "--set", "transport.policy=lossless",
+                          "--out", str(out), "--quiet", "--set", "run.health_interval=0.2",
                           "--set", "sweep.min_score=0")  # every frame qualifies: each sweep has a best
-    assert result.returncode == 1
-    assert "stage 'postprocess' failed" in result.stderr.strip().splitlines()[-1]
-    assert read_journal(out, "frame")  # earlier events are kept
-    assert _summary(out)["outcome"] == "failed"
+    assert result.returncode == 0, result.stderr
+    finals = [e for e in read_journal(out, "best_frame") if e["final"]]
+    assert len(finals) == 6 and not any("frame_png" in e for e in finals)
+    late = [e for e in read_journal(out, "health") if not e["recording"]]
+    assert late and str(out / "best") in late[-1]["not_recording"]
+    assert _summary(out)["outcome"] == "completed"

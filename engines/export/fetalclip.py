@@ -347,6 +347,24 @@ def _output_dim(visual: ImageTower) -> int:
     return linears[-1].out_features
 
 
+def pixel_affine(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, 3, 1, 1] scale and shift that take 0..255 grey replicated to 3 channels to the checkpoint's
+    normalised input in one multiply-add (the export graph's and the heads trainer's)."""
+    mean_t = torch.tensor(tuple(map(float, mean)), dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(tuple(map(float, std)), dtype=torch.float32).view(1, 3, 1, 1)
+    return 1.0 / (255.0 * std_t), -mean_t / std_t
+
+
+def tower_outputs(visual: ImageTower, x: torch.Tensor, blocks: Sequence[int] | None
+                  ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Image features [N, D] and, when ``blocks`` are given, those ViT blocks' tokens [N, L, W] (NLC, no
+    class token) for a mask decoder: the export graph's and the heads trainer's forward."""
+    if blocks is None:
+        return visual(x), None
+    out = visual.forward_intermediates(x, indices=list(blocks), output_fmt="NLC")
+    return out["image_features"], out["image_intermediates"]
+
+
 class FetalClipExport(nn.Module):
     """The runtime graph: uint8 frames [N, S, S] -> embedding, planes, and optional quality and mask.
 
@@ -401,10 +419,9 @@ class FetalClipExport(nn.Module):
         self.mask = mask
         self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
         self.register_buffer("class_embeddings", class_embeddings.detach().clone().float())
-        mean_t = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std_t = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.register_buffer("pixel_scale", 1.0 / (255.0 * std_t))
-        self.register_buffer("pixel_shift", -mean_t / std_t)
+        scale, shift = pixel_affine(self.mean, self.std)
+        self.register_buffer("pixel_scale", scale)
+        self.register_buffer("pixel_shift", shift)
         optional = (("quality", quality), ("mask", mask))
         self.output_names = ("embedding", "planes", *(name for name, head in optional if head is not None))
 
@@ -422,12 +439,7 @@ class FetalClipExport(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """uint8 [N, S, S] -> the outputs in :attr:`output_names` order."""
         x = image.to(torch.float32).unsqueeze(1) * self.pixel_scale + self.pixel_shift
-        if self.mask is None:
-            features = self.visual(x)
-            tokens = None
-        else:
-            out = self.visual.forward_intermediates(x, indices=list(self.mask.blocks), output_fmt="NLC")
-            features, tokens = out["image_features"], out["image_intermediates"]
+        features, tokens = tower_outputs(self.visual, x, None if self.mask is None else self.mask.blocks)
         embedding = F.normalize(features, dim=-1)
         planes = torch.softmax(LOGIT_SCALE * embedding @ self.class_embeddings.T, dim=-1)
         outputs = [embedding, planes]

@@ -135,11 +135,12 @@ def read_quality(path: Path, n_frames: int) -> np.ndarray | None:
         raise InputError(path, "labels must be integers or booleans") from None
 
 
-def stack_shapes(cases_dir: Path) -> dict[str, tuple[int, int, int]]:
-    """(frames, height, width) of each case's image stack, from the file headers alone."""
+def stack_shapes(cases_dir: Path, stacks: Path = IMAGES_DIR) -> dict[str, tuple[int, int, int]]:
+    """(frames, height, width) of each case's image stack (or mask stack: ``stacks`` MASKS_DIR), from the
+    file headers alone."""
     import SimpleITK as sitk
 
-    folder = cases_dir / IMAGES_DIR
+    folder = cases_dir / stacks
     if not folder.is_dir():
         raise InputError(folder, "missing folder (not an ACOUSLIC-AI case folder)")
     shapes = {}

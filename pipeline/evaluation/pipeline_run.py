@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..events import read_journal
 from .layout import FRAME_NAME, QUALITY_NAME, SEG_NAME, InputError, stack_shapes, write_mha
 
 ABDOMEN_QUALITY = 0.5  # quality at or above which a frame counts as showing the abdomen (F1)
@@ -69,7 +70,7 @@ def run_pipeline(cases_dir: Path, out: Path, *, bundle: Path | None = None, engi
     if frames["scored"] != total or frames["dropped"]:
         raise InputError(run_dir / "summary.json", f"evaluation needs every frame scored: {frames['scored']} "
                          f"of {total} scored, {frames['dropped']} dropped")
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    events = read_journal(run_dir / "events.jsonl")
     write_predictions(events, run_dir, out / "predictions", shapes)
     figures = {"frames": frames["scored"], "dropped": frames["dropped"], "fps": summary.get("throughput_fps"),
                "engine": summary["stages"]["infer"].get("engine"),

@@ -20,6 +20,7 @@ class SourceFrame:
     index: int  # position in the source (restarts at 0 on a loop)
     pts: float | None  # presentation time in seconds from the source's start, when it has one
     meta: dict[str, Any] = field(default_factory=dict)
+    t_arrival: int | None = None  # monotonic ns when a live frame arrived (its reader thread took it)
 
 
 class Source(ABC):
@@ -27,6 +28,11 @@ class Source(ABC):
     streams); recorded ones are paced by the capture stage unless it floods."""
 
     live: bool = False
+    screen: bool = False  # shows a machine's whole screen: preprocess.roi = auto looks for the sector on it
+    region: tuple[int, int, int, int] | None = None  # the sector's box when the source says (DICOM regions)
+    size: tuple[int, int] | None = None  # width, height once known
+    pixel_spacing_mm: tuple[float, float] | None = None  # row, column, when the source gives it
+    sweep_boundaries: bool = False  # frames say which sweep they belong to
 
     def __init__(self, uri: str, pixel_format: str) -> None:
         self.uri = uri
@@ -37,7 +43,13 @@ class Source(ABC):
 
     @abstractmethod
     def read(self) -> SourceFrame | None:
-        """The next frame, or None at the end of the source."""
+        """The next frame, or None: at the end of the source, or (live sources) when no frame came within
+        a short wait; `ended` tells which."""
+
+    @property
+    def ended(self) -> bool:
+        """After read() gave None: whether the source is over (a live source waiting is not)."""
+        return True
 
     @abstractmethod
     def rewind(self) -> None:
@@ -48,11 +60,21 @@ class Source(ABC):
     def fps(self) -> float:
         """Nominal frame rate, used for pacing frames without timestamps."""
 
+    def health(self) -> dict[str, int]:
+        """Counts a live source keeps (reconnects, frames its reader replaced), for capture's counters."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook, most sources hold nothing
         """Release the device or file."""
 
     def describe(self) -> dict[str, Any]:
-        return {"uri": self.uri, "kind": type(self).__name__, "fps": self.fps, "live": self.live}
+        """What every source reports: kind, size, rate, pixel format, spacing and sweep boundaries."""
+        size = self.size
+        return {"uri": self.uri, "kind": type(self).__name__, "fps": self.fps, "live": self.live,
+                "width": size[0] if size else None, "height": size[1] if size else None,
+                "pixel_format": self.pixel_format,
+                "pixel_spacing_mm": list(self.pixel_spacing_mm) if self.pixel_spacing_mm else None,
+                "sweep_boundaries": self.sweep_boundaries}
 
 
 class GeneratedSource(Source):

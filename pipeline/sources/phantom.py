@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlparse
 
-from pipeline.phantom import PIXEL_MM, iter_case_frames, make_cases
+from pipeline.phantom import HEIGHT, PIXEL_MM, WIDTH, iter_case_frames, make_cases
 
 from .base import GeneratedSource, SourceError, SourceFrame
 
 
 def parse_phantom(uri: str) -> dict:
     """`phantom://SEED[?cases=N&frames=F&fps=R]` -> seed, case count, frames per sweep, frame rate."""
-    parsed = urlparse(uri)
+    parsed = urlparse("phantom://" if uri == "phantom" else uri)
     try:
         query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
         unknown = set(query) - {"cases", "frames", "fps"}
@@ -32,6 +32,7 @@ class PhantomSource(GeneratedSource):
     def __init__(self, uri: str, pixel_format: str) -> None:
         super().__init__(uri, pixel_format)
         self.spec = parse_phantom(uri)
+        self.size, self.pixel_spacing_mm, self.sweep_boundaries = (WIDTH, HEIGHT), (PIXEL_MM, PIXEL_MM), True
 
     @property
     def fps(self) -> float:

@@ -57,6 +57,7 @@ class StackSource(GeneratedSource):
     def __init__(self, uri: str, pixel_format: str) -> None:
         super().__init__(uri, pixel_format)
         self.files = stack_files(uri)
+        self.sweep_boundaries = True
 
     @property
     def fps(self) -> float:
@@ -85,7 +86,9 @@ class StackSource(GeneratedSource):
             raise SourceError(f"source {path}: expected a uint8 stack (frames, H, W), got {array.dtype} "
                               f"{list(array.shape)}")
         spacing = image.GetSpacing()  # (x, y, frame)
-        return np.array(array), (float(spacing[1]), float(spacing[0]))
+        self.size = (array.shape[2], array.shape[1])
+        self.pixel_spacing_mm = (float(spacing[1]), float(spacing[0]))
+        return np.array(array), self.pixel_spacing_mm
 
     def _generate(self) -> Iterator[SourceFrame]:
         index = 0

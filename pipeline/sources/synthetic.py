@@ -57,6 +57,7 @@ class SyntheticSource(Source):
         if pixel_format == "bgr24":
             self.spec["channels"] = 3
         self._frames: np.ndarray | None = None
+        self.size = (self.spec["width"], self.spec["height"])
         self._index = 0
 
     @property

@@ -1,4 +1,5 @@
-"""Video files, network streams and V4L2 devices through PyAV (FFmpeg)."""
+"""Video files (MP4, MKV, AVI, ...) through PyAV (FFmpeg); network streams and capture cards are live
+sources of their own (stream.py, v4l2.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,12 @@ import av
 
 from .base import Source, SourceError, SourceFrame
 
-LIVE_SCHEMES = ("rtsp://", "rtmp://", "udp://", "tcp://", "srt://", "http://", "https://", "/dev/video")
-
 
 class VideoSource(Source):
+    screen = True  # a recording of a machine's video output
+
     def __init__(self, uri: str, pixel_format: str) -> None:
         super().__init__(uri, pixel_format)
-        self.live = uri.startswith(LIVE_SCHEMES)
         self._container = None
         self._frames = None
         self._fps = 30.0
@@ -22,10 +22,8 @@ class VideoSource(Source):
         return self._fps
 
     def open(self) -> None:
-        options = {"rtsp_transport": "tcp"} if self.uri.startswith("rtsp://") else {}
-        fmt = "v4l2" if self.uri.startswith("/dev/video") else None
         try:
-            self._container = av.open(self.uri, format=fmt, options=options, timeout=10.0)
+            self._container = av.open(self.uri, timeout=10.0)
             stream = self._container.streams.video[0]
         except (av.FFmpegError, OSError) as exc:
             raise SourceError(f"source {self.uri}: cannot open: {exc}") from None
@@ -34,6 +32,7 @@ class VideoSource(Source):
         stream.thread_type = "AUTO"
         if stream.average_rate:
             self._fps = float(stream.average_rate)
+        self.size = (stream.codec_context.width, stream.codec_context.height)
         self._stream = stream
         self._frames = self._container.decode(stream)
         self._first_pts: float | None = None
@@ -54,8 +53,6 @@ class VideoSource(Source):
         return SourceFrame(frame.to_ndarray(format=self.pixel_format), index, pts)
 
     def rewind(self) -> None:
-        if self.live:
-            raise SourceError(f"source {self.uri}: a live source cannot loop")
         self._container.seek(0, stream=self._stream)
         self._frames = self._container.decode(self._stream)
         self._first_pts = None

@@ -70,10 +70,12 @@ class FramePool:
         return np.asarray(found, np.int64).reshape(-1, 2)
 
 
-def prepare(frame: np.ndarray, mask: np.ndarray) -> tuple[Prepared, np.ndarray]:
-    """The model input exactly as the live pipeline makes it (with the geometry back to the frame), and the
-    abdomen mask (labels 1, 2) through the same letterbox as a soft 0..255 target."""
-    return LETTERBOX(frame), LETTERBOX((mask > 0).astype(np.uint8) * 255).pixels
+def prepare(frame: np.ndarray, mask: np.ndarray, letterbox: Letterbox = LETTERBOX
+            ) -> tuple[Prepared, np.ndarray]:
+    """The model input exactly as the live pipeline makes it for a bundle (``letterbox``: the demo's by
+    default, a FetalCLIP bundle's bicubic one for the heads trainer), with the geometry back to the frame,
+    and the abdomen mask (labels 1, 2) through the same letterbox as a soft 0..255 target."""
+    return letterbox(frame), letterbox((mask > 0).astype(np.uint8) * 255).pixels
 
 
 def plane_geometry(case: Case, sweep: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,8 +149,16 @@ def epoch_batches(pool: FramePool, steps: int, batch: int, pairs: int, rng: np.r
 def epoch_indices(pool: FramePool, count: int, rng: np.random.Generator) -> np.ndarray:
     """A stratified draw (with replacement) of ``count`` pool indices in the ``EPOCH_SHARES`` proportions,
     over whichever strata have frames."""
-    strata = {name: indices for name, indices in pool.strata().items() if len(indices)}
-    weights = np.array([EPOCH_SHARES[name] for name in strata])
+    return stratified_draw(pool.strata(), EPOCH_SHARES, count, rng)
+
+
+def stratified_draw(strata: dict[str, np.ndarray], shares: dict[str, float], count: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """``count`` indices drawn with replacement from the strata in the ``shares`` proportions, over
+    whichever strata have frames; the one sampler of both trainers (most blind-sweep frames are
+    background, so each epoch is a fresh class-balanced draw)."""
+    strata = {name: indices for name, indices in strata.items() if len(indices)}
+    weights = np.array([shares[name] for name in strata])
     shares = np.floor(count * weights / weights.sum()).astype(int)
     shares[: count - shares.sum()] += 1
     picks = [rng.choice(g, size=n, replace=True) for g, n in zip(strata.values(), shares, strict=True)]

@@ -49,18 +49,35 @@ def losses(model: DemoModel, images: torch.Tensor, masks: torch.Tensor, labels: 
     pairs = len(closer)
     margin = (quality_logit[0 : 2 * pairs : 2] - quality_logit[1 : 2 * pairs : 2]) * closer
     classes = torch.as_tensor(LABEL_TO_CLASS)[labels]
-    target = masks.float() / 255.0
-    prob = torch.sigmoid(mask_logit)
-    overlap = (prob * target).sum((1, 2))
-    dice = 1.0 - (2.0 * overlap + 1.0) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1.0)
     return {
         "planes": F.cross_entropy(plane_logits, classes, label_smoothing=0.05),
         "quality": F.binary_cross_entropy_with_logits(quality_logit, quality),
-        "mask": F.binary_cross_entropy_with_logits(mask_logit, target) + dice.mean(),
+        "mask": mask_loss(mask_logit, masks),
         "geometry": (F.smooth_l1_loss(model.geometry(features), geometry, reduction="none")
                      * torch.stack([torch.ones(len(labels)), (labels > 0).float()], 1)).mean() * 2.0,
         "ranking": F.softplus(-margin).mean() if pairs else quality_logit.new_zeros(()),
     }
+
+
+def mask_loss(mask_logit: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mask decoder loss of both trainers: per-pixel BCE plus soft Dice (smoothed by 1, so an empty target
+    asks for an empty mask) against the letterboxed 0..255 abdomen mask."""
+    target = masks.float() / 255.0
+    prob = torch.sigmoid(mask_logit)
+    overlap = (prob * target).sum((1, 2))
+    dice = 1.0 - (2.0 * overlap + 1.0) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1.0)
+    return F.binary_cross_entropy_with_logits(mask_logit, target) + dice.mean()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float,
+                   parameters: list[torch.nn.Parameter], max_norm: float = 1.0) -> None:
+    """One update of both trainers: set the scheduled rate, backpropagate, clip the gradient norm, step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    optimizer.step()
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -68,6 +85,11 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return 0.5 * peak * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def warmup(total: int) -> int:
+    """Warm-up steps of a schedule of ``total`` steps (both trainers)."""
+    return min(100, total // 10 + 1)
 
 
 def train(model: DemoModel, pool: FramePool, opts: TrainOptions) -> list[dict]:
@@ -100,13 +122,8 @@ def train(model: DemoModel, pool: FramePool, opts: TrainOptions) -> list[dict]:
                                                1.0, -1.0).astype(np.float32))
             parts = losses(model, torch.from_numpy(images), torch.from_numpy(masks), labels, quality,
                            geometry, closer)
-            loss = sum(parts.values())
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, opts.lr, warmup=min(100, total // 10 + 1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            optimizer_step(optimizer, sum(parts.values()), lr_at(step, total, opts.lr, warmup=warmup(total)),
+                           list(model.parameters()))
             step += 1
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value.item()
