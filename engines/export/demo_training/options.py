@@ -23,7 +23,7 @@ class TrainOptions:
     seed: int = 1000
     cases: int = 160
     frames_per_sweep: int = 280
-    per_case: int = 24
+    per_case: int = 36
     val_seed: int = 1900
     val_cases: int = 3
     val_frames_per_sweep: int = 140

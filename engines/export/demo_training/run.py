@@ -131,9 +131,10 @@ def training_record(opts: TrainOptions, command: str, pool: FramePool, history: 
             "quality_target": f"0 outside the optimal band; inside, 1 - {IN_BAND_FALLOFF} * (distance / "
             f"{OPTIMAL_DISTANCE_MM} mm)^2",
             "sampling": f"fresh stratified draw per epoch, shares {EPOCH_SHARES}; hard = not optimal, within "
-            f"{HARD_DISTANCE_MM} mm and {HARD_ANGLE_MAX} deg of the standard plane; each batch starts with "
-            f"{opts.pairs_per_batch} ranking pairs: two frames of one sweep within {PAIR_DISTANCE_MM} mm "
-            f"of the standard plane, at least {PAIR_MIN_GAP_MM} mm apart in distance",
+            f"{HARD_DISTANCE_MM} mm and {HARD_ANGLE_MAX} deg of the standard plane; lookalike = "
+            f"background within {HARD_ANGLE_MAX} deg of transverse (head, thorax, pelvis); each batch "
+            f"starts with {opts.pairs_per_batch} ranking pairs: two frames of one sweep within "
+            f"{PAIR_DISTANCE_MM} mm of the standard plane, at least {PAIR_MIN_GAP_MM} mm apart in distance",
             "auxiliary": f"training-only geometry head (not exported): smooth L1 on min(distance, "
             f"{DISTANCE_CLIP_MM} mm) / {DISTANCE_UNIT_MM} and min(angle, {ANGLE_CLIP_DEG} deg) / "
             f"{ANGLE_UNIT_DEG}",
