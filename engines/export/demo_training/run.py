@@ -35,7 +35,16 @@ from .data import (
     build_pool,
 )
 from .options import MIN_TRAIN_SEED, TrainOptions
-from .train import ANGLE_CLIP_DEG, ANGLE_UNIT_DEG, DISTANCE_CLIP_MM, DISTANCE_UNIT_MM, IN_BAND_FALLOFF, train
+from .train import (
+    ANGLE_CLIP_DEG,
+    ANGLE_UNIT_DEG,
+    DISTANCE_CLIP_MM,
+    DISTANCE_UNIT_MM,
+    GAIN_RANGE,
+    GAMMA_RANGE,
+    IN_BAND_FALLOFF,
+    train,
+)
 from .validate import DEFINITIONS, MIN_SCORE, validate
 
 TOOL = "tools/train_demo.py"
@@ -127,7 +136,7 @@ def training_record(opts: TrainOptions, command: str, pool: FramePool, history: 
             "frames_per_sweep": opts.frames_per_sweep,
             "per_case": opts.per_case,
             "preprocess": f"pipeline.letterbox.Letterbox({SIZE}, 1, interpolation='{RESIZE}')",
-            "augmentation": "left-right flip",
+            "augmentation": f"left-right flip; per frame gain U{GAIN_RANGE} and gamma U{GAMMA_RANGE}",
             "quality_target": f"0 outside the optimal band; inside, 1 - {IN_BAND_FALLOFF} * (distance / "
             f"{OPTIMAL_DISTANCE_MM} mm)^2",
             "sampling": f"fresh stratified draw per epoch, shares {EPOCH_SHARES}; hard = not optimal, within "
