@@ -101,6 +101,14 @@ class Engine(ABC):
         """Whether this engine computes on the CPU (known after load for backends that pick a device)."""
         return True
 
+    reconnects: int = 0
+    """Times the engine tried to reach its remote server again after losing it (local engines: 0)."""
+
+    @property
+    def reachable(self) -> bool:
+        """False while a remote engine's server is lost (its last call failed); local engines: True."""
+        return True
+
     @classmethod
     @abstractmethod
     def available(cls) -> tuple[bool, str]:

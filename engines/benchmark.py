@@ -41,6 +41,7 @@ from tqdm import tqdm
 from engines.base import EngineError, EngineOptions
 from engines.bundle import Bundle, BundleError, load_bundle
 from engines.export.quantize import row_cosines, sample_frames
+from engines.plots import batch_bars
 from engines.registry import engine_class, nvidia_driver_present, select_engine
 
 TARGET_SPEEDUP = 3.0
@@ -274,37 +275,18 @@ def table(rows: list[dict[str, Any]], reference: str) -> str:
 
 def plot(rows: list[dict[str, Any]], batches: list[int], title: str, path: Path) -> None:
     """Grouped bars of ms/frame per batch size, one bar per backend, labelled with the speed-up vs torch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = list(dict.fromkeys(row["backend"] for row in rows))
     by_key = {(row["backend"], row["batch"]): row for row in rows}
-    width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, label in enumerate(labels):
-        xs = [b + (i - (len(labels) - 1) / 2) * width for b in range(len(batches))]
-        cells = [by_key.get((label, n)) for n in batches]
-        heights = [cell["ms_per_frame"] if cell else 0.0 for cell in cells]
-        bars = ax.bar(xs, heights, width, label=label, color=f"C{i}")
-        for bar, cell in zip(bars, cells, strict=True):
-            if cell and cell["speedup_vs_torch_fp32"] is not None:
-                ax.annotate(
-                    f"x{cell['speedup_vs_torch_fp32']:.1f}",
-                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center",
-                    va="bottom",
-                    fontsize=8,
-                )
-    ax.set_xticks(range(len(batches)), [f"batch {n}" for n in batches])
-    ax.set_ylabel("median ms per frame (lower is better)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with batch_bars(labels, batches, title, "median ms per frame (lower is better)", path) as (ax, xs, width):
+        for i, label in enumerate(labels):
+            cells = [by_key.get((label, n)) for n in batches]
+            heights = [cell["ms_per_frame"] if cell else 0.0 for cell in cells]
+            bars = ax.bar(xs(i), heights, width, label=label, color=f"C{i}")
+            for bar, cell in zip(bars, cells, strict=True):
+                if cell and cell["speedup_vs_torch_fp32"] is not None:
+                    ax.annotate(f"x{cell['speedup_vs_torch_fp32']:.1f}",
+                                (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                                va="bottom", fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,6 +117,10 @@ class KserveEngine(Engine):
         self._lost_while_down = 0
         self._retry_at = 0.0
 
+    @property
+    def reachable(self) -> bool:
+        return self._failures == 0 and self._lost_while_down == 0
+
     @classmethod
     def available(cls) -> tuple[bool, str]:
         try:

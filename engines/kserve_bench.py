@@ -29,6 +29,7 @@ from engines.base import Engine, EngineError, EngineOptions
 from engines.bundle import Bundle, BundleError, load_bundle
 from engines.export.quantize import sample_frames
 from engines.kserve import KserveOptions
+from engines.plots import batch_bars
 from engines.registry import select_engine
 from engines.serve import serving
 
@@ -116,30 +117,16 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], batches: list[int], title: str, path: Path) -> None:
     """Bars of the median ms per frame per batch size, one per engine, with p10-p90 whiskers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(dict.fromkeys(row["engine"] for row in rows))
     by_key = {(row["engine"], row["batch"]): row for row in rows}
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, name in enumerate(names):
-        cells = [by_key[(name, n)] for n in batches]
-        xs = [b + (i - (len(names) - 1) / 2) * width for b in range(len(batches))]
-        medians = [cell["ms_per_frame_median"] for cell in cells]
-        spread = [[m - cell["ms_per_frame_p10"] for m, cell in zip(medians, cells, strict=True)],
-                  [cell["ms_per_frame_p90"] - m for m, cell in zip(medians, cells, strict=True)]]
-        ax.bar(xs, medians, width, yerr=spread, capsize=3, label=name, color=f"C{i}")
-    ax.set_xticks(range(len(batches)), [f"batch {n}" for n in batches])
-    ax.set_ylabel("ms per frame, median (p10-p90), lower is better")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with batch_bars(names, batches, title, "ms per frame, median (p10-p90), lower is better", path) as (
+            ax, xs, width):
+        for i, name in enumerate(names):
+            cells = [by_key[(name, n)] for n in batches]
+            medians = [cell["ms_per_frame_median"] for cell in cells]
+            spread = [[m - cell["ms_per_frame_p10"] for m, cell in zip(medians, cells, strict=True)],
+                      [cell["ms_per_frame_p90"] - m for m, cell in zip(medians, cells, strict=True)]]
+            ax.bar(xs(i), medians, width, yerr=spread, capsize=3, label=name, color=f"C{i}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 from engines.base import EngineError, EngineOptions
 from engines.bundle import Bundle, BundleError, load_bundle
 from engines.onnxruntime import OrtEngine
+from pipeline.stage import set_process_title
 
 V2_DATATYPES = {"bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "uint16": "UINT16", "int16": "INT16",
                 "int32": "INT32", "int64": "INT64", "float16": "FP16", "float32": "FP32", "float64": "FP64"}
@@ -126,6 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_process_title("kserve-server")
     # kserve reads sys.argv when imported (its own server flags): it must not see ours.
     sys.argv = sys.argv[:1]
     try:

@@ -8,8 +8,11 @@ confidence. Postprocess's writer thread saves the result beside the raw frame an
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -138,3 +141,20 @@ def side_by_side(cards: Sequence[np.ndarray], header: Sequence[str], height: int
     if body.shape[1] < min_width:
         body = np.hstack([body, np.full((height, min_width - body.shape[1], 3), BANNER_BGR, dtype=np.uint8)])
     return np.vstack([_banner(body.shape[1], header), body])
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Atomically (a temporary file renamed into place): a crash never leaves a torn PNG under the name
+    an event points to. Fastest zlib level: a 562 x 744 frame in a few ms instead of tens, at 10-20 %
+    more bytes."""
+    ok, data = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise OSError("the image could not be encoded as PNG")
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_bytes(data.tobytes())
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise

@@ -10,6 +10,7 @@ import platform
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +66,18 @@ def _gpus() -> list[dict[str, str]]:
 
 
 class ProcessSampler:
-    """CPU time and peak resident memory of this process's stage children (titled `sweepstream: NAME`)
-    while a pipeline run lasts, sampled from a thread; a restarted stage's lives are added up."""
+    """CPU time and peak resident memory of this process's stage descendants (titled `sweepstream: NAME`)
+    while a pipeline run lasts, sampled from a thread; a restarted stage's lives, and the same stage of
+    several streams, are added up (peak memory: the largest one). Where nvidia-smi is present, also each
+    process's peak GPU memory (sampled every `gpu_interval_s`: the query takes tens of ms)."""
 
-    def __init__(self, interval_s: float = 0.2) -> None:
-        self.interval_s = interval_s
+    def __init__(self, interval_s: float = 0.2, gpu_interval_s: float = 1.0) -> None:
+        self.interval_s, self.gpu_interval_s = interval_s, gpu_interval_s
         self._seen: dict[int, tuple[str, float, float]] = {}  # pid -> (stage, cpu s, peak rss MiB)
+        self._gpu: dict[int, float] = {}  # pid -> peak GPU MiB
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._smi = shutil.which("nvidia-smi")
 
     def __enter__(self) -> ProcessSampler:
         self._thread.start()
@@ -84,8 +89,9 @@ class ProcessSampler:
 
     def _run(self) -> None:
         me = psutil.Process()
+        next_gpu = 0.0
         while not self._stop.wait(self.interval_s):
-            for child in me.children():
+            for child in me.children(recursive=True):  # --streams: each run's stages under its supervisor
                 try:
                     title = " ".join(child.cmdline()).strip()
                     if not title.startswith("sweepstream: "):
@@ -97,14 +103,41 @@ class ProcessSampler:
                 stage = title.removeprefix("sweepstream: ")
                 peak = max(rss, self._seen.get(child.pid, (stage, 0.0, 0.0))[2])
                 self._seen[child.pid] = (stage, cpu.user + cpu.system, peak)
+            if self._smi is not None and time.monotonic() >= next_gpu:
+                next_gpu = time.monotonic() + self.gpu_interval_s
+                for pid, mib in gpu_memory_by_pid(self._query_gpu()).items():
+                    self._gpu[pid] = max(mib, self._gpu.get(pid, 0.0))
+
+    def _query_gpu(self) -> str:
+        try:
+            return subprocess.run([self._smi, "--query-compute-apps=pid,used_memory",
+                                   "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                                  timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
 
     def figures(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
-        for stage, cpu, peak in self._seen.values():
+        for pid, (stage, cpu, peak) in self._seen.items():
             entry = out.setdefault(stage, {"cpu_s": 0.0, "peak_rss_mib": 0.0})
             entry["cpu_s"] = round(entry["cpu_s"] + cpu, 3)
             entry["peak_rss_mib"] = round(max(entry["peak_rss_mib"], peak), 1)
+            if pid in self._gpu:
+                entry["peak_gpu_mib"] = round(max(entry.get("peak_gpu_mib", 0.0), self._gpu[pid]), 1)
         return out
+
+
+def gpu_memory_by_pid(csv: str) -> dict[int, float]:
+    """`nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits` -> MiB by pid (a
+    process on several GPUs: their sum; lines it cannot read, such as "[N/A]", are left out)."""
+    out: dict[int, float] = {}
+    for line in csv.strip().splitlines():
+        pid, _, used = (part.strip() for part in line.partition(","))
+        try:
+            out[int(pid)] = out.get(int(pid), 0.0) + float(used)
+        except ValueError:
+            continue
+    return out
 
 
 def compare_runs(new: dict[str, Any], old: dict[str, Any], tolerance: float = TOLERANCE
@@ -136,10 +169,14 @@ def _figures(new: dict[str, Any], old: dict[str, Any]) -> list[tuple[str, Any, A
 
     def same_pick(result: dict) -> float | None:
         return result.get("decisions", {}).get("summary", {}).get("same_pick_rate")
+
+    def fairness(result: dict) -> float | None:
+        return result.get("streams", {}).get("fairness_p99")
     return [("e2e p50 ms", e2e(new, "p50"), e2e(old, "p50"), "higher"),
             ("e2e p99 ms", e2e(new, "p99"), e2e(old, "p99"), "higher"),
             ("throughput fps", new["pipeline"]["throughput_fps"], old["pipeline"]["throughput_fps"], "lower"),
-            ("same pick rate", same_pick(new), same_pick(old), "lower")]
+            ("same pick rate", same_pick(new), same_pick(old), "lower"),
+            ("stream fairness p99", fairness(new), fairness(old), "higher")]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -172,11 +209,24 @@ def markdown(report: dict[str, Any]) -> str:
         if result.get("processes"):
             out.append("- processes: " + ", ".join(
                 f"{name} {v['cpu_s']} CPU s, peak {v['peak_rss_mib']} MiB"
+                + (f", GPU {v['peak_gpu_mib']} MiB" if "peak_gpu_mib" in v else "")
                 for name, v in sorted(result["processes"].items())))
         if "ratio" in result:
             ratio = result["ratio"]
             out.append(f"- pipeline / baseline: p50 x{ratio['p50']}, p99 x{ratio['p99']}, "
                        f"throughput x{ratio['throughput']}")
+        if "streams" in result:
+            streams = result["streams"]
+            out += [f"- {streams['count']} streams at once sharing inference ({streams['share']}); per-stage "
+                    f"rows above are the slowest stream's; fairness (slowest stream's p99 / fastest's) "
+                    f"x{streams['fairness_p99']}; decisions below: the first stream's", "",
+                    "| stream | source | read | scored | dropped | fps | e2e p50 ms | e2e p99 ms |",
+                    "|---" * 8 + "|"]
+            out += [f"| {i} | {row['uri']} | {row['read']} | {row['scored']} | {row['dropped']} | "
+                    f"{row['throughput_fps']} | {_cell(row['end_to_end_events_ms'].get('p50'))} | "
+                    f"{_cell(row['end_to_end_events_ms'].get('p99'))} |"
+                    for i, row in enumerate(streams["per_stream"])]
+            out.append("")
         if "decisions" in result:
             d = result["decisions"]["summary"]
             out.append(f"- decisions over {d['sweeps']} sweeps ({d['sweeps_with_optimal']} with an optimal "
@@ -199,9 +249,10 @@ def _rate(rate: float | None) -> str:
     return "-" if rate is None else f"{100 * rate:.0f} %"
 
 
-def plot_all(report: dict[str, Any], series: dict[str, dict[str, np.ndarray]], stem: Path) -> list[Path]:
-    """PNG files next to the JSON: latency over time per scenario, and throughput and p99 against the
-    batch limit where more than one was run."""
+def plot_all(report: dict[str, Any], series: dict[str, dict[str, np.ndarray]], stem: Path,
+             streams: dict[str, list[np.ndarray]] | None = None) -> list[Path]:
+    """PNG files next to the JSON: latency over time per scenario, throughput and p99 against the batch
+    limit where more than one was run, and the latency CDF of each stream where several ran at once."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,10 +270,7 @@ def plot_all(report: dict[str, Any], series: dict[str, dict[str, np.ndarray]], s
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, markerscale=4)
     fig.tight_layout()
-    path = stem.with_name(stem.name + "-timeline.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, stem, "timeline", plt))
     batches = [r for r in report["results"] if r.get("max_batch") is not None]
     if len({str(r["max_batch"]) for r in batches}) > 1:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -241,17 +289,38 @@ def plot_all(report: dict[str, Any], series: dict[str, dict[str, np.ndarray]], s
         right.set_ylabel("end-to-end p99 (ms)")
         left.legend(fontsize=7)
         fig.tight_layout()
-        path = stem.with_name(stem.name + "-batch.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, stem, "batch", plt))
+    if streams:
+        fig, axes = plt.subplots(1, len(streams), figsize=(5 * len(streams), 4), squeeze=False)
+        for ax, (name, latencies) in zip(axes[0], streams.items(), strict=True):
+            for index, values in enumerate(latencies):
+                plot_cdf(ax, values, label=f"stream {index}")
+            ax.set_xscale("log")
+            ax.set_xlabel("end-to-end latency (ms)")
+            ax.set_ylabel("fraction of frames")
+            ax.set_title(name, fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, stem, "streams", plt))
     stage_figure = _stage_cdfs(report, plt)
     if stage_figure is not None:
-        path = stem.with_name(stem.name + "-stages.png")
-        stage_figure.savefig(path, dpi=110)
-        plt.close(stage_figure)
-        written.append(path)
+        written.append(_save(stage_figure, stem, "stages", plt))
     return written
+
+
+def _save(fig: Any, stem: Path, kind: str, plt: Any) -> Path:
+    path = stem.with_name(f"{stem.name}-{kind}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_cdf(ax: Any, values: np.ndarray, *style: str, **kwargs: Any) -> None:
+    """The empirical CDF of `values` on `ax` (nothing for none)."""
+    if len(values):
+        ordered = np.sort(values)
+        ax.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), *style, **kwargs)
 
 
 def _stage_cdfs(report: dict[str, Any], plt: Any) -> Any:

@@ -1,15 +1,18 @@
 """Measure the pipeline on recorded sweeps, and what it costs over doing the same work in one loop.
 
 A suite: every source (the in-memory 1080p test pattern, and any --source: video files, .mha stacks,
-DICOM, phantoms) x mode (paced at the native rate / flooded) x engine x batch limit x refine value asked
-for (on the command line or in a --matrix TOML file) runs through the full pipeline, and in the same run an
+DICOM, phantoms) x mode (paced at the native rate / flooded) x engine x batch limit x refine value x stream
+count asked for (on the command line or in a --matrix TOML file) runs through the full pipeline, and in the
+same run an
 in-process loop does the same work on the same frames with the same settings (source read, preprocess,
 engine, sweep analysis, event to a journal): the difference is what transport (ring, ZeroMQ, process hops)
 adds, as ratios measured side by side. The default engine is `null` so inference cost does not hide it.
 
 Per run: per-stage and end-to-end percentiles, throughput, frames read/scored/dropped per boundary, time
 to the first event, CPU time and peak memory per process, host CPU steal, and on sources with ground truth
-the decision latencies and how often the pick equals scoring every frame. Writes JSON (with the machine),
+the decision latencies and how often the pick equals scoring every frame. With --streams N, N runs at once
+on N sources share inference (--share: one infer worker, one KServe server, or none), with per-stream
+latency and fairness (pipeline/streams.py). Writes JSON (with the machine),
 a Markdown report next to it, and PNGs (latency CDF, latency over time, per-stage latency, and throughput
 and p99 against the batch limit). --compare OLD.json exits 1 when a figure regressed beyond --tolerance.
 """
@@ -42,6 +45,7 @@ from .bench_report import (
     machine,
     markdown,
     plot_all,
+    plot_cdf,
     timeline,
 )
 from .capture import Pacer
@@ -53,6 +57,7 @@ from .messages import FrameRef, Result
 from .metrics import LatencyHistogram
 from .sources import SourceError, check_uri, open_source
 from .steps import analyzed_frame, frame_score, infer_batch, load_engine
+from .streams import SHARES, combined_summary, fairness, run_streams, shared_inference, stream_uris
 from .supervisor import Supervisor
 
 TARGETS = {"overhead_p50_ms": 1.0, "overhead_p99_ms": 3.0, "flood_fps": 300.0}
@@ -89,6 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engines", help="comma-separated engines, one run each (default: --engine)")
     parser.add_argument("--batches", default="auto",
                         help="comma-separated infer.max_batch values, one run each (e.g. 1,4,8,auto)")
+    parser.add_argument("--streams", default="1",
+                        help="comma-separated stream counts, one run each: N sources at once sharing "
+                             "inference (phantom://SEED gives seeds SEED..SEED+N-1; a file is read by every "
+                             "stream)")
+    parser.add_argument("--share", choices=SHARES, default="worker",
+                        help="how N streams share inference: one infer worker serving every run (worker), "
+                             "one KServe v2 server (kserve), or each run its own infer stage (none)")
     parser.add_argument("--skip", type=int, default=10,
                         help="warm-up and cool-down frames left out of the figures at each end")
     parser.add_argument("--matrix", type=Path,
@@ -136,6 +148,12 @@ def scenarios(args: argparse.Namespace) -> list[dict]:
             raise SystemExit(f"bench_latency: --source: {exc}") from None
         sources.append((uri.split("?")[0].replace("://", "-") if "://" in uri else Path(uri).name, uri))
     refines, batches = args.refine.split(","), args.batches.split(",")
+    try:
+        counts = [int(n) for n in str(args.streams).split(",")]
+    except ValueError:
+        raise SystemExit(f"bench_latency: --streams: {args.streams!r} is not a list of counts") from None
+    if min(counts) < 1:
+        raise SystemExit(f"bench_latency: --streams: {args.streams!r}: a count is at least 1")
     engines = (args.engines or args.engine).split(",")
     for engine in engines:
         if engine not in ENGINE_CHOICES:
@@ -145,19 +163,22 @@ def scenarios(args: argparse.Namespace) -> list[dict]:
     for mode in args.modes.split(","):
         if mode not in ("paced", "flood"):
             raise SystemExit(f"bench_latency: --modes: unknown mode {mode!r} (paced, flood)")
-        for engine, batch, refine in itertools.product(engines, batches, refines):
+        for engine, batch, refine, streams in itertools.product(engines, batches, refines, counts):
             group = f"{mode}" + (f" {engine}" if len(engines) > 1 else "")
             group += f" refine={refine}" if len(refines) > 1 else ""
+            group += f" streams={streams}" if streams > 1 or len(counts) > 1 else ""
             suffix = f" batch={batch}" if len(batches) > 1 else ""
             out += [{"name": f"{name} {group}{suffix}", "group": f"{name} {group}", "mode": mode,
-                     "uri": uri, "refine": refine, "engine": engine, "max_batch": batch}
+                     "uri": uri, "refine": refine, "engine": engine, "max_batch": batch, "streams": streams}
                     for name, uri in sources]
     return out
 
 
-def scenario_config(args: argparse.Namespace, scenario: dict, out: Path) -> Config:
-    """One scenario's run configuration: the pipeline and the baseline read the same one."""
-    extra = dict(item.partition("=")[::2] for item in args.set)
+def scenario_config(args: argparse.Namespace, scenario: dict, out: Path,
+                    shared: dict | None = None) -> Config:
+    """One scenario's run configuration: the pipeline and the baseline read the same one (`shared`: a
+    stream's way to the inference it shares, for the pipeline only)."""
+    extra = {**dict(item.partition("=")[::2] for item in args.set), **(shared or {})}
     try:
         return load_config(overrides={
             "source.uri": scenario["uri"], "source.flood": scenario["mode"] == "flood",
@@ -176,6 +197,38 @@ def run_pipeline(config: Config, scenario: dict) -> tuple[dict, list[dict]]:
     if Supervisor(config).run() != 0:
         raise SystemExit(f"bench_latency: pipeline run failed for {scenario['name']}; see {out}")
     return json.loads((out / "summary.json").read_text()), read_journal(out / "events.jsonl")
+
+
+def run_stream_pipelines(args: argparse.Namespace, scenario: dict, workdir: Path
+                         ) -> tuple[dict, list[dict], list[dict]]:
+    """N runs at once sharing inference: the combined summary, every stream's events (in capture order),
+    and per stream its source, frames, throughput and end-to-end latency."""
+    count, uris = scenario["streams"], stream_uris(scenario["uri"], scenario["streams"])
+    with shared_inference(args.share, count, args.bundle, scenario["engine"], args.threads,
+                          workdir / "shared-inference.log", scenario["max_batch"]) as shared:
+        configs = [scenario_config(args, {**scenario, "uri": uri}, workdir / f"stream-{index}", way)
+                   for index, (uri, way) in enumerate(zip(uris, shared, strict=True))]
+        codes = run_streams(configs)
+    failed = [str(config.run.out) for config, code in zip(configs, codes, strict=True) if code != 0]
+    if failed:
+        raise SystemExit(f"bench_latency: {len(failed)} of {count} stream runs failed for "
+                         f"{scenario['name']}; see {', '.join(failed)}")
+    summaries = [json.loads((Path(c.run.out) / "summary.json").read_text()) for c in configs]
+    journals = [read_journal(Path(c.run.out) / "events.jsonl") for c in configs]
+    per_stream = [{"uri": uri, "run_id": summary["run_id"], "throughput_fps": summary["throughput_fps"],
+                   **{key: summary["frames"][key] for key in ("read", "scored", "dropped")},
+                   "end_to_end_events_ms": stats(newest_latencies(events), args.skip),
+                   "latencies": newest_latencies(events)}
+                  for uri, summary, events in zip(uris, summaries, journals, strict=True)]
+    events = sorted((e for journal in journals for e in journal), key=lambda e: e.get("t_capture") or 0.0)
+    return combined_summary(summaries), events, per_stream
+
+
+def stream_figures(per_stream: list[dict], share: str) -> dict:
+    """The JSON's `streams` object: how inference was shared, each stream's figures, and fairness."""
+    rows = [{k: v for k, v in stream.items() if k != "latencies"} for stream in per_stream]
+    return {"count": len(rows), "share": share, "per_stream": rows,
+            "fairness_p99": fairness([row["end_to_end_events_ms"].get("p99") for row in rows])}
 
 
 def newest_latencies(events: list[dict]) -> np.ndarray:
@@ -301,6 +354,14 @@ def print_result(result: dict) -> None:
               f"sweep end -> final p50 {d['decision_ms']['p50']} ms, max {d['decision_ms']['max']} ms; "
               f"first optimal frame -> best_frame naming one p50 {d['first_optimal_to_best_ms']['p50']} ms, "
               f"max {d['first_optimal_to_best_ms']['max']} ms, never named in {d['optimal_never_named']}")
+    if "streams" in result:
+        streams = result["streams"]
+        print(f"  {streams['count']} streams sharing inference ({streams['share']}); fairness (slowest p99 / "
+              f"fastest p99) x{streams['fairness_p99']}")
+        for index, stream in enumerate(streams["per_stream"]):
+            e2e = stream["end_to_end_events_ms"]
+            print(f"    stream {index} {stream['uri']}: p50 {e2e.get('p50')} ms, p99 {e2e.get('p99')} ms, "
+                  f"scored {stream['scored']} of {stream['read']}, {stream['throughput_fps']} fps")
     if "overhead_ms" in result:
         print(f"  transport overhead: p50 {result['overhead_ms']['p50']:+.3f} ms, "
               f"p99 {result['overhead_ms']['p99']:+.3f} ms; ratio pipeline/baseline "
@@ -322,10 +383,7 @@ def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for index, (name, (pipe, base)) in enumerate(curves.items()):
         for values, style, label in ((pipe, "-", "pipeline"), (base, "--", "baseline")):
-            if len(values):
-                ordered = np.sort(values)
-                ax.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), style, color=f"C{index}",
-                        label=f"{name} {label}")
+            plot_cdf(ax, values, style, color=f"C{index}", label=f"{name} {label}")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("end-to-end latency (ms)")
@@ -341,16 +399,19 @@ def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    results, curves, series = [], {}, {}
+    results, curves, series, stream_curves = [], {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
         todo = scenarios(args)
         for scenario in tqdm(todo, desc="scenarios", unit="run"):
             workdir = Path(tmp) / str(len(results))
             workdir.mkdir()
             config = scenario_config(args, scenario, workdir / scenario["name"].replace(" ", "_"))
-            started = time.time()
+            started, per_stream = time.time(), None
             with host_steal() as pipe_steal, ProcessSampler() as sampler:
-                summary, pipe_events = run_pipeline(config, scenario)
+                if scenario["streams"] > 1:
+                    summary, pipe_events, per_stream = run_stream_pipelines(args, scenario, workdir)
+                else:
+                    summary, pipe_events = run_pipeline(config, scenario)
             with host_steal() as base_steal:
                 base, base_events = run_baseline(config, workdir)
             steal = {"pipeline": pipe_steal["steal_pct"], "baseline": base_steal["steal_pct"]}
@@ -358,8 +419,13 @@ def main(argv: list[str] | None = None) -> int:
             result = compare(scenario, summary, pipe_lat, base, base_lat, steal, args.skip)
             result["processes"] = sampler.figures()
             result["first_event_s"] = first_event_s(pipe_events, started)
-            if has_ground_truth(base_events):
-                result["decisions"] = decisions(pipe_events, base_events, base["fps"])
+            first_stream = pipe_events if per_stream is None else [
+                e for e in pipe_events if e.get("run_id") == per_stream[0]["run_id"]]
+            if has_ground_truth(base_events):  # the baseline reads the first stream's source
+                result["decisions"] = decisions(first_stream, base_events, base["fps"])
+            if per_stream is not None:
+                result["streams"] = stream_figures(per_stream, args.share)
+                stream_curves[scenario["name"]] = [s["latencies"] for s in per_stream]
             results.append(result)
             curves[scenario["name"]] = (pipe_lat, base_lat)
             series[scenario["name"]] = timeline(pipe_events)
@@ -386,6 +452,6 @@ def main(argv: list[str] | None = None) -> int:
     args.json.with_suffix(".md").write_text(markdown(report))
     png = args.png or args.json.with_suffix(".png")
     plot(curves, png)
-    extra = plot_all(report, series, args.json.with_suffix(""))
+    extra = plot_all(report, series, args.json.with_suffix(""), stream_curves)
     print(f"\nwrote {args.json}, {args.json.with_suffix('.md')}, {png}" + "".join(f", {p}" for p in extra))
     return code

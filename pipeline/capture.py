@@ -87,16 +87,11 @@ class CaptureStage(Stage):
 
     def _resume(self) -> None:
         """A restarted capture: frame ids go on after the newest frame in the ring, and a recording goes on
-        from the frame after it (read past; a live source simply delivers its newest)."""
+        from the frame after it (Source.seek; a live source simply delivers its newest)."""
         self._next_id = self.ring.resume()
         if self.source.live:
             return
-        for _ in range(self._next_id):
-            if self.source.read() is None:
-                if not self.config.source.loop:
-                    break
-                self.source.rewind()
-                self.source.read()
+        self.source.seek(self._next_id, self.config.source.loop)
         log.info("capture: restarted; going on from frame %d", self._next_id)
 
     def go(self) -> None:

@@ -205,6 +205,9 @@ class RunConfig:
         "auto", "HOST:PORT of the live web viewer (the page at /, Prometheus metrics at /metrics; port 0 "
         "picks a free one; the URL is printed); any address but a loopback one needs the token printed "
         "with it; auto: 127.0.0.1:8080 for the demo (the default source) on a terminal, else off; none: off")
+    viewer_preview_fps: float = option(
+        5.0, "pictures a second the live view shows (each a resize of a scored frame in postprocess); "
+        "lower it on a cart whose browser shares the pipeline's cores", min=0.2, max=30)
     viewer_linger: float = option(
         0.0, "seconds the viewer keeps serving a finished run's page and metrics after its summary "
         "(Ctrl-C ends it sooner)", min=0, max=86400)

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from .annotate import ANNOTATED, ga_text, side_by_side
+from .annotate import ANNOTATED, ga_text, side_by_side, write_png
 from .biometry import hadlock_ga_weeks
 from .events import make_event
 
@@ -246,8 +246,10 @@ class ExamRecorder:
                   f"sweeps; case {fields['case']}"]
         path = self.best_dir / f"exam-{fields['exam']:04d}-{ANNOTATED}.png"
         self.best_dir.mkdir(exist_ok=True)
-        if not cv2.imwrite(str(path), side_by_side(cards, header), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
-            log.warning("postprocess: could not write %s", path)
+        try:
+            write_png(path, side_by_side(cards, header))
+        except OSError as exc:
+            log.warning("postprocess: could not write %s: %s", path, exc)
             return None
         return f"{self.best_dir.name}/{path.name}"
 

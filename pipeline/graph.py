@@ -224,7 +224,7 @@ def frame_accounting(counters: dict[str, dict[str, int]], graph: Graph) -> dict:
             "boundaries": boundaries}
 
 
-ENGINE_COUNTERS = ("refine_engine_timeout",)
+ENGINE_COUNTERS = ("refine_engine_timeout", "engine_reconnects", "engine_unreachable")
 """An infer stage's refined frames lost to an engine timeout: outside the frame accounting, as refined frames
 are (the newest ones lost count as drop_engine_timeout at the link into the stage)."""
 

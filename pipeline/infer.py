@@ -10,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 import zmq
 
-from engines.base import EngineTimeout
+from engines.base import Engine, EngineTimeout
 
 from . import wire
 from .messages import Kind, PreparedInput, Result, control
@@ -39,10 +39,13 @@ class InferStage(Stage):
     stamp_in = "inf_in"
     stamp_out = "inf_out"
     relays: ClassVar[bool] = False  # results go back on the work connection (a remote worker)
+    engine: Engine | None = None  # set before start by a worker that serves several runs from one engine
+    reason = ""
 
     def start(self) -> None:
-        self.engine, self.reason = load_engine(self.config.infer, self.bundle)
-        log.info("infer: %s", self.reason)
+        if self.engine is None:
+            self.engine, self.reason = load_engine(self.config.infer, self.bundle)
+            log.info("infer: %s", self.reason)
         self.input_shape = self.bundle.input.frame_shape
         graph = self.wiring.graph
         self.work, self.out = self.open_links()
@@ -109,6 +112,9 @@ class InferStage(Stage):
         except EngineTimeout as exc:
             self._lost(frames, exc)
             return
+        finally:  # a remote engine's link, for health (engine_unreachable: 1 while its server is lost)
+            self.counters["engine_reconnects"] = self.engine.reconnects
+            self.counters["engine_unreachable"] = int(not self.engine.reachable)
         for prepared, outputs in zip(frames, rows, strict=True):
             # Waiting here (rather than dropping a result already paid for) slows infer's pulling, so an
             # overloaded postprocess makes preprocess drop the oldest unscored frames instead.

@@ -799,13 +799,15 @@ class Renderer:
         mask[r0:r1, c0:c1] = inside
 
 
-def iter_case_frames(case: Case) -> Iterator[tuple[np.ndarray, int, int, dict]]:
+def iter_case_frames(case: Case, start: int = 0) -> Iterator[tuple[np.ndarray, int, int, dict]]:
     """Yields (frame uint8 HEIGHT x WIDTH, sweep index, frame index, ground-truth dict) in acquisition order,
-    rendering each frame on demand so a live source can stream a case."""
+    rendering each frame on demand so a live source can stream a case; from the case's frame `start` on
+    (a frame depends only on its case, sweep and index, so the earlier ones need not be rendered)."""
     renderer = Renderer(case)
     for sweep in range(SWEEPS):
         for frame in range(case.frames_per_sweep):
-            yield renderer.render(sweep, frame), sweep, frame, renderer.truth(sweep, frame)
+            if sweep * case.frames_per_sweep + frame >= start:
+                yield renderer.render(sweep, frame), sweep, frame, renderer.truth(sweep, frame)
 
 
 def render_case(case: Case) -> CaseData:

@@ -15,7 +15,6 @@ import zmq
 from .analysis import AnalyzedFrame
 from .events import wall_time
 
-PREVIEW_FPS = 5.0
 PREVIEW_WIDTH = 360  # pixels across the crop, at most
 PREVIEW_TOPIC = b"preview"
 
@@ -51,27 +50,28 @@ def preview_image(frame: AnalyzedFrame, image: np.ndarray) -> tuple[np.ndarray, 
 
 
 class PreviewFeed:
-    """Postprocess's side: offered every scored newest frame, publishes one every 1/PREVIEW_FPS s."""
+    """Postprocess's side: offered every scored newest frame, publishes `fps` of them a second."""
 
-    def __init__(self, socket: zmq.Socket) -> None:
+    def __init__(self, socket: zmq.Socket, fps: float) -> None:
         self._socket = socket
+        self._period = 1.0 / fps
         self.bound = socket.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._next = 0.0
         self.dropped = 0
 
     @classmethod
-    def open(cls, context: zmq.Context, endpoint: str = "tcp://127.0.0.1:*") -> PreviewFeed:
+    def open(cls, context: zmq.Context, fps: float, endpoint: str = "tcp://127.0.0.1:*") -> PreviewFeed:
         socket = context.socket(zmq.PUB)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, 1)
         socket.bind(endpoint)
-        return cls(socket)
+        return cls(socket, fps)
 
     def offer(self, frame: AnalyzedFrame, image: np.ndarray) -> None:
         now = time.monotonic()
         if now < self._next:
             return
-        self._next = now + 1 / PREVIEW_FPS
+        self._next = now + self._period
         small, header = preview_image(frame, image)
         try:
             self._socket.send_multipart([PREVIEW_TOPIC, json.dumps(header).encode(), small.tobytes()],

@@ -107,9 +107,12 @@ class RunCollector(Collector):
             for stage, count in shot.restarts.items():
                 restarts.add_metric([stage], count)
             yield restarts
-        counted = sum(c.get("reconnects", 0) for c in (shot.counters.values() if shot else ()))
-        yield CounterMetricFamily(f"{PREFIX}_reconnects", "source reconnects (0 until a source reports any)",
-                                  value=counted or _total(self.events.health.get("reconnects")))
+        health = self.events.health
+        for name, counter, what in (("reconnects", "reconnects", "source"),
+                                    ("engine_reconnects", "engine_reconnects", "engine")):
+            counted = sum(c.get(counter, 0) for c in (shot.counters.values() if shot else ()))
+            yield CounterMetricFamily(f"{PREFIX}_{name}", f"{what} reconnects (0 until one reports any)",
+                                      value=counted or _total(health.get(what, {}).get("reconnects")))
         for name, value, what in (("sweeps", self.events.sweeps, "sweeps started"),
                                   ("best_frames", self.events.best_frames, "final best frames picked"),
                                   ("exams", self.events.exams, "exam summaries")):

@@ -247,13 +247,19 @@ def frame_of(hop: Any) -> FrameRef:
     return hop if isinstance(hop, FrameRef) else hop.frame
 
 
-def _configure_child(name: str) -> None:
+def set_process_title(name: str) -> None:
+    """`sweepstream: NAME` in ps and top (and for the benchmark's process sampler), where setproctitle is
+    installed."""
     try:
         import setproctitle
 
         setproctitle.setproctitle(f"sweepstream: {name}")
     except ImportError:
         pass
+
+
+def _configure_child(name: str) -> None:
+    set_process_title(name)
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` dumps a stuck stage's stack
     # Ctrl-C and a SIGTERM to the process group reach every stage; only the supervisor acts on them, then

@@ -77,6 +77,14 @@ class Telemetry:
                 "reconnects": reconnects, "overwritten": counts.get("source_overwritten", 0),
                 "roi_withheld": counts.get("roi_withheld", 0)}
 
+    def engine(self) -> dict[str, Any]:
+        """The engines' link to a remote server (kserve): `unreachable` while one of them has lost its
+        server, and its reconnect attempts so far (local engines: always ok, 0)."""
+        counts = sum_counters(self.counters, self.graph)
+        infer = [counts.get(spec.name, {}) for spec in self.graph.stages if spec.role == "infer"]
+        return {"state": "unreachable" if any(c.get("engine_unreachable", 0) for c in infer) else "ok",
+                "reconnects": sum(c.get("engine_reconnects", 0) for c in infer)}
+
     def accounting(self) -> dict[str, Any]:
         """Frame accounting from the stages' counters; with restarts, the frames that were inside a stage
         when it died are `lost_in_restarts` (counted nowhere else)."""
@@ -109,6 +117,9 @@ class Telemetry:
             line += f"  source reconnecting ({source['reconnects']})"
         elif source["reconnects"]:
             line += f"  reconnects {source['reconnects']}"
+        engine = self.engine()
+        if engine["state"] != "ok" or engine["reconnects"]:
+            line += f"  engine {engine['state']} (reconnects {engine['reconnects']})"
         if sys.stderr.isatty():
             print("\r" + line, end="", file=sys.stderr, flush=True)
             self._status_open = True
@@ -151,6 +162,7 @@ class Telemetry:
             "restarts": self.restart_counts(),
             **self.peers(),
             "source": self.source(),
+            "engine": self.engine(),
         }
 
     def peers(self) -> dict[str, Any]:

@@ -137,3 +137,54 @@ def test_a_suite_writes_its_machine_a_report_and_compares_with_a_saved_run(mp4_6
     saved.write_text(json.dumps(report))
     result = run("--compare", str(saved), "--tolerance", "100")  # any noise of this machine passes
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_streams_share_one_infer_worker_and_report_each_stream(tmp_path: Path) -> None:
+    """--streams 2: two runs at once on two phantom seeds, served by one infer worker process (one engine,
+    two connections); every frame of both is scored (lossless), and the report has each stream, fairness
+    and the per-stream CDF."""
+    out = tmp_path / "streams.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_latency.py"), "--no-pattern", "--source",
+         "phantom://3?cases=1&frames=20", "--frames", "40", "--modes", "flood", "--engine", "ort",
+         "--threads", "1", "--policy", "lossless", "--streams", "2", "--skip", "2", "--pixel-format", "gray",
+         "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (entry,) = json.loads(out.read_text())["results"]
+    assert entry["scenario"] == "phantom-3 flood streams=2"
+    streams = entry["streams"]
+    assert streams["count"] == 2 and streams["share"] == "worker"
+    assert [s["uri"] for s in streams["per_stream"]] == ["phantom://3?cases=1&frames=20",
+                                                         "phantom://4?cases=1&frames=20"]
+    for stream in streams["per_stream"]:
+        assert stream["read"] == 40 and stream["scored"] == 40 and stream["dropped"] == 0
+        assert stream["end_to_end_events_ms"]["count"] > 0
+    assert len({s["run_id"] for s in streams["per_stream"]}) == 2
+    assert entry["pipeline"]["read"] == 80 and entry["pipeline"]["scored"] == 80
+    slowest = max(s["end_to_end_events_ms"]["p99"] for s in streams["per_stream"])
+    fastest = min(s["end_to_end_events_ms"]["p99"] for s in streams["per_stream"])
+    assert streams["fairness_p99"] == round(slowest / fastest, 3) >= 1.0
+    assert "infer-worker" in entry["processes"] and "infer" not in entry["processes"]  # inference shared
+    assert entry["baseline"]["frames"] == 40
+    assert "| stream | source |" in out.with_suffix(".md").read_text()
+    assert (tmp_path / "streams-streams.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "2 streams sharing inference (worker)" in result.stdout
+
+
+def test_each_stream_gets_its_own_phantom_seed_and_files_are_shared() -> None:
+    from pipeline.streams import stream_uris
+
+    assert stream_uris("phantom://7?cases=2", 3) == ["phantom://7?cases=2", "phantom://8?cases=2",
+                                                     "phantom://9?cases=2"]
+    assert stream_uris("phantom", 2) == ["phantom://0", "phantom://1"]  # the default case is seed 0
+    assert stream_uris("/data/sweep.mp4", 2) == ["/data/sweep.mp4"] * 2
+
+
+def test_gpu_memory_is_read_per_process_from_nvidia_smi() -> None:
+    """The parser of nvidia-smi's per-process query, on its documented CSV (no GPU here: the sampler
+    itself runs it only where nvidia-smi exists)."""
+    from pipeline.bench_report import gpu_memory_by_pid
+
+    csv = "4242, 1530\n4243, 812\n4242, 100\n4244, [N/A]\n"
+    assert gpu_memory_by_pid(csv) == {4242: 1630.0, 4243: 812.0}
+    assert gpu_memory_by_pid("") == {}

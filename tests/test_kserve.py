@@ -162,16 +162,22 @@ def test_server_killed_mid_run_drops_counts_and_recovers(tmp_path: Path) -> None
         server.kill()  # a crash, not a clean stop
         server.wait()
 
-        def timeouts() -> int:
-            health = [e for e in _journal(out) if e["type"] == "health"]
-            return health[-1]["drop_causes"].get("infer.drop_engine_timeout", 0) if health else 0
-        _wait_for("frames dropped while the server is gone", lambda: timeouts() >= 5, 60, run)
+        def last_health() -> dict:
+            health = [e for e in _journal(out) if e["type"] == "health" and "drop_causes" in e]
+            return health[-1] if health else {"drop_causes": {}, "engine": {"state": "ok", "reconnects": 0}}
+        _wait_for("frames dropped while the server is gone",
+                  lambda: last_health()["drop_causes"].get("infer.drop_engine_timeout", 0) >= 5, 60, run)
+        _wait_for("health saying the engine lost its server",
+                  lambda: last_health()["engine"]["state"] == "unreachable", 30, run)
         server = start_server(REFERENCE, grpc_port, http_port)
         wait_ready(f"grpc://127.0.0.1:{grpc_port}", "reference-intensity", 120, server)
         back = time.time()
         def scored_since_back() -> int:
             return sum(e["type"] == "frame" and e["t_event"] > back + 0.5 for e in _journal(out))
         _wait_for("frames scored after the server came back", lambda: scored_since_back() >= 10, 60, run)
+        _wait_for("health saying the engine is back",
+                  lambda: last_health()["engine"]["state"] == "ok", 30, run)
+        assert last_health()["engine"]["reconnects"] >= 1
         run.send_signal(signal.SIGINT)
         _, stderr = run.communicate(timeout=60)
         assert run.returncode == 0, stderr
@@ -320,3 +326,19 @@ def test_bench_kserve_prints_and_writes_the_three_engines(tmp_path: Path) -> Non
         assert len(row["ms_per_frame"]) == 2 and row["max_abs_diff_vs_local"] <= SCORE_ATOL
         assert row["engine"] in result.stdout
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_latency_streams_share_one_kserve_server(tmp_path: Path) -> None:
+    """--streams 2 --share kserve: two runs at once, both scored by one KServe v2 server (its process is
+    sampled, no local infer stage scores), every frame of both scored (lossless)."""
+    out = tmp_path / "streams.json"
+    command = [sys.executable, str(REPO / "tools" / "bench_latency.py"), "--no-pattern", "--source",
+               "phantom://3?cases=1&frames=20", "--frames", "30", "--modes", "flood", "--engine", "ort",
+               "--threads", "1", "--policy", "lossless", "--streams", "2", "--share", "kserve", "--skip", "2",
+               "--pixel-format", "gray", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (entry,) = json.loads(out.read_text())["results"]
+    assert entry["streams"]["share"] == "kserve" and entry["streams"]["fairness_p99"] >= 1.0
+    assert [s["scored"] for s in entry["streams"]["per_stream"]] == [30, 30]
+    assert "kserve-server" in entry["processes"]

@@ -73,8 +73,8 @@ def test_mp4_runs_through_all_four_processes(mp4_60: Path, tmp_path: Path) -> No
         stats = summary["latency_ms"][name]
         assert stats["count"] == frames["scored"] - 20  # first and last 10 skipped
         assert 0 < stats["p50"] <= stats["p90"] <= stats["p95"] <= stats["p99"] <= stats["max"]
-    # Paced at 30 fps, so the run takes about two seconds, not the instant a flood would.
-    assert 1.5 < summary["duration_s"] < 10
+    # Paced at 30 fps, so the run takes at least about two seconds, not the instant a flood would.
+    assert summary["duration_s"] > 1.5
     # Health events every 0.5 s while the pipeline runs: the status line's figures, for subscribers.
     health = read_journal(out, "health")
     assert len(health) >= 2
@@ -99,7 +99,11 @@ def test_flood_reads_faster_than_native_rate(mp4_60: Path, tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     summary = _summary(out)
     assert summary["frames"]["scored"] == 60 and summary["frames"]["dropped"] == 0
-    assert summary["duration_s"] < 1.9  # 60 frames at the native 30 fps would take 2 s
+    # Unpaced: while the ring has free slots (32), capture reads as fast as it decodes, far faster than the
+    # frames' own timestamps say (measured against the source, not this machine's speed).
+    events = read_journal(out, "frame")[:20]
+    captured = events[-1]["t_capture"] - events[0]["t_capture"]
+    assert captured < 0.5 * (events[-1]["source"]["pts"] - events[0]["source"]["pts"])
 
 
 def test_max_frames_and_loop(mp4_60: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from test_stack_source import write_stack
 
 from pipeline.screens import LAYOUTS, screen_frames
 from pipeline.sources import SourceError, check_uri, open_source, source_class
@@ -55,3 +56,38 @@ def test_an_image_folder_plays_in_name_order_cut_to_the_sector(tmp_path: Path) -
 def test_an_empty_folder_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="no image stacks"):
         check_uri(str(tmp_path))
+
+
+def _frames(source) -> list:  # noqa: ANN001
+    frames = []
+    while (frame := source.read()) is not None:
+        frames.append(frame)
+    return frames
+
+
+@pytest.mark.parametrize("uri", ["phantom://3?cases=2&frames=12", "mp4", "stacks", "images"])
+def test_seek_goes_on_from_the_frame_reading_through_would(uri: str, mp4_60: Path, tmp_path: Path) -> None:
+    """A restarted capture's Source.seek: the phantom, image stacks and image folders jump (they know their
+    length), a video reads past the frames before (the default); all land on the very frame reading would,
+    through loops too, and past the end without a loop they are over."""
+    if uri == "mp4":
+        uri = str(mp4_60)
+    elif uri == "stacks":
+        write_stack(tmp_path / "case-a.mha", 12)
+        write_stack(tmp_path / "case-b.mha", 7)
+        uri = str(tmp_path)
+    elif uri == "images":
+        for i in range(9):
+            cv2.imwrite(str(tmp_path / f"shot{i:02d}.png"), np.full((16, 24, 3), 20 * i, np.uint8))
+        uri = str(tmp_path)
+    every = _frames(open_source(uri, "gray", None))
+    for index, loop in ((0, False), (7, False), (len(every) - 1, False), (len(every) + 5, True),
+                        (3 * len(every) + 2, True)):
+        source = open_source(uri, "gray", None)
+        source.seek(index, loop)
+        got, expected = source.read(), every[index % len(every)]
+        assert got.index == expected.index and got.meta == expected.meta
+        assert np.array_equal(got.image, expected.image)
+    source = open_source(uri, "gray", None)
+    source.seek(len(every), False)
+    assert source.read() is None

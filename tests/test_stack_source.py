@@ -50,3 +50,41 @@ def test_bad_stacks_are_one_clear_error(tmp_path: Path) -> None:
     source = open_source(str(broken), "gray")
     with pytest.raises(SourceError, match="broken.mha: cannot read image stack"):
         source.read()
+
+
+def test_the_next_stack_is_read_while_the_current_one_plays(tmp_path: Path) -> None:
+    """Stacks are read on the source's reader thread, the next one as soon as the current one starts; what
+    goes wrong there (a broken second stack) is raised, naming the file, at its turn: after every frame of
+    the first."""
+    import threading
+
+    write_stack(tmp_path / "a.mha", 6)
+    (tmp_path / "b.mha").write_text("not an image")
+    source = open_source(str(tmp_path), "gray")
+    played = [source.read()]
+    assert any(t.name.startswith("stack-reader") for t in threading.enumerate())
+    played += [source.read() for _ in range(5)]
+    assert [f.meta["case"] for f in played] == ["a"] * 6
+    with pytest.raises(SourceError, match="b.mha: cannot read image stack"):
+        source.read()
+    source.close()
+
+
+def test_a_seek_skips_the_stacks_before_its_frame_unread(tmp_path: Path) -> None:
+    """A restarted capture seeking into the third stack reads the first two's headers only: their pixel
+    data cut away (header intact), the seek still lands on the third stack's frame."""
+    write_stack(tmp_path / "case-a.mha", 12)
+    write_stack(tmp_path / "case-b.mha", 7)
+    third = write_stack(tmp_path / "case-c.mha", 6)
+    for name in ("case-a.mha", "case-b.mha"):
+        path = tmp_path / name
+        data = path.read_bytes()
+        path.write_bytes(data[: data.index(b"ElementDataFile = LOCAL") + len(b"ElementDataFile = LOCAL\n")])
+    source = open_source(str(tmp_path), "gray")
+    source.seek(12 + 7 + 4, loop=False)
+    frame = source.read()
+    assert frame.index == 23 and frame.meta["case"] == "case-c" and frame.meta["case_frame"] == 4
+    assert np.array_equal(frame.image, third[4])
+    source.rewind()
+    with pytest.raises(SourceError, match="case-a.mha: cannot read image stack"):
+        source.read()  # from the start, the cut stack is read, and fails

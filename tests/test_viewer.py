@@ -36,6 +36,14 @@ CURVE_GROWN_IN_ONE_SWEEP = """() => {
   if (!base || base.sweep !== sweep) { window.curveBase = {sweep, points}; return false; }
   return points > base.points + 5 && [base.points, points];
 }"""
+# The text of the first card whose annotated picture has loaded and whose sweep was measured.
+MEASURED_CARD = """() => {
+  const card = [...document.querySelectorAll('.card')].find(c => {
+    const img = c.querySelector('img.annotated');
+    return img && img.complete && img.naturalWidth > 0 && /GA \\d+w/.test(c.innerText);
+  });
+  return card ? card.innerText : false;
+}"""
 pytestmark = pytest.mark.timeout(600)  # one pipeline run with a browser serves the module
 needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium (.ci/run installs it: "
                                    "apt-get install chromium)")
@@ -69,9 +77,9 @@ def viewed_run(tmp_path_factory: pytest.TempPathFactory):
             seen["curve"] = tuple(grown.json_value())
             _wait(page, "document.getElementById('health-fps').textContent !== '-'")
             seen["health"] = {name: _text(page, f"#health-{name}") for name in ("fps", "e2e", "frames")}
-            _wait(page, "[...document.querySelectorAll('.card img.annotated')]"
-                        ".some(img => img.complete && img.naturalWidth > 0)", timeout_s=120)
-            seen["card"] = page.locator(".card").first.inner_text()
+            # A card appears with its best frame; its biometry follows, and not every sweep is measured.
+            card = page.wait_for_function(MEASURED_CARD, timeout=120_000)
+            seen["card"] = card.json_value()
             late = page.context.browser.new_page()  # a page that connects late is sent the current state
             late.goto(url)
             _wait(late, "document.querySelectorAll('.card img.annotated').length >= 1"
@@ -161,6 +169,9 @@ def test_metrics_parse_as_prometheus_text_and_agree_with_the_summary(viewed_run)
                 if name == "sweepstream_restarts_total"}
     assert set(restarts) >= {"capture", "preprocess", "infer", "postprocess"}
     assert sum(restarts.values()) == summary["restarts"]["count"]
+    # a phantom and the local engine never reconnect
+    assert samples[("sweepstream_reconnects_total", ())] == 0
+    assert samples[("sweepstream_engine_reconnects_total", ())] == 0
 
 
 @needs_browser
@@ -257,7 +268,8 @@ def test_a_page_that_connects_late_is_sent_the_current_state() -> None:
               {"type": "sweep_ended", "sweep_id": 0, "reason": "source", "frame_count": 5},
               {"type": "sweep_started", "sweep_id": 1, "reason": "source", "case": "A", "frame_id": 5},
               {"type": "frame", "sweep_id": 1, "frame_id": 5, "score": 0.2},
-              {"type": "health", "fps_in": 30.0, "fps_out": 29.5, "frames": {"read": 6}}]
+              {"type": "health", "fps_in": 30.0, "fps_out": 29.5, "frames": {"read": 6},
+               "source": {"state": "ok", "reconnects": 2}, "engine": {"state": "ok", "reconnects": 1}}]
     changes = [state.apply(e) for e in events]
     assert changes[1] == {"type": "score", "sweep_id": 0, "frame_id": 0, "score": 0.0}
     snapshot = state.snapshot()
@@ -266,6 +278,8 @@ def test_a_page_that_connects_late_is_sent_the_current_state() -> None:
     (card,) = snapshot["cards"]
     assert card["annotated_png"].endswith("-annotated.png") and card["biometry"]["ac_mm"] == 250.0
     assert snapshot["health"]["fps_in"] == 30.0
+    # the page's reconnects: the source's and the engine's, as health carries them
+    assert snapshot["health"]["source"]["reconnects"] == 2 and snapshot["health"]["engine"]["reconnects"] == 1
 
 
 def test_a_bad_viewer_address_is_one_clear_error(tmp_path: Path) -> None:

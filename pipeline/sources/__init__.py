@@ -17,11 +17,12 @@ from .video import VideoSource
 
 LIVE_SCHEMES = (*STREAM_SCHEMES, "v4l2://", "/dev/video")
 
-__all__ = ["LIVE_SCHEMES", "Roi", "Source", "SourceError", "SourceFrame", "check_uri", "open_source",
-           "source_class"]
+__all__ = ["LIVE_SCHEMES", "Roi", "Source", "SourceError", "SourceFrame", "check_uri", "is_phantom",
+           "open_source", "source_class"]
 
 
-def _is_phantom(uri: str) -> bool:
+def is_phantom(uri: str) -> bool:
+    """`phantom` (the default case) or `phantom://SEED?...`."""
     return uri == "phantom" or uri.startswith("phantom:")
 
 
@@ -29,7 +30,7 @@ def source_class(uri: str) -> type[Source]:
     """The source kind a URI names (checked in this order: a DICOM folder is not an image folder)."""
     if uri.startswith("synthetic:"):
         return SyntheticSource
-    if _is_phantom(uri):
+    if is_phantom(uri):
         return PhantomSource
     if is_v4l2(uri):
         return V4l2Source

@@ -55,6 +55,16 @@ class Source(ABC):
     def rewind(self) -> None:
         """Start again from the first frame (for --loop)."""
 
+    def seek(self, index: int, loop: bool) -> None:
+        """Go on from the recording's frame `index` (a restarted capture), counted through its repeats
+        when `loop`. A source without a cheaper way reads past the frames before it."""
+        for _ in range(index):
+            if self.read() is None:
+                if not loop:
+                    return
+                self.rewind()
+                self.read()
+
     @property
     @abstractmethod
     def fps(self) -> float:
@@ -83,7 +93,20 @@ class GeneratedSource(Source):
     _frames: Iterator[SourceFrame] | None = None
 
     @abstractmethod
-    def _generate(self) -> Iterator[SourceFrame]: ...
+    def _generate(self, start: int = 0) -> Iterator[SourceFrame]:
+        """The frames from the recording's frame `start` on (a source that cannot start there, with
+        `frame_total` None, is only asked for 0)."""
+
+    def frame_total(self) -> int | None:
+        """Frames in one pass of the recording, when known without reading them; then seek jumps."""
+        return None
+
+    def seek(self, index: int, loop: bool) -> None:
+        total = self.frame_total()
+        if total is None:
+            super().seek(index, loop)
+        else:
+            self._frames = self._generate(index % total if loop and total else min(index, total))
 
     def open(self) -> None:
         self._frames = self._generate()

@@ -35,8 +35,11 @@ class ImageFolderSource(GeneratedSource):
     def fps(self) -> float:
         return IMAGES_FPS
 
-    def _generate(self) -> Iterator[SourceFrame]:
-        for index, path in enumerate(self.files):
+    def frame_total(self) -> int:
+        return len(self.files)
+
+    def _generate(self, start: int = 0) -> Iterator[SourceFrame]:
+        for index, path in enumerate(self.files[start:], start=start):
             image = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if image is None:
                 raise SourceError(f"source {path}: not a readable image")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlparse
 
-from pipeline.phantom import HEIGHT, PIXEL_MM, WIDTH, iter_case_frames, make_cases
+from pipeline.phantom import HEIGHT, PIXEL_MM, SWEEPS, WIDTH, iter_case_frames, make_cases
 
 from .base import GeneratedSource, SourceError, SourceFrame
 
@@ -38,17 +38,23 @@ class PhantomSource(GeneratedSource):
     def fps(self) -> float:
         return self.spec["fps"]
 
-    def _generate(self) -> Iterator[SourceFrame]:
-        index = 0
+    def frame_total(self) -> int:
+        """Known from the spec, so a seek renders none of the frames before its own."""
+        return self.spec["cases"] * SWEEPS * self.spec["frames"]
+
+    def _generate(self, start: int = 0) -> Iterator[SourceFrame]:
+        offset = 0  # index of the case's first frame
         for case in make_cases(self.spec["seed"], self.spec["cases"], self.spec["frames"]):
-            for image, sweep, frame, truth in iter_case_frames(case):
-                if self.pixel_format == "bgr24":
-                    image = image[..., None].repeat(3, axis=-1)
-                meta = {"case": case.uid, "sweep": sweep, "sweep_frame": frame,
-                        "case_frame": sweep * case.frames_per_sweep + frame,
-                        "pixel_spacing_mm": [PIXEL_MM, PIXEL_MM], "gt_label": int(truth["label"])}
-                yield SourceFrame(image, index, index / self.fps, meta)
-                index += 1
+            frames = SWEEPS * case.frames_per_sweep
+            if offset + frames > start:
+                for image, sweep, frame, truth in iter_case_frames(case, max(0, start - offset)):
+                    if self.pixel_format == "bgr24":
+                        image = image[..., None].repeat(3, axis=-1)
+                    case_frame = sweep * case.frames_per_sweep + frame
+                    meta = {"case": case.uid, "sweep": sweep, "sweep_frame": frame, "case_frame": case_frame,
+                            "pixel_spacing_mm": [PIXEL_MM, PIXEL_MM], "gt_label": int(truth["label"])}
+                    yield SourceFrame(image, offset + case_frame, (offset + case_frame) / self.fps, meta)
+            offset += frames
 
     def describe(self) -> dict:
         return {**super().describe(), **self.spec}

@@ -9,8 +9,8 @@ here, printed once with the URL, and checked on every request and WebSocket.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -87,13 +87,21 @@ class Viewer:
             self.server.collector.latest = snapshot(telemetry)
 
     def finish(self, telemetry: Telemetry, linger_s: float) -> None:
-        """The run's final figures, then (Ctrl-C ends it sooner) `linger_s` of serving them, then stop."""
+        """The run's final figures, then (Ctrl-C or SIGTERM ends it sooner) `linger_s` of serving them,
+        then stop. The handlers are its own: a process started with SIGINT ignored (a background job)
+        would otherwise linger through a Ctrl-C."""
         self.update(telemetry, force=True)
         if linger_s > 0:
             print(f"viewer: serving the finished run at {self.url} for {linger_s:g} s (Ctrl-C ends it)",
                   file=sys.stderr, flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                time.sleep(linger_s)
+            ended = threading.Event()
+            previous = {sig: signal.signal(sig, lambda *_: ended.set()) for sig in (signal.SIGINT,
+                                                                                       signal.SIGTERM)}
+            try:
+                ended.wait(linger_s)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         self.close()
 
     def close(self) -> None:

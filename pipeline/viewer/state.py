@@ -14,7 +14,7 @@ _BIOMETRY_FIELDS = ("status", "ac_mm", "ac_px", "unit", "ga_weeks", "confidence"
 _EXAM_FIELDS = ("exam", "case", "reason", "sweeps", "used_sweeps", "rule", "ac_mm", "ga_weeks", "spread_mm",
                 "disagreement", "disagreement_bound", "flags", "annotated_png")
 _HEALTH_FIELDS = ("uptime_s", "fps_in", "fps_out", "e2e_ms", "frames", "drops", "stages", "restarts",
-                  "reconnects")
+                  "source", "engine")
 
 
 class ViewerState:

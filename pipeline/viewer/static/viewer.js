@@ -57,12 +57,13 @@ function showHealth(h) {
   $("health-frames").textContent = h.frames ? `${h.frames.read} / ${h.frames.scored} / ${h.frames.dropped}` : "-";
   $("health-drops").textContent = h.drops ? Object.entries(h.drops).map(([k, v]) => `${k} ${v}`).join(", ") : "-";
   const sum = (v) => typeof v === "object" && v !== null ? Object.values(v).reduce((a, b) => a + sum(b), 0) : (v || 0);
-  $("health-restarts").textContent = `${sum(h.restarts)} / ${sum(h.reconnects)}`;
+  const reconnects = (h.source ? h.source.reconnects : 0) + (h.engine ? h.engine.reconnects : 0);
+  $("health-restarts").textContent = `${sum(h.restarts)} / ${reconnects}`;
   $("health-stages").textContent = h.stages ? Object.entries(h.stages).map(([k, v]) => `${k} ${v}`).join(", ") : "-";
 }
 
 function biometryText(b) {
-  if (!b) return "AC not measured";
+  if (!b) return "AC measuring…";  // the final biometry follows its best frame
   if (b.status !== "ok") return `AC not measured (${b.status})`;
   const size = b.unit === "mm" ? `AC ${fmt(b.ac_mm)} mm` : `AC ${fmt(b.ac_px, 0)} px (uncalibrated)`;
   return `${size}, ${gaText(b.ga_weeks)}, confidence ${fmt(b.confidence, 2)}`;
