@@ -8,7 +8,8 @@ liver, lungs, bowel, stomach, umbilical vein, kidneys, bladder, heart, ribs and 
 brain and falx; flexed arms and legs with humerus and femur; cord loops). A novice's probe sweeps it in the
 six-sweep protocol (3 transverse caudocranial, 3 sagittal left to right) with uneven speed, pauses, tilt, rock
 and yaw jitter, the mother's breathing, partial contact at the sector edges and brief lift-offs, and each
-frame is rendered as B-mode: speckle whose grain grows with depth, lateral blur, attenuation per tissue with
+frame is rendered as B-mode: speckle fixed to the tissue along the sweep (neighbouring frames within the
+elevational beam width share it) whose grain grows with depth, lateral blur, attenuation per tissue with
 the case's time-gain compensation and gain (so bone shadows and fluid enhances), specular interfaces that
 drop out where the beam runs along them, near-field reverberation and an electronic noise floor; then scan
 converted into ACOUSLIC's 562 x 744 sector at 0.28 mm.
@@ -36,6 +37,7 @@ has an optimal frame.
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -61,6 +63,9 @@ FAR_PSF = (1.8, 1.6)  # ... and at the far arc: the speckle grain grows with dep
 
 OPTIMAL_ANGLE_DEG = 10.0
 OPTIMAL_DISTANCE_MM = 5.0
+# The umbilical vein at the portal sinus is the landmark of the standard plane: seen over about the levels
+# that count as optimal, so the label is a thing an image shows.
+VEIN_HALF_LEVELS_MM = 1.2 * OPTIMAL_DISTANCE_MM
 SUBOPTIMAL_ANGLE_DEG = 40.0
 ABDOMEN_HALF_LENGTH = 0.35  # of the trunk's half-length, either side of the standard level
 MIN_MASK_PIXELS = 500
@@ -71,6 +76,7 @@ SWEEP_HALF_TRAVEL_MM = 65.0
 SWEEP_OFFSETS_MM = (-35.0, 0.0, 35.0)
 TEXTURE_VOXEL_MM, TEXTURE_SIZE, TEXTURE_STEP = 2.5, 64, 4  # texture volume (wraps every 160 mm), sampling
 FLUID_ECHO = 0.03  # below this a sample counts as fluid (not textured)
+SPECKLE_SLICE_MM = 1.5  # speckle decorrelates over about the elevational beam width
 
 # Echogenicity (amplitude, 1 = bone) and texture depth (relative modulation by the tissue texture field).
 ECHO = {"skin": 0.5, "fat": 0.05, "septum": 0.3, "muscle": 0.16, "fascia": 0.45, "maternal": 0.2,
@@ -239,6 +245,7 @@ class Sweep:
     lateral: np.ndarray  # (F, 3)
     beam: np.ndarray  # (F, 3)
     contact: np.ndarray  # (F, 2)
+    elevation: np.ndarray  # (F,) mm along the travel: where the frame's speckle comes from
 
 
 @dataclass(frozen=True, eq=False)
@@ -398,7 +405,7 @@ def _make_sweep(rng: np.random.Generator, index: int, frames: int) -> Sweep:
     r = _rotations(world[:, 2], rock) @ _rotations(lateral, tilt) @ _rotations(world[:, 2], yaw)
     lat, beam = r @ lateral, r @ world[:, 2]
     skin = (lateral * (offset + shift)[:, None] + travel * along[:, None] + world[:, 2] * depth[:, None])
-    return Sweep(skin - R_MIN * beam, lat, beam, _contact(rng, frames))
+    return Sweep(skin - R_MIN * beam, lat, beam, _contact(rng, frames), along)
 
 
 def make_cases(seed: int, count: int, frames_per_sweep: int = FRAMES_PER_SWEEP) -> list[Case]:
@@ -496,6 +503,7 @@ class Renderer:
         self._build_wall(case)
         self._build_fetus(case)
         self.texture = _texture_volume(case.render_seed)
+        self._slices: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
     def _build_wall(self, case: Case) -> None:
         """The maternal wall as a depth profile (echogenicity and texture per 0.25 mm below the skin), and
@@ -540,7 +548,7 @@ class Renderer:
         self.organs = [
             (Quadric.ellipsoid((0.15 * a, 0.05 * b, zs + 0.12 * c), (0.8 * a, 0.75 * b, 0.3 * c)), "liver"),
             (Quadric.ellipsoid((-0.35 * a, 0.05 * b, zs + 0.1 * a), (0.25 * a, 0.2 * b, 0.3 * a)), "stomach"),
-            (Quadric.ellipsoid((0.08 * a, 0.45 * b, zs), (0.06 * b, 0.32 * b, 0.06 * b),
+            (Quadric.ellipsoid((0.08 * a, 0.45 * b, zs), (0.06 * b, 0.32 * b, VEIN_HALF_LEVELS_MM),
                                _rotation(np.array([0.0, 0.0, 1.0]), np.deg2rad(20.0))), "vein"),
         ]
         for side in (-1.0, 1.0):
@@ -706,30 +714,53 @@ class Renderer:
         lo, hi = self.case.sweeps[sweep].contact[frame]
         return (self.phi >= lo) & (self.phi <= hi)
 
+    def _slice_iq(self, sweep: int, index: int) -> np.ndarray:
+        """The complex (I, Q) scatter of one elevational slice, blurred by the depth-dependent
+        point-spread; the last few are kept, since neighbouring frames share them."""
+        key = (sweep, index)
+        if key not in self._slices:
+            rng = np.random.default_rng([self.case.render_seed, sweep, index + 2**31, 2**29])  # index < 0 too
+            wd = self.depth_weight
+            parts = []
+            for part in rng.standard_normal((2, N_R, N_PHI), dtype=np.float32):
+                near = cv2.GaussianBlur(part, (7, 7), NEAR_PSF[0], sigmaY=NEAR_PSF[1])
+                far = cv2.GaussianBlur(part, (7, 7), FAR_PSF[0], sigmaY=FAR_PSF[1])
+                parts.append(near + wd * (far - near))
+            self._slices[key] = np.stack(parts)
+            while len(self._slices) > 4:
+                self._slices.popitem(last=False)
+        return self._slices[key]
+
+    def _speckle_iq(self, sweep: int, frame: int) -> np.ndarray:
+        """The frame's (I, Q): scatter fixed to the tissue along the sweep, so frames closer than the
+        elevational beam width share most of their speckle (and a probe that moves back sees it again),
+        farther ones none. Between two slices the mix keeps unit variance."""
+        position = self.case.sweeps[sweep].elevation[frame] / SPECKLE_SLICE_MM
+        index = int(np.floor(position))
+        angle = (position - index) * np.pi / 2
+        return (np.float32(np.cos(angle)) * self._slice_iq(sweep, index)
+                + np.float32(np.sin(angle)) * self._slice_iq(sweep, index + 1))
+
     def render(self, sweep: int, frame: int) -> np.ndarray:
         """B-mode frame: speckle with depth-dependent grain, lateral blur, attenuation by tissue with the
         case's TGC and gain (shadowing behind bone, enhancement behind fluid), reverberation, noise floor,
         contact, log compression, scan conversion."""
         im = self.case.imaging
         rng = np.random.default_rng([self.case.render_seed, sweep, frame])
-        draws = rng.standard_normal((3, N_R, N_PHI), dtype=np.float32)
+        draws = rng.standard_normal((N_R, N_PHI), dtype=np.float32)
         echo = self.echogenicity(sweep, frame)
         fluid = echo < FLUID_ECHO
-        echo[fluid & (draws[2] > 3.1)] = ECHO["particle"]
+        echo[fluid & (draws > 3.1)] = ECHO["particle"]
         echo = cv2.GaussianBlur(echo, (5, 3), 1.1, sigmaY=0.6)
         att = np.where(echo >= BONE_ECHO, self.attenuation["bone"],
                        np.where(fluid, self.attenuation["fluid"], self.attenuation["tissue"]))
         loss = np.exp(np.cumsum(att, axis=0, dtype=np.float32) * np.float32(-np.log(10) / 20))
-        near = [cv2.GaussianBlur(part, (7, 7), NEAR_PSF[0], sigmaY=NEAR_PSF[1]) for part in draws[:2]]
-        far = [cv2.GaussianBlur(part, (7, 7), FAR_PSF[0], sigmaY=FAR_PSF[1]) for part in draws[:2]]
-        wd = self.depth_weight
-        i = near[0] + wd * (far[0] - near[0])
-        q = near[1] + wd * (far[1] - near[1])
+        i, q = self._speckle_iq(sweep, frame)
         speckle = np.sqrt(i * i + q * q) * self.speckle_gain
         contact = self._contact_beams(sweep, frame)
         signal = (echo * loss + self.reverberation) * speckle * contact
         signal[:, ~contact] += self.reverberation[:, 0, None] * 4.0 * speckle[:, ~contact]
-        envelope = signal * self.tgc + np.abs(draws[2]) * np.float32(im.noise_floor) * self.tgc + 1e-5
+        envelope = signal * self.tgc + np.abs(draws) * np.float32(im.noise_floor) * self.tgc + 1e-5
         db = 20.0 * np.log10(envelope / 5.0)
         scale = 255.0 / im.dynamic_range_db
         polar = np.clip((db + im.dynamic_range_db) * scale, 0, 255).astype(np.uint8)

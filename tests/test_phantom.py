@@ -24,6 +24,7 @@ from pipeline.phantom import (  # noqa: E402
     HALF_ANGLE,
     HEIGHT,
     PIXEL_MM,
+    SPECKLE_SLICE_MM,
     SWEEPS,
     WIDTH,
     Renderer,
@@ -246,3 +247,24 @@ def test_sector_is_mostly_tissue_and_fluid_is_dark() -> None:
     shares = [renderer.textured_share(s, f) for s in range(SWEEPS) for f in (10, 20, 30)]
     assert np.mean(shares) > 0.5
     assert max(shares) > min(shares)  # the mix changes along the sweeps
+
+
+def test_speckle_is_fixed_to_the_tissue_along_the_sweep() -> None:
+    """Frames closer than the elevational beam width share their speckle, frames far apart do not; the mix
+    between slices keeps the scatter's power."""
+    case = make_cases(5, 1)[0]
+    renderer = Renderer(case)
+    elevation = case.sweeps[0].elevation
+
+    def correlation(a: int, b: int) -> float:
+        iq_a, iq_b = renderer._speckle_iq(0, a), renderer._speckle_iq(0, b)
+        return float(np.corrcoef(iq_a.ravel(), iq_b.ravel())[0, 1])
+
+    steps = np.abs(elevation[1:] - elevation[:-1])
+    near = int(np.argmin(steps))
+    far = int(np.flatnonzero(np.abs(elevation - elevation[near]) > 3 * SPECKLE_SLICE_MM)[0])
+    assert steps[near] < SPECKLE_SLICE_MM / 3
+    assert correlation(near, near + 1) > 0.8
+    assert abs(correlation(near, far)) < 0.05
+    power = [float(np.mean(renderer._speckle_iq(0, f) ** 2)) for f in (near, near + 1, far)]
+    assert max(power) / min(power) < 1.15
