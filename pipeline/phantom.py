@@ -441,6 +441,11 @@ def _scan_maps() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return map_phi, map_r, sector
 
 
+def sector_mask() -> np.ndarray:
+    """The scan-converted sector's pixels (bool HEIGHT x WIDTH), the same for every case."""
+    return _scan_maps()[2]
+
+
 def _grids() -> tuple:
     """Everything per sample and per pixel that does not depend on the case: polar sample positions, the
     quadratic basis, beam directions, scan-conversion maps, sector mask, pixel coordinates and angles."""
