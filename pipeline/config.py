@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # demo model trained on phantom sweeps (tools/train_demo.py). The reference bundle is a plumbing fixture.
 DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "demo"
 REFERENCE_BUNDLE = REPO_ROOT / "bundles" / "reference"
-DEFAULT_SOURCE = "phantom://7?cases=1"
+DEFAULT_SOURCE = "phantom://6?cases=1"  # a case whose sweeps 2 and 3 cross the standard plane
 
 
 MAX_BATCH = 32

@@ -10,7 +10,7 @@ held by preprocess); its final best_frame waits for that, bounded by `infer.refi
 sweep is open and the engine has time, the search looks further (`SEARCH`), past a lesser local peak.
 
 In a screening cascade a fast screen model scores the newest frames and the main model only what this
-plan asks for: each sweep's top `CANDIDATES` screened frames come right after its best frame's REACH, so
+plan asks for: each sweep's top `CANDIDATES` screened frames come first, before its best frame's REACH, so
 the main model starts where the screen saw the plane, and the search then climbs from the main model's
 own scores. The pick is the main model's; the screen only says where to look.
 """
@@ -104,13 +104,14 @@ class SweepScores:
 
 def plan(sweeps: list[SweepScores], held_since_ns: int, limit: int) -> list[int]:
     """Frame ids to score next, most wanted first: the sweeps in the order given (those waiting for their
-    final first), each one's best frame's REACH first (what its final waits for), then the screen's
-    candidates (a cascade), then the search around its top frames."""
+    final first), each one's screen candidates first (a cascade: a few frames, and while the main model's
+    best keeps moving its REACH would otherwise starve them), then its best frame's REACH (what its final
+    waits for), then the search around its top frames."""
     out: list[int] = []
     for sweep in sweeps:
         sweep.forget_before(held_since_ns)
         peaks = sweep.peaks()
-        wanted = (sweep.wanted(peaks[:1], held_since_ns, REACH) + sweep.candidates(held_since_ns)
+        wanted = (sweep.candidates(held_since_ns) + sweep.wanted(peaks[:1], held_since_ns, REACH)
                   + sweep.wanted(peaks, held_since_ns))
         for frame_id in wanted:
             if frame_id not in out:

@@ -14,7 +14,7 @@ import av
 import cv2
 import numpy as np
 
-from .phantom import HEIGHT, WIDTH, Renderer, iter_case_frames, make_cases
+from .phantom import HEIGHT, WIDTH, iter_case_frames, make_cases, sector_mask
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 WHITE, YELLOW, CYAN = (235, 235, 235), (40, 220, 240), (230, 200, 40)  # BGR
@@ -22,9 +22,7 @@ WHITE, YELLOW, CYAN = (235, 235, 235), (40, 220, 240), (230, 200, 40)  # BGR
 
 def sector_region() -> np.ndarray:
     """The phantom frame's scan-converted region (bool HEIGHT x WIDTH)."""
-    if Renderer._grids is None:
-        Renderer(make_cases(0, 1, 2)[0])
-    return Renderer._grids[1][2]
+    return sector_mask()
 
 
 @dataclass(frozen=True)

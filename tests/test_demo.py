@@ -18,7 +18,7 @@ from engines.bundle import load_bundle
 from pipeline.config import DEFAULT_BUNDLE, DEFAULT_SOURCE
 from pipeline.phantom import make_cases
 
-SEED, FRAMES = 7, 70
+SEED, FRAMES = 6, 70
 
 
 def test_the_default_is_the_demo_bundle_on_phantom_sweeps() -> None:

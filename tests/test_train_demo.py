@@ -126,19 +126,46 @@ def test_selection_helpers() -> None:
 # --------------------------------------------------------------------------- the committed bundle
 
 
-def _held_out_frames() -> tuple[object, int, int, int]:
-    """A held-out phantom case (seed < 1000) with an optimal frame: (renderer, sweep, optimal, background)."""
+def _fetal_levels(case: object, sweep: int) -> np.ndarray:
+    """Per frame of a sweep: the fetal level (mm along the spine from the trunk centre, towards the head)
+    where the frame's plane crosses the spine."""
+    s, fetus = case.sweeps[sweep], case.fetus
+    normal = np.cross(s.lateral, s.beam)
+    return np.einsum("ij,ij->i", normal, s.apex - fetus.position) / (normal @ fetus.spine_axis)
+
+
+def _held_out_frames() -> tuple[object, int, int, int, int]:
+    """A held-out phantom case (seed < 1000) with an optimal frame in a transverse sweep that also reaches
+    the head: (renderer, sweep, optimal, trunk, head) - ``trunk`` the frame at the level of the trunk
+    farthest from the standard plane (thorax or pelvis, no abdomen), ``head`` the frame farthest past the
+    trunk's end on the head's side."""
     for seed in range(1, 30):
         case = make_cases(seed, 1)[0]
         renderer = Renderer(case)
+        half_length = case.fetus.semi_axes[2]
         for sweep in range(SWEEPS):
             angle, distance = plane_geometry(case, sweep)
+            level = _fetal_levels(case, sweep)
+            in_trunk = np.flatnonzero(np.abs(level) < 0.8 * half_length)
+            beyond = np.flatnonzero(level > half_length + case.fetus.head_semi_axes[2])
             for frame in np.flatnonzero((angle <= 10) & (distance <= 2)):
-                if renderer.truth(sweep, int(frame))["label"] == 1:
-                    background = int(np.argmax(distance))  # the far end of the sweep: no abdomen
-                    assert renderer.truth(sweep, background)["label"] == 0
-                    return renderer, sweep, int(frame), background
-    raise AssertionError("no optimal frame in phantom seeds 1..29")
+                if renderer.truth(sweep, int(frame))["label"] == 1 and len(beyond):
+                    trunk = int(in_trunk[np.argmax(distance[in_trunk])])
+                    head = int(beyond[np.argmin(level[beyond])])
+                    assert renderer.truth(sweep, trunk)["label"] == renderer.truth(sweep, head)["label"] == 0
+                    return renderer, sweep, int(frame), trunk, head
+    raise AssertionError("no optimal frame in a sweep that reaches the head, phantom seeds 1..29")
+
+
+def _demo_outputs(frames: tuple[int, ...]) -> tuple[dict, list]:
+    """The committed demo's int8 outputs on frames of the held-out sweep, with their prepared truth masks."""
+    renderer, sweep = _held_out_frames()[:2]
+    prepared = [prepare(renderer.render(sweep, f), renderer.truth(sweep, f)["mask"]) for f in frames]
+    engine = OrtEngine(load_bundle(DEMO), EngineOptions(device="cpu", threads=2, max_batch=len(frames)))
+    engine.load()
+    got = engine.infer(np.stack([p.pixels for p, _ in prepared]))
+    engine.close()
+    return got, [soft >= 128 for _, soft in prepared]
 
 
 @pytest.mark.skipif(not (DEMO / "bundle.json").is_file(), reason="bundles/demo not built")
@@ -154,13 +181,17 @@ def test_committed_demo_bundle() -> None:
     assert bundle.best_frame.min_score == MIN_SCORE
     assert bundle.int8_path is not None and bundle.manifest["model"]["int8"]["gate"]["passed"]
 
-    renderer, sweep, optimal, background = _held_out_frames()
-    frames = (optimal, background)
-    prepared = [prepare(renderer.render(sweep, f), renderer.truth(sweep, f)["mask"]) for f in frames]
-    engine = OrtEngine(bundle, EngineOptions(device="cpu", threads=2, max_batch=2))
-    engine.load()
-    got = engine.infer(np.stack([p.pixels for p, _ in prepared]))
-    engine.close()
-    assert got["quality"][0] > 0.5 > got["quality"][1]
-    assert acouslic.dice(got["mask"][0], prepared[0][1] >= 128) > 0.8
-    assert got["mask"][1].sum() < 0.1 * (prepared[0][1] >= 128).sum()
+    _, _, optimal, trunk, head = _held_out_frames()
+    got, truth = _demo_outputs((optimal, trunk, head))
+    assert got["quality"][0] > 0.5 > max(got["quality"][1:])
+    assert acouslic.dice(got["mask"][0], truth[0]) > 0.8
+    assert got["mask"][1].sum() < 0.1 * truth[0].sum()  # another level of the trunk is no abdomen
+
+
+@pytest.mark.skipif(not (DEMO / "bundle.json").is_file(), reason="bundles/demo not built")
+@pytest.mark.xfail(strict=True, reason="a known weakness of the demo (issue 14): its mask head outlines part "
+                   "of the fetal head, a round bright-rimmed lookalike, though its quality stays low")
+def test_the_demo_masks_no_fetal_head() -> None:
+    _, _, optimal, _, head = _held_out_frames()
+    got, truth = _demo_outputs((optimal, head))
+    assert got["mask"][1].sum() < 0.1 * truth[0].sum()

@@ -24,7 +24,9 @@ from pipeline.phantom import make_cases
 from pipeline.viewer import Viewer
 from pipeline.viewer.browser import PipelineRun, find_chromium, open_page, preview_latency
 
-SEED, CASES, FRAMES = 7, 2, 70
+# Seed 12: its first case has a sweep the demo picks an optimal frame in at 70 frames a sweep (the exam
+# check below needs one; at this frame rate most sweeps' optimal runs are a frame or two).
+SEED, CASES, FRAMES = 12, 2, 70
 ARTIFACTS = Path(os.environ.get("SWEEPSTREAM_ARTIFACTS", REPO / "runs" / "test-artifacts"))
 CHROMIUM = find_chromium()
 # The curve restarts with each sweep, so its growth is measured from a base taken in the same sweep; the

@@ -7,6 +7,11 @@
 
 Output is deterministic per seed: the .mha files (zlib-compressed, no timestamps) and the CSV are
 byte-identical across runs. Needs SimpleITK (``pip install .[mha]``) and scipy.
+
+--stats prints the cases' statistics beside ACOUSLIC-AI's training set (cases with an optimal frame,
+optimal-run lengths, frames with an abdomen mask, AC range), the textured share of the sector and the
+generation time per frame, as a Markdown table; --grid PNG writes a picture of the six sweeps of the
+first case with an optimal frame. Either works without --out (then no cases are written).
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.phantom import FRAMES_PER_SWEEP, SPACING, CaseData, make_cases, render_case
+from pipeline.phantom import FRAMES_PER_SWEEP, SPACING, Case, CaseData, make_cases, render_case
 
 from .layout import AC_COLUMNS, CSV_PATH, IMAGES_DIR, MASKS_DIR, write_mha
+from .phantom_stats import first_with_optimal, phantom_stats, sweep_grid
 
 VIDEOS_DIR = Path("videos")
 VIDEO_FPS = 30
@@ -55,24 +62,45 @@ def main(argv: list[str] | None = None) -> int:
     """The `sweepstream-make-phantom` command."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="output folder (ACOUSLIC-AI layout)")
+    parser.add_argument("--out", type=Path, help="output folder (ACOUSLIC-AI layout); needed unless --stats "
+                        "or --grid")
     parser.add_argument("--cases", type=int, default=1, help="number of cases (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     parser.add_argument("--frames-per-sweep", type=int, default=FRAMES_PER_SWEEP,
                         help=f"frames per sweep (default {FRAMES_PER_SWEEP}, as ACOUSLIC-AI)")
     parser.add_argument("--no-video", action="store_true", help="skip the MP4s")
+    parser.add_argument("--stats", action="store_true",
+                        help="print the cases' statistics beside ACOUSLIC-AI's (Markdown table)")
+    parser.add_argument("--grid", type=Path, metavar="PNG", help="write a PNG of the first case's sweeps")
     args = parser.parse_args(argv)
     if args.cases < 1 or args.frames_per_sweep < 2:
         parser.error("--cases must be >= 1 and --frames-per-sweep >= 2")
+    if args.out is None and not (args.stats or args.grid):
+        parser.error("give --out (write cases), --stats or --grid")
+    if args.grid is not None and args.grid.suffix.lower() != ".png":
+        parser.error(f"--grid {args.grid}: expected a .png path")
 
-    out: Path = args.out
-    for folder in [IMAGES_DIR, MASKS_DIR, CSV_PATH.parent] + ([] if args.no_video else [VIDEOS_DIR]):
+    cases = make_cases(args.seed, args.cases, args.frames_per_sweep)
+    if args.grid is not None:
+        args.grid.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(args.grid), sweep_grid(first_with_optimal(cases)),
+                    [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    if args.stats:
+        stats = phantom_stats(cases)
+        print(f"{args.cases} phantom cases of seed {args.seed}, {args.frames_per_sweep} frames per sweep")
+        print(stats.table())
+    if args.out is not None:
+        write_cases(cases, args.out, not args.no_video)
+    return 0
+
+
+def write_cases(cases: list[Case], out: Path, video: bool) -> None:
+    """All cases and their CSV in ACOUSLIC-AI's layout."""
+    for folder in [IMAGES_DIR, MASKS_DIR, CSV_PATH.parent] + ([VIDEOS_DIR] if video else []):
         (out / folder).mkdir(parents=True, exist_ok=True)
-    rows = [write_case(render_case(case), out, not args.no_video)
-            for case in tqdm(make_cases(args.seed, args.cases, args.frames_per_sweep), desc="phantom cases",
-                             unit="case")]
+    rows = [write_case(render_case(case), out, video)
+            for case in tqdm(cases, desc="phantom cases", unit="case")]
     with open(out / CSV_PATH, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["uuid", "subject_id", *AC_COLUMNS])
         writer.writerows(rows)
-    return 0

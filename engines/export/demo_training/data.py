@@ -22,7 +22,7 @@ HARD_ANGLE_MAX = 20.0  # hard negatives: planes nearly perpendicular to the spin
 HARD_DISTANCE_MM = 8.0  # ... and within this of the standard plane, yet not optimal (a few frames away)
 PAIR_DISTANCE_MM = 4.0  # ranking pairs: two frames of one sweep crossing, both within this of the plane ...
 PAIR_MIN_GAP_MM = 0.75  # ... and at least this much closer or farther than each other
-EPOCH_SHARES = {"optimal": 0.3, "hard": 0.25, "suboptimal": 0.2, "background": 0.25}
+EPOCH_SHARES = {"optimal": 0.3, "hard": 0.2, "lookalike": 0.2, "suboptimal": 0.15, "background": 0.15}
 
 
 @dataclass
@@ -40,13 +40,18 @@ class FramePool:
 
     def strata(self) -> dict[str, np.ndarray]:
         """Indices per sampling stratum. "hard" holds the frames a few mm off the standard plane, optimal
-        or not by a hair: they teach the plane's exact level, and are rare in a blind sweep."""
-        hard = (self.labels != 1) & (self.distance <= HARD_DISTANCE_MM) & (self.angle <= HARD_ANGLE_MAX)
+        or not by a hair: they teach the plane's exact level, and are rare in a blind sweep. "lookalike"
+        holds the other transverse planes with no abdomen in view (the head's skull ring, the thorax, the
+        pelvis): round sections the model took for the abdomen when they were drawn only as background."""
+        transverse = self.angle <= HARD_ANGLE_MAX
+        hard = (self.labels != 1) & (self.distance <= HARD_DISTANCE_MM) & transverse
+        lookalike = (self.labels == 0) & ~hard & transverse
         return {
             "optimal": np.flatnonzero(self.labels == 1),
             "hard": np.flatnonzero(hard),
+            "lookalike": np.flatnonzero(lookalike),
             "suboptimal": np.flatnonzero((self.labels == 2) & ~hard),
-            "background": np.flatnonzero((self.labels == 0) & ~hard),
+            "background": np.flatnonzero((self.labels == 0) & ~hard & ~lookalike),
         }
 
     def counts(self) -> dict[str, int]:
@@ -90,18 +95,22 @@ def plane_geometry(case: Case, sweep: int) -> tuple[np.ndarray, np.ndarray]:
 
 def pick_frames(case: Case, rng: np.random.Generator, per_case: int) -> list[tuple[int, int]]:
     """(sweep, frame) pairs to train on from one case: every frame within a few mm of the standard plane
-    (candidate optimal frames and the hard negatives around them), then ``per_case`` more, half near the
-    standard plane (suboptimal / background) and half anywhere."""
-    close, near, anywhere = [], [], []
+    (candidate optimal frames and the hard negatives around them), then ``per_case`` more, a third near the
+    standard plane (suboptimal / background), a third transverse planes far from it (head, thorax, pelvis)
+    and a third anywhere."""
+    close, near, transverse, anywhere = [], [], [], []
     for sweep in range(SWEEPS):
         angle, distance = plane_geometry(case, sweep)
         frames = np.arange(len(angle))
         candidate = (angle <= HARD_ANGLE_MAX) & (distance <= HARD_DISTANCE_MM)
         close += [(sweep, int(f)) for f in frames[candidate]]
         near += [(sweep, int(f)) for f in frames[(angle <= 40.0) & (distance <= NEAR_DISTANCE_MM)]]
+        far = (angle <= HARD_ANGLE_MAX) & (distance > NEAR_DISTANCE_MM)
+        transverse += [(sweep, int(f)) for f in frames[far]]
         anywhere += [(sweep, int(f)) for f in frames]
     chosen = dict.fromkeys(close)
-    for group, count in ((near, per_case // 2), (anywhere, per_case - per_case // 2)):
+    third = per_case // 3
+    for group, count in ((near, third), (transverse, third), (anywhere, per_case - 2 * third)):
         group = [p for p in group if p not in chosen]
         for i in rng.permutation(len(group))[:count]:
             chosen[group[i]] = None

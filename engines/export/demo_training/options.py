@@ -21,13 +21,13 @@ class TrainOptions:
 
     out: Path
     seed: int = 1000
-    cases: int = 160
+    cases: int = 240
     frames_per_sweep: int = 280
-    per_case: int = 24
+    per_case: int = 36
     val_seed: int = 1900
     val_cases: int = 3
     val_frames_per_sweep: int = 140
-    epochs: int = 10
+    epochs: int = 24
     samples_per_epoch: int = 4096
     batch: int = 32
     pairs_per_batch: int = 8

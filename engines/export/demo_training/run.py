@@ -35,7 +35,16 @@ from .data import (
     build_pool,
 )
 from .options import MIN_TRAIN_SEED, TrainOptions
-from .train import ANGLE_CLIP_DEG, ANGLE_UNIT_DEG, DISTANCE_CLIP_MM, DISTANCE_UNIT_MM, IN_BAND_FALLOFF, train
+from .train import (
+    ANGLE_CLIP_DEG,
+    ANGLE_UNIT_DEG,
+    DISTANCE_CLIP_MM,
+    DISTANCE_UNIT_MM,
+    GAIN_RANGE,
+    GAMMA_RANGE,
+    IN_BAND_FALLOFF,
+    train,
+)
 from .validate import DEFINITIONS, MIN_SCORE, validate
 
 TOOL = "tools/train_demo.py"
@@ -127,13 +136,14 @@ def training_record(opts: TrainOptions, command: str, pool: FramePool, history: 
             "frames_per_sweep": opts.frames_per_sweep,
             "per_case": opts.per_case,
             "preprocess": f"pipeline.letterbox.Letterbox({SIZE}, 1, interpolation='{RESIZE}')",
-            "augmentation": "left-right flip",
+            "augmentation": f"left-right flip; per frame gain U{GAIN_RANGE} and gamma U{GAMMA_RANGE}",
             "quality_target": f"0 outside the optimal band; inside, 1 - {IN_BAND_FALLOFF} * (distance / "
             f"{OPTIMAL_DISTANCE_MM} mm)^2",
             "sampling": f"fresh stratified draw per epoch, shares {EPOCH_SHARES}; hard = not optimal, within "
-            f"{HARD_DISTANCE_MM} mm and {HARD_ANGLE_MAX} deg of the standard plane; each batch starts with "
-            f"{opts.pairs_per_batch} ranking pairs: two frames of one sweep within {PAIR_DISTANCE_MM} mm "
-            f"of the standard plane, at least {PAIR_MIN_GAP_MM} mm apart in distance",
+            f"{HARD_DISTANCE_MM} mm and {HARD_ANGLE_MAX} deg of the standard plane; lookalike = "
+            f"background within {HARD_ANGLE_MAX} deg of transverse (head, thorax, pelvis); each batch "
+            f"starts with {opts.pairs_per_batch} ranking pairs: two frames of one sweep within "
+            f"{PAIR_DISTANCE_MM} mm of the standard plane, at least {PAIR_MIN_GAP_MM} mm apart in distance",
             "auxiliary": f"training-only geometry head (not exported): smooth L1 on min(distance, "
             f"{DISTANCE_CLIP_MM} mm) / {DISTANCE_UNIT_MM} and min(angle, {ANGLE_CLIP_DEG} deg) / "
             f"{ANGLE_UNIT_DEG}",

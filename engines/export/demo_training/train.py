@@ -18,6 +18,17 @@ from .options import TrainOptions
 DISTANCE_CLIP_MM, DISTANCE_UNIT_MM = 8.0, 1.0  # auxiliary geometry targets: min(d, clip) / unit ...
 ANGLE_CLIP_DEG, ANGLE_UNIT_DEG = 45.0, 15.0  # ... and min(angle, clip) / unit (angle on labelled frames only)
 IN_BAND_FALLOFF = 0.4  # quality target of an optimal frame: 1 - falloff * (d / 2 mm)^2, 0.6 at the band edge
+GAIN_RANGE = (0.75, 1.3)  # intensity augmentation: a machine's overall gain ...
+GAMMA_RANGE = (0.8, 1.25)  # ... and its dynamic range (compression curve), drawn per frame
+
+
+def intensity_jitter(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """[N, S, S] uint8 frames under a random gain and compression curve each, as uint8: the phantom's cases
+    vary both, and a model that keys on one case's brightness does not carry to the next case."""
+    gain = rng.uniform(*GAIN_RANGE, size=(len(images), 1, 1))
+    gamma = rng.uniform(*GAMMA_RANGE, size=(len(images), 1, 1))
+    jittered = 255.0 * np.power(images / 255.0, gamma) * gain
+    return np.clip(np.rint(jittered), 0, 255).astype(np.uint8)
 
 
 def quality_targets(labels: np.ndarray, distance: np.ndarray) -> np.ndarray:
@@ -112,7 +123,8 @@ def train(model: DemoModel, pool: FramePool, opts: TrainOptions) -> list[dict]:
         for b in bar:
             idx, pairs = batches[b]
             flip = rng.random(len(idx)) < 0.5  # the sector is left-right symmetric
-            images = np.where(flip[:, None, None], pool.images[idx, :, ::-1], pool.images[idx])
+            flipped = np.where(flip[:, None, None], pool.images[idx, :, ::-1], pool.images[idx])
+            images = intensity_jitter(flipped, rng)
             masks = np.where(flip[:, None, None], pool.masks[idx, :, ::-1], pool.masks[idx])
             labels = torch.from_numpy(pool.labels[idx])
             distance, angle = pool.distance[idx], pool.angle[idx]
