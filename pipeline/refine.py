@@ -2,12 +2,13 @@
 the video (a CPU cart scoring 1 frame in 5-8 with ViT-L), so that the plane crossing, which a blind sweep
 passes in a few frames, is scored after all.
 
-The newest frame keeps priority (live events stay fresh); spare engine time goes to the frames around
-each sweep's highest-scoring frames: first the direct neighbours of the running top frames, then theirs.
-As refined frames come back the top frames change, so the search climbs to the peak and narrows on it. A
-sweep's refinement is complete when every frame within `REACH` of its best frame is scored (or no longer
-held by preprocess); its final best_frame waits for that, bounded by `infer.refine_timeout_s`. While the
-sweep is open and the engine has time, the search looks further (`SEARCH`), past a lesser local peak.
+The newest frame keeps priority (live events stay fresh); spare engine time goes first to the unscored
+frames within `REACH` of each sweep's best frame (what its final waits for: complete when all are scored
+or no longer held by preprocess, bounded by `infer.refine_timeout_s`), then to the frames that could still
+beat that best: between two scored frames, an unscored one may score the line between them plus a spread
+that grows with its distance from the nearer (`SPREAD`). Next to a high frame the score's own noise may
+hide a better one; halfway between two newest frames a narrow peak may hide; next to a low frame, little.
+The most promising are scored first, so the search explores the wide gaps and narrows on the high ground.
 
 In a screening cascade a fast screen model scores the newest frames and the main model only what this
 plan asks for: each sweep's top `CANDIDATES` screened frames come first, before its best frame's REACH, so
@@ -24,12 +25,12 @@ from dataclasses import dataclass, field
 from .messages import PreparedInput
 
 REACH = 3  # frames either side of a sweep's best frame that must be scored before its pick is final
-SEARCH = 8  # how far either side of a top frame refinement looks while there is engine time (a noisy
-# score has local peaks: on the phantom a sweep's best can sit 4 frames from a lesser peak)
-PEAKS = 3  # running top frames of a sweep whose neighbours are refined
+SPREAD = 0.2  # how far an unscored frame's score may stray from the line between its scored neighbours,
+# per square root of frames to the nearer: on the demo bundle, adjacent frames of a sweep's high ground differ
+# by 0.12 (median) to 0.35 (p90), and a peak 2-5 frames wide can sit between two newest frames 15 apart
 MAX_SCORED = 2000  # scored frames a sweep keeps for planning before the oldest are forgotten
 CANDIDATES = 4  # a screen's top frames per sweep that the main model scores (a smaller model ranks the
-# main model's best among its first few; the search around the main model's peaks covers the rest)
+# main model's best among its first few; the search on the main model's own scores covers the rest)
 
 
 @dataclass
@@ -66,21 +67,37 @@ class SweepScores:
             self.scores.pop(frame_id, None)
             self.screened.pop(frame_id, None)
 
-    def peaks(self) -> list[int]:
-        """The top scored frames, best first (earliest on ties)."""
-        return sorted(self.scores, key=lambda i: (-self.scores[i], i))[:PEAKS]
+    def best(self) -> int | None:
+        """The top scored frame (earliest on ties)."""
+        return min(self.scores, key=lambda i: (-self.scores[i], i), default=None)
 
-    def wanted(self, peaks: list[int], held_since_ns: int, reach: int = SEARCH) -> list[int]:
-        """Unscored frames within `reach` of `peaks` that preprocess still holds, nearest first, then by
-        peak rank."""
-        out: list[int] = []
-        for distance in range(1, reach + 1):
-            for peak in peaks:
-                for frame_id in (peak - distance, peak + distance):
-                    if (self.first <= frame_id <= self.last and frame_id not in self.scores
-                            and frame_id not in out and self._held(frame_id, held_since_ns)):
-                        out.append(frame_id)
-        return out
+    def reach(self, held_since_ns: int) -> list[int]:
+        """Unscored frames within REACH of the best frame that preprocess still holds, nearest first."""
+        best = self.best()
+        if best is None:
+            return []
+        return [i for d in range(1, REACH + 1) for i in (best - d, best + d)
+                if self.first <= i <= self.last and i not in self.scores and self._held(i, held_since_ns)]
+
+    def promising(self, held_since_ns: int) -> list[int]:
+        """Unscored frames between scored ones, still held, whose optimistic score (see SPREAD) beats the
+        best frame's, most promising first."""
+        best = self.best()
+        if best is None:
+            return []
+        ids = sorted(self.scores)
+        bound: dict[int, float] = {}
+        for a, b in zip(ids, ids[1:], strict=False):
+            if b - a < 2 or max(self.captured_ns[a], self.captured_ns[b]) < held_since_ns:
+                continue
+            for i in range(a + 1, b):
+                if self.captured_ns[a if i - a <= b - i else b] < held_since_ns:
+                    continue
+                line = self.scores[a] + (self.scores[b] - self.scores[a]) * (i - a) / (b - a)
+                optimistic = line + SPREAD * min(i - a, b - i) ** 0.5
+                if optimistic > self.scores[best]:
+                    bound[i] = optimistic
+        return sorted(bound, key=lambda i: (-bound[i], i))
 
     def candidates(self, held_since_ns: int) -> list[int]:
         """The screen's top frames (best first, earliest on ties) that the main model has not scored and
@@ -97,22 +114,18 @@ class SweepScores:
     def complete(self, held_since_ns: int) -> bool:
         """Every frame within REACH of the best frame and every screen candidate is scored, or gone from
         preprocess's history."""
-        peaks = self.peaks()
-        return not self.candidates(held_since_ns) and (not peaks or not self.wanted(peaks[:1], held_since_ns,
-                                                                                     REACH))
+        return not self.candidates(held_since_ns) and not self.reach(held_since_ns)
 
 
 def plan(sweeps: list[SweepScores], held_since_ns: int, limit: int) -> list[int]:
     """Frame ids to score next, most wanted first: the sweeps in the order given (those waiting for their
     final first), each one's screen candidates first (a cascade: a few frames, and while the main model's
     best keeps moving its REACH would otherwise starve them), then its best frame's REACH (what its final
-    waits for), then the search around its top frames."""
+    waits for), then the frames that could beat its best."""
     out: list[int] = []
     for sweep in sweeps:
         sweep.forget_before(held_since_ns)
-        peaks = sweep.peaks()
-        wanted = (sweep.candidates(held_since_ns) + sweep.wanted(peaks[:1], held_since_ns, REACH)
-                  + sweep.wanted(peaks, held_since_ns))
+        wanted = sweep.candidates(held_since_ns) + sweep.reach(held_since_ns) + sweep.promising(held_since_ns)
         for frame_id in wanted:
             if frame_id not in out:
                 out.append(frame_id)

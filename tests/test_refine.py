@@ -33,17 +33,38 @@ def test_the_plan_climbs_to_the_peak_and_completes_around_it() -> None:
         assert wanted, "incomplete but nothing to ask for"
         sweep.add(wanted[0], _hill(wanted[0]), wanted[0] * 33 * MS)
         steps += 1
-    assert sweep.peaks()[0] == 50
+    assert sweep.best() == 50
     assert all(i in sweep.scores for i in range(50 - REACH, 50 + REACH + 1))
     assert steps <= 4 * REACH + 4  # a search that narrows, not a sweep over every skipped frame
+
+
+def test_the_search_finds_a_narrow_peak_between_two_low_newest_frames() -> None:
+    """A peak 3 frames wide (frames 37-39) between two newest frames that read nearly nothing, while the
+    best scored frame (the first of a lesser hill, 72-78) has its REACH scored, so its final could go: the
+    search looks halfway across the wide gaps, where a narrow peak can hide, and finds it within a few
+    frames more than a sweep's gaps."""
+    def score(frame_id: int) -> float:
+        return {37: 0.6, 38: 0.9, 39: 0.6}.get(frame_id, 0.4 if 72 <= frame_id <= 78 else 0.02)
+
+    sweep = SweepScores(0, 0)
+    for frame_id in [*range(0, 106, 15), *range(69, 82)]:  # newest frames 15 apart, the hill's REACH
+        sweep.add(frame_id, score(frame_id), frame_id * 33 * MS)
+    assert sweep.complete(held_since_ns=0)  # the final could go now, with a lesser pick
+    for _ in range(16):
+        wanted = plan([sweep], held_since_ns=0, limit=1)
+        if not wanted:
+            break
+        sweep.add(wanted[0], score(wanted[0]), wanted[0] * 33 * MS)
+    assert sweep.best() == 38
 
 
 def test_frames_gone_from_the_history_are_not_asked_for() -> None:
     sweep = SweepScores(0, 0)
     for frame_id in (40, 48):
         sweep.add(frame_id, _hill(frame_id), frame_id * 33 * MS)
-    assert sweep.wanted([48], held_since_ns=0)
-    assert sweep.wanted([48], held_since_ns=48 * 33 * MS + 1) == []  # older than what preprocess holds
+    assert sweep.reach(held_since_ns=0) and sweep.promising(held_since_ns=0)
+    gone = 48 * 33 * MS + 1  # older than what preprocess holds
+    assert sweep.reach(gone) == [] and sweep.promising(gone) == []
     assert sweep.complete(held_since_ns=48 * 33 * MS + 1)
 
 
