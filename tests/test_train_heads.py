@@ -46,6 +46,12 @@ TRAIN_HEADS = REPO / "tools" / "train_heads.py"
 BUILD_BUNDLE = REPO / "tools" / "build_bundle.py"
 # The learning check's small backbone: pretrained here on phantom cases of other seeds, then fresh heads.
 PRETRAIN_SEED, HEADS_SEED = 1000, 2000
+# Its architecture: the tiny ViT's, at patch 16 and width 96 (196 tokens). On issue 14's tissue-filled phantom
+# the tiny ViT's patch 32 (49 tokens) learned nothing it could pass on in CI's time, measured: 1000 steps on
+# 24 cases reached a validation Dice of 0.10 and quality F1 0.29 (chance 0.27); this one 0.35 and 0.35.
+LEARNER = {"embed_dim": 64,
+           "vision_cfg": {"image_size": 224, "layers": 4, "width": 96, "head_width": 32, "patch_size": 16},
+           "text_cfg": {"context_length": 117, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 SMALL = ("--batch", "8", "--mask-channels", "32", "--threads", "2", "--lr", "2e-3")
 
 
@@ -202,23 +208,37 @@ def test_bad_input_is_one_line_naming_the_file_before_training(workdir: Path, th
 
 
 @pytest.fixture(scope="module")
-def pretrained(workdir: Path, tiny_ckpt: Path) -> Path:
-    """A small backbone pretrained on phantoms: the tiny ViT trained whole (--train-backbone, the
-    from-scratch mode) on cases of seeds never used below."""
-    cases = make_phantoms(workdir / "pretrain_cases", 6, PRETRAIN_SEED, 40)
+def learner(workdir: Path) -> tuple[Path, str]:
+    """The learning check's backbone at random weights, and its config file."""
+    config = workdir / "learner.json"
+    config.write_text(json.dumps(LEARNER))
+    torch.manual_seed(0)
+    path = workdir / "learner.pt"
+    torch.save({"state_dict": build_model(load_config(str(config))).state_dict()}, path)
+    return path, str(config)
+
+
+@pytest.fixture(scope="module")
+def pretrained(workdir: Path, learner: tuple[Path, str]) -> Path:
+    """A small backbone pretrained on phantoms: the learner trained whole (--train-backbone, the
+    from-scratch mode) on cases of seeds never used below. Many subjects, few frames each: 6 cases of 40
+    frames a sweep overfitted their subjects."""
+    cases = make_phantoms(workdir / "pretrain_cases", 24, PRETRAIN_SEED, 20)
     out = workdir / "pretrain" / "heads.pt"
-    run(HeadsOptions(weights=tiny_ckpt, config="tiny", cases=cases, out=out, epochs=6, batch=8, lr=2e-3,
-                     mask_channels=32, samples_per_epoch=400, train_backbone=True, threads=2), "pretrain")
+    weights, config = learner
+    run(HeadsOptions(weights=weights, config=config, cases=cases, out=out, epochs=6, batch=8, lr=2e-3,
+                     mask_channels=32, samples_per_epoch=800, train_backbone=True, threads=2), "pretrain")
     return out.with_name("heads.weights.pt")
 
 
 @pytest.fixture(scope="module")
-def resumed(workdir: Path, pretrained: Path) -> tuple[Path, Path, subprocess.CompletedProcess, dict]:
+def resumed(workdir: Path, pretrained: Path, learner: tuple[Path, str]
+            ) -> tuple[Path, Path, subprocess.CompletedProcess, dict]:
     """Fresh heads (LoRA) on the pretrained backbone through the CLI, killed (SIGKILL) once its first
     epoch's checkpoint is written, then resumed to the end."""
     cases = make_phantoms(workdir / "heads_cases", 5, HEADS_SEED, 40)
     heads = workdir / "fresh" / "heads.pt"
-    args = [sys.executable, str(TRAIN_HEADS), "--weights", str(pretrained), "--config", "tiny", "--cases",
+    args = [sys.executable, str(TRAIN_HEADS), "--weights", str(pretrained), "--config", learner[1], "--cases",
             str(cases), "--out", str(heads), "--epochs", "2", "--samples-per-epoch", "400", *SMALL]
     checkpoint = heads.with_name("heads.run") / "checkpoint.pt"
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -246,27 +266,37 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(resumed) -> None:
     assert load_heads(heads).lora is not None
 
 
+def _best_validation(metrics: dict) -> dict:
+    return metrics["history"][metrics["best"]["epoch"] - 1]["validation"]
+
+
 @pytest.mark.timeout(1500)  # the module's pretraining and heads training land here
-@pytest.mark.xfail(strict=True, reason="issue 14's tissue-filled phantom: the tiny backbone pretrained here "
-                   "(6 cases, 300 steps) learns too little for fresh heads to (F1 0.35, Dice 0.0); 5x the "
-                   "steps overfits its 6 cases (validation F1 0.45, Dice 0.15, heads F1 0.25) - the check "
-                   "needs a backbone that knows the phantom, within CI's time")
-def test_fresh_heads_on_a_phantom_backbone_learn(resumed) -> None:
-    """Held-out subjects (phantom cases never trained on, by the heads or the backbone). Chance is what a
-    head that knows nothing but the class balance reaches: quality F1 of calling every frame positive
-    (2p / (1 + p), p the share of positive frames: 0.20 here) and the Dice of a mask covering the whole
-    input (0.15). The thresholds ask for twice that F1 (at least 0.4) and three times that Dice (at least
-    0.45); these settings reached F1 0.55 and Dice 0.73 when they were chosen, so the check fails on heads
-    that learned little, not on noise."""
+def test_a_fresh_mask_head_on_a_phantom_backbone_learns(resumed) -> None:
+    """Held-out subjects (phantom cases never trained on, by the heads or the backbone). Chance is the
+    Dice of a mask covering the whole input (about 0.15); the check asks for three times that and at least
+    0.45. Measured when these settings were chosen: 0.52."""
     _, cases, _, metrics = resumed
-    best = metrics["history"][metrics["best"]["epoch"] - 1]["validation"]
-    p = best["positive_frames"] / best["frames"]
-    chance_f1 = 2 * p / (1 + p)
-    assert best["quality_f1"] >= max(0.4, 2 * chance_f1), best
+    best = _best_validation(metrics)
     chance_dice = whole_input_dice(cases, metrics)
     assert best["dice_positive"] >= max(0.45, 3 * chance_dice), (best, chance_dice)
-    print(f"\nlearning check: quality F1 {best['quality_f1']:.3f} (chance {chance_f1:.3f}), SEG F1 "
-          f"{best['seg_f1']:.3f}, Dice {best['dice_positive']:.3f} (whole-input mask {chance_dice:.3f})")
+    print(f"\nlearning check: Dice {best['dice_positive']:.3f} (whole-input mask {chance_dice:.3f}), SEG F1 "
+          f"{best['seg_f1']:.3f}")
+
+
+@pytest.mark.timeout(1500)  # the module's pretraining and heads training land here
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 14's phantom: a quarter of the frames show the abdomen, so twice the all-positive F1 is 0.77; the "
+    "learner pretrained here in CI's time reaches 0.44 (0.45 after twice the pretraining): the quality check "
+    "needs a backbone that knows the phantom better"))
+def test_a_fresh_quality_head_on_a_phantom_backbone_learns(resumed) -> None:
+    """Chance is what a head that knows nothing but the class balance reaches: the quality F1 of calling
+    every frame positive (2p / (1 + p), p the share of positive frames). The check asks for twice that
+    and at least 0.4."""
+    _, _, _, metrics = resumed
+    best = _best_validation(metrics)
+    p = best["positive_frames"] / best["frames"]
+    chance_f1 = 2 * p / (1 + p)
+    assert best["quality_f1"] >= max(0.4, 2 * chance_f1), (best, chance_f1)
 
 
 def whole_input_dice(cases: Path, metrics: dict) -> float:
@@ -283,10 +313,10 @@ def whole_input_dice(cases: Path, metrics: dict) -> float:
 
 @pytest.mark.timeout(1500)  # the module's pretraining and heads training land here
 def test_the_trained_bundle_gives_best_frames_and_biometry_live(workdir: Path, pretrained: Path,
-                                                                resumed) -> None:
+                                                                learner: tuple[Path, str], resumed) -> None:
     heads = resumed[0]
     bundle = workdir / "fresh" / "bundle"
-    result = tool(BUILD_BUNDLE, "--weights", str(pretrained), "--config", "tiny", "--heads", str(heads),
+    result = tool(BUILD_BUNDLE, "--weights", str(pretrained), "--config", learner[1], "--heads", str(heads),
                   "--out", str(bundle), "--check-frames", "2")
     assert result.returncode == 0, result.stderr
     out = workdir / "fresh" / "live"
