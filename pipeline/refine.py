@@ -88,11 +88,11 @@ class SweepScores:
         ids = sorted(self.scores)
         bound: dict[int, float] = {}
         for a, b in zip(ids, ids[1:], strict=False):
-            if b - a < 2 or max(self.captured_ns[a], self.captured_ns[b]) < held_since_ns:
-                continue
-            for i in range(a + 1, b):
-                if self.captured_ns[a if i - a <= b - i else b] < held_since_ns:
-                    continue
+            # Held, as _held judges it: the frames whose nearer scored neighbour (a on ties) is still held.
+            middle = (a + b) // 2
+            first = a + 1 if self.captured_ns[a] >= held_since_ns else middle + 1
+            last = b - 1 if self.captured_ns[b] >= held_since_ns else middle
+            for i in range(first, last + 1):
                 line = self.scores[a] + (self.scores[b] - self.scores[a]) * (i - a) / (b - a)
                 optimistic = line + SPREAD * min(i - a, b - i) ** 0.5
                 if optimistic > self.scores[best]:
