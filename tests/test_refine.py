@@ -41,8 +41,8 @@ def test_the_plan_climbs_to_the_peak_and_completes_around_it() -> None:
 def test_the_search_finds_a_narrow_peak_between_two_low_newest_frames() -> None:
     """A peak 3 frames wide (frames 37-39) between two newest frames that read nearly nothing, while the
     best scored frame (the first of a lesser hill, 72-78) has its REACH scored, so its final could go: the
-    search looks halfway across the wide gaps, where a narrow peak can hide, and finds it within a few
-    frames more than a sweep's gaps."""
+    search looks halfway across the wide gaps, where a narrow peak can hide, and finds it within 16
+    refinements (the neighbours-of-the-top-frames search it replaced never left the hill)."""
     def score(frame_id: int) -> float:
         return {37: 0.6, 38: 0.9, 39: 0.6}.get(frame_id, 0.4 if 72 <= frame_id <= 78 else 0.02)
 
@@ -65,7 +65,7 @@ def test_frames_gone_from_the_history_are_not_asked_for() -> None:
     assert sweep.reach(held_since_ns=0) and sweep.promising(held_since_ns=0)
     gone = 48 * 33 * MS + 1  # older than what preprocess holds
     assert sweep.reach(gone) == [] and sweep.promising(gone) == []
-    assert sweep.complete(held_since_ns=48 * 33 * MS + 1)
+    assert sweep.complete(gone)
 
 
 def _prepared(frame_id: int, captured_ns: int) -> PreparedInput:
